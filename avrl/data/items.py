@@ -1,0 +1,35 @@
+"""The one record every reader produces and every consumer (prompts, rewards, evaluation) reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class QAItem:
+    id: str
+    question: str
+    choices: list[str]  # option texts without letters
+    answer_index: int
+    audio: str | None = None  # absolute path to the audio file
+    image: str | None = None  # absolute path to the image file (Omni data)
+    waveform: np.ndarray | None = None  # in-memory mono audio at 16 kHz (synthetic data)
+    category: str | None = None  # MMAU task (sound/music/speech) or synthetic task name
+    difficulty: str | None = None
+    source: str = ""  # "file:line" or "file[item]", for error messages
+    meta: dict[str, Any] = field(default_factory=dict)  # the original record, written back into predictions
+
+    @property
+    def answer(self) -> str:
+        return self.choices[self.answer_index]
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None or self.waveform is not None
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file and the line or item."""

@@ -1,0 +1,66 @@
+"""Loads a model and its processor from a local folder or a hub id: the real checkpoints and the tiny ones alike."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from avrl.models.processing import AudioTextProcessor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_class(family: str):
+    if family == "qwen2_audio":
+        from transformers import Qwen2AudioForConditionalGeneration
+
+        return Qwen2AudioForConditionalGeneration
+    if family == "qwen2_5_omni":
+        # The thinker only: the talker and token2wav weights in an Omni checkpoint are never loaded.
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        return Qwen2_5OmniThinkerForConditionalGeneration
+    raise ValueError(f"model.family must be 'qwen2_audio' or 'qwen2_5_omni', got {family!r}")
+
+
+def audio_encoder(model):
+    return model.model.audio_tower
+
+
+def vision_encoder(model):
+    return getattr(model.model, "visual", None)
+
+
+def load_model(cfg: DictConfig, path: str | None = None):
+    """The model described by a `model` config group entry; `path` overrides `cfg.name_or_path`."""
+    source = str(path or cfg.name_or_path)
+    hub = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    if not Path(source).exists():
+        log.info("loading %s from the hub (or its local cache)", source)
+    model = model_class(cfg.family).from_pretrained(
+        source, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **hub
+    )
+    # DeepSpeed's "auto" bucket sizes read config.hidden_size, which the multimodal configs keep only in
+    # text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
+    if getattr(model.config, "hidden_size", None) is None:
+        model.config.hidden_size = model.config.get_text_config().hidden_size
+    if cfg.freeze_audio_encoder:
+        audio_encoder(model).requires_grad_(False)
+    if cfg.get("freeze_vision_encoder", True) and vision_encoder(model) is not None:
+        vision_encoder(model).requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:
+    source = str(path or cfg.get("processor_path") or cfg.name_or_path)
+    return AudioTextProcessor.from_pretrained(
+        source, family=cfg.family, with_images=bool(cfg.get("images", False)), revision=cfg.get("revision")
+    )

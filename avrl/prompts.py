@@ -1,0 +1,71 @@
+"""Prompt rendering and final-answer parsing. Pure functions; the templates live in conf/prompt/*.yaml."""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+from avrl.data.items import QAItem
+
+LETTERS = string.ascii_uppercase
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# A bare option letter, optionally in parentheses and followed by '.', ':' or ')': "B", "(B)", "B." ...
+_LETTER_ONLY = re.compile(r"^\(?([A-Z])\)?[.:)]?$")
+# An option written out the way it was shown: "B. a dog barking", "(B) a dog barking".
+_LETTER_AND_TEXT = re.compile(r"^\(?([A-Z])(?:\)|[.:])\s+(.+)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt style: how the question is shown and what the answer must look like."""
+
+    name: str
+    template: str  # fields: {question}, {choices} (Python list repr, R1-AQA), {options} (lettered, one per line)
+    answer_style: str = "text"  # "text": the choice's text; "letter": the option letter
+    format_pattern: str = r"<answer>.*?</answer>"
+
+    def __post_init__(self):
+        if self.answer_style not in ("text", "letter"):
+            raise ValueError(f"prompt {self.name!r}: answer_style must be 'text' or 'letter', got {self.answer_style!r}")
+
+
+def render_question(spec: PromptSpec, item: QAItem) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
+    return spec.template.format(question=item.question, choices=str(list(item.choices)), options=options)
+
+
+def target_answer(spec: PromptSpec, item: QAItem) -> str:
+    """What goes inside <answer></answer> for the gold answer."""
+    return LETTERS[item.answer_index] if spec.answer_style == "letter" else item.answer
+
+
+def extract_answer(completion: str) -> str | None:
+    """Content of the last <answer>...</answer> block, stripped; None when there is none."""
+    found = ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def parse_letter(answer: str, choices: list[str]) -> int | None:
+    """Index of the option an answer names by letter or by exact text; None if it names none.
+
+    Unlike EchoInk-R1's parser, a word such as "a" or "A dog" is not read as option A: only a bare capital
+    letter, or a letter with its punctuation followed by text, counts.
+    """
+    m = _LETTER_ONLY.match(answer) or _LETTER_AND_TEXT.match(answer)
+    if m and LETTERS.index(m.group(1)) < len(choices):
+        return LETTERS.index(m.group(1))
+    folded = [c.strip().casefold() for c in choices]
+    key = answer.strip().casefold()
+    return folded.index(key) if key and key in folded else None
+
+
+def predicted_text(spec: PromptSpec, completion: str, choices: list[str]) -> str:
+    """The final answer as text, for MMAU-style predictions: a letter becomes its choice's text."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return ""
+    if spec.answer_style == "letter":
+        index = parse_letter(answer, choices)
+        return choices[index] if index is not None else ""
+    return answer
