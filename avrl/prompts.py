@@ -24,6 +24,7 @@ class PromptSpec:
     template: str  # fields: {question}, {choices} (Python list repr, R1-AQA), {options} (lettered, one per line)
     answer_style: str = "text"  # "text": the choice's text; "letter": the option letter
     format_pattern: str = r"<answer>.*?</answer>"
+    sft_target: str = "<answer>{answer}</answer>"  # what SFT trains on; {answer} is the gold answer
 
     def __post_init__(self):
         if self.answer_style not in ("text", "letter"):

@@ -13,8 +13,14 @@ import torch
 PER_PROMPT_KEYS = ("input_ids", "attention_mask", "feature_attention_mask", "image_grid_thw")
 
 
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def encode_media(model, family: str, batch: dict) -> dict[str, torch.Tensor]:
     """Encoder outputs, flattened in placeholder order: {"audio": (n_audio_tokens, d), "image": (...)}."""
+    model = unwrap(model)
     media = {}
     if "input_features" in batch:
         media["audio"] = _audio_features(model, family, batch["input_features"], batch["feature_attention_mask"])
@@ -47,6 +53,7 @@ def _audio_features(model, family: str, features: torch.Tensor, feature_mask: to
 
 def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token embeddings with the encoder outputs written over the placeholder tokens."""
+    model = unwrap(model)
     embeds = model.get_input_embeddings()(input_ids)
     config = model.config
     for kind, token_id in (("audio", config.audio_token_id), ("image", getattr(config, "image_token_id", None))):
@@ -68,20 +75,22 @@ def position_ids(family: str, attention_mask: torch.Tensor) -> torch.Tensor | No
     return positions.clamp(min=0)
 
 
-def forward_logits(model, family: str, input_ids, attention_mask, inputs_embeds, extra: dict) -> torch.Tensor:
-    """Logits for already-merged embeddings. `extra` holds the per-prompt media sizes Omni needs for positions."""
+def forward_logits(model, family: str, input_ids, attention_mask, inputs_embeds, extra: dict, keep: int = 0):
+    """Logits for already-merged embeddings; only the last `keep` positions when keep > 0 (the completion), which
+    spares a (batch, prompt length, vocabulary) tensor. `extra` holds the media sizes Omni needs for positions."""
+    model = unwrap(model)
     kwargs = {}
     if family == "qwen2_5_omni":
         kwargs = {k: extra[k] for k in ("feature_attention_mask", "image_grid_thw") if k in extra}
-    out = model(
+    hidden = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,
         position_ids=position_ids(family, attention_mask),
         use_cache=False,
         **kwargs,
-    )
-    return out.logits
+    ).last_hidden_state
+    return model.lm_head(hidden[:, -keep:] if keep else hidden)
 
 
 def repeat_prompts(batch: dict, repeats: int) -> dict:

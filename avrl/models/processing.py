@@ -62,8 +62,9 @@ class AudioTextProcessor:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-        return sorted(i for i in ids if i is not None and i != self.tokenizer.unk_token_id)
+        """End of turn first (what SFT targets end with), then end of text."""
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
 
     def render(self, text: str, has_audio: bool = True, has_image: bool = False) -> str:
         """The chat prompt for one user turn, ending with the assistant header."""

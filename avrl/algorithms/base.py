@@ -1,0 +1,182 @@
+"""What every avrl LightningModule shares: the model, encoder-once generation and log-probs, validation, optimizer.
+
+GRPO (grpo.py) and SFT (sft.py) subclass this and add only their training step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from avrl.models import load_model
+from avrl.models import multimodal as mm
+from avrl.models.processing import AudioTextProcessor
+from avrl.prompts import PromptSpec, predicted_text
+from avrl.rewards import RewardFn, is_correct
+
+log = logging.getLogger(__name__)
+
+
+class AudioLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model_cfg: DictConfig,
+        algorithm: DictConfig,
+        optim: DictConfig,
+        processor: AudioTextProcessor,
+        prompt: PromptSpec,
+        reward_functions: dict[str, RewardFn] | None = None,
+        reward_weights: dict[str, float] | None = None,
+        model=None,
+    ):
+        super().__init__()
+        self.model_cfg, self.algo, self.optim = model_cfg, algorithm, optim
+        self.processor, self.prompt = processor, prompt
+        self.family = model_cfg.family
+        self.reward_functions = reward_functions or {}
+        self.reward_weights = reward_weights or {}
+        self.model = model  # loaded lazily in configure_model unless given (tests pass a model in)
+        self._val_results: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_model(self.model_cfg)
+            self.model.train()
+
+    def encode(self, batch: dict, model=None) -> dict[str, torch.Tensor]:
+        """Audio/image encoder outputs for each prompt of the batch: the encoders run once per prompt."""
+        return mm.encode_media(model or self.model, self.family, batch)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, media: dict, num_generations: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`num_generations` completions per prompt, grouped contiguously. Returns (ids, mask); the mask covers
+        each completion up to and including its first stop token."""
+        model = mm.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
+        rep = mm.repeat_prompts(batch, num_generations)
+        extra = {k: rep[k] for k in ("feature_attention_mask", "image_grid_thw") if k in rep}
+        if self.family != "qwen2_5_omni":
+            extra = {}
+        sampling = dict(do_sample=True, temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=0)
+        out = model.generate(
+            input_ids=rep["input_ids"],
+            inputs_embeds=prompt_embeds,
+            attention_mask=rep["attention_mask"],
+            max_new_tokens=self.algo.max_completion_length,
+            eos_token_id=self.processor.stop_token_ids,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+            use_cache=True,
+            **(sampling if sample else dict(do_sample=False)),
+            **extra,
+        )
+        model.train(was_training)
+        ids = out[:, rep["input_ids"].shape[1] :]
+        return ids, completion_mask(ids, self.processor.stop_token_ids)
+
+    def completion_logps(self, batch, media, ids, mask, num_generations, model=None, with_entropy=False):
+        """Per-token log-probs of the completions (B*G, T) under `model` (the policy by default), logits divided by
+        the sampling temperature as in TRL. The prompt embeddings are built once per prompt and repeated."""
+        model = model or self.model
+        prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
+        rep = mm.repeat_prompts(batch, num_generations)
+        embeds = torch.cat([prompt_embeds, mm.unwrap(model).get_input_embeddings()(ids)], dim=1)
+        input_ids = torch.cat([rep["input_ids"], ids], dim=1)
+        attention = torch.cat([rep["attention_mask"], mask.to(rep["attention_mask"].dtype)], dim=1)
+        logits = mm.forward_logits(model, self.family, input_ids, attention, embeds, rep, keep=ids.shape[1] + 1)
+        logits = logits[:, :-1].float() / self.algo.get("temperature", 1.0)
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return logps, None
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+        return logps, entropy
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return self.processor.decode(ids.masked_fill(mask == 0, self.processor.tokenizer.pad_token_id))
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val_results += self.score_greedy(batch)
+
+    def score_greedy(self, batch: dict) -> list[dict]:
+        """Greedy completions for a batch, each scored: the deterministic evaluation used in validation."""
+        ids, mask = self.generate(batch, self.encode(batch), 1, sample=False)
+        results = []
+        for item, text in zip(batch["items"], self.decode(ids, mask)):
+            results.append({
+                "id": item.id, "category": item.category, "difficulty": item.difficulty,
+                "correct": float(is_correct(text, item, self.prompt)),
+                "format": self.reward_functions["format"]([text], [item], self.prompt)[0]
+                if "format" in self.reward_functions else float("nan"),
+                "completion": text, "prediction": predicted_text(self.prompt, text, item.choices),
+            })
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = accuracy_metrics(self._val_results, "val")
+        self._val_results = []
+        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, sync_dist=True)
+
+    def validate_before_training(self) -> None:
+        """val/accuracy at step 0, through the same code as every later validation."""
+        loader = self.trainer.datamodule.val_dataloader()
+        results = []
+        for batch in loader:
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            results += self.score_greedy(batch)
+        metrics = accuracy_metrics(results, "val")
+        log.info("step 0: val/accuracy = %.3f", metrics["val/accuracy"])
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+        )
+        total = self.trainer.estimated_stepping_batches * self.algo.get("num_iterations", 1)
+        scheduler = get_scheduler(
+            self.optim.scheduler, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 for each token up to and including the first stop token, 0 after it."""
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    seen_before = (is_stop.cumsum(dim=1) - is_stop.long()) > 0
+    return (~seen_before).long()
+
+
+def accuracy_metrics(results: list[dict], prefix: str) -> dict[str, float]:
+    """`<prefix>/accuracy` overall and per category and difficulty, plus the format rate."""
+    if not results:
+        return {f"{prefix}/accuracy": float("nan")}
+    metrics = {f"{prefix}/accuracy": sum(r["correct"] for r in results) / len(results)}
+    formats = [r["format"] for r in results if r["format"] == r["format"]]
+    if formats:
+        metrics[f"{prefix}/format"] = sum(formats) / len(formats)
+    for key in ("category", "difficulty"):
+        groups = defaultdict(list)
+        for r in results:
+            if r.get(key):
+                groups[r[key]].append(r["correct"])
+        for name, values in groups.items():
+            metrics[f"{prefix}/accuracy/{name}"] = sum(values) / len(values)
+    return metrics

@@ -1,0 +1,248 @@
+"""GRPO: the loss math (pure functions) and the Lightning module, top to bottom in one file.
+
+Option and metric names follow TRL's GRPOConfig / GRPOTrainer (num_generations, beta, epsilon, epsilon_high,
+num_iterations, loss_type, scale_rewards, mask_truncated_completions, temperature, top_p, max_completion_length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from avrl.algorithms.base import AudioLMModule
+from avrl.models import load_model
+from avrl.models import multimodal as mm
+from avrl.rewards import score
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """Rewards minus their group's mean, divided by the group's std ("group"), the batch's std ("batch") or
+    nothing ("none"). Groups are contiguous blocks of `num_generations`; std as torch.std (Bessel)."""
+    grouped = rewards.view(-1, num_generations)
+    advantages = rewards - grouped.mean(dim=1).repeat_interleave(num_generations)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1).repeat_interleave(num_generations) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return advantages
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-surrogate GRPO loss over (batch, completion_len) tensors; `advantages` is (batch,).
+
+    ratio = exp(logps - old_logps) clipped to [1 - epsilon, 1 + epsilon_high]; with beta > 0 the k3 estimate
+    exp(ref - logps) - (ref - logps) - 1 of KL(policy || ref) is added per token, weighted by beta.
+    Reduction: "grpo" mean per sequence then over sequences; "bnpo"/"dapo" sum over tokens / number of tokens;
+    "dr_grpo" sum / (batch * max_completion_length).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        length = max_completion_length or mask.shape[1]
+        loss = (per_token * mask).sum() / (mask.shape[0] * length)
+
+    def masked_mean(x):
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    metrics = {
+        "clip_ratio": masked_mean((low | high).to(logps.dtype)).detach(),
+        "clip_ratio/low_mean": masked_mean(low.to(logps.dtype)).detach(),
+        "clip_ratio/high_mean": masked_mean(high.to(logps.dtype)).detach(),
+    }
+    if kl is not None:
+        metrics["kl"] = masked_mean(kl).detach()
+    return loss, metrics
+
+
+class GRPOModule(AudioLMModule):
+    """One training_step = one rollout (G completions for each prompt of the batch), then `num_iterations`
+    optimizer updates on it. Optimization is manual because one rollout feeds several updates."""
+
+    def __init__(self, *args, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.ref_model = ref_model
+        self._sample_rows: list[dict] = []
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        # A frozen reference only when the KL term is on. LoRA needs none: the reference is the base model with
+        # the adapters switched off (see ref_context).
+        if self.algo.beta != 0.0 and self.ref_model is None and not self.is_peft:
+            self.ref_model = load_model(self.model_cfg).eval().requires_grad_(False)
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    def ref_context(self):
+        return self.model.disable_adapter() if self.is_peft else contextlib.nullcontext()
+
+    def on_train_start(self) -> None:
+        if self.algo.validate_at_start:
+            self.validate_before_training()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        start = time.perf_counter()
+        G, algo = self.algo.num_generations, self.algo
+        num_prompts = batch["input_ids"].shape[0]
+
+        # 1. Rollout: the encoders run once per prompt; the G completions share their outputs.
+        media = self.encode(batch)
+        ids, mask = self.generate(batch, media, G, sample=True)
+        texts = self.decode(ids, mask)
+        items = [item for item in batch["items"] for _ in range(G)]
+        truncated = ~torch.isin(ids, torch.tensor(self.processor.stop_token_ids, device=ids.device)).any(dim=1)
+        if algo.mask_truncated_completions:
+            mask = mask * (~truncated).unsqueeze(1).long()
+
+        # 2. Rewards and group-normalised advantages.
+        rewards, per_function = score(self.reward_functions, self.reward_weights, texts, items, self.prompt)
+        advantages = group_advantages(rewards, G, algo.scale_rewards).to(self.device)
+
+        # 3. Log-probs of the rollout policy (only needed when it differs from the policy being updated) and of
+        #    the reference. With a frozen audio encoder the rollout's encoder outputs are reused (they cannot
+        #    change); otherwise the loss forward re-encodes each prompt once, with gradients.
+        reuse_media = not any(p.requires_grad for p in self.audio_parameters())
+        with torch.no_grad():
+            old_logps = self.completion_logps(batch, media, ids, mask, G)[0] if algo.num_iterations > 1 else None
+            ref_logps = None
+            if algo.beta != 0.0:
+                with self.ref_context():
+                    ref_model = self.ref_model if not self.is_peft else None
+                    ref_media = media if (reuse_media and ref_model is None) else self.encode(batch, ref_model)
+                    ref_logps = self.completion_logps(batch, ref_media, ids, mask, G, model=ref_model)[0]
+
+        # 4. num_iterations updates on this rollout, gradients accumulated over micro-batches of whole groups.
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        chunk = algo.micro_batch_prompts or num_prompts
+        for _ in range(algo.num_iterations):
+            optimizer.zero_grad()
+            stats = []
+            for lo in range(0, num_prompts, chunk):
+                p, s = slice(lo, lo + chunk), slice(lo * G, (lo + chunk) * G)
+                part = {k: (v[p] if torch.is_tensor(v) else v) for k, v in batch.items() if k not in MEDIA_KEYS}
+                part_media = self._slice_media(media, batch, p) if reuse_media else self.encode(_prompt_slice(batch, p))
+                logps, entropy = self.completion_logps(part, part_media, ids[s], mask[s], G, with_entropy=True)
+                old = old_logps[s] if old_logps is not None else logps.detach()
+                loss, metrics = grpo_loss(
+                    logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
+                    beta=algo.beta, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
+                    max_completion_length=algo.max_completion_length,
+                )
+                weight = _micro_batch_weight(algo.loss_type, mask, s)
+                self.manual_backward(loss * weight)
+                metrics["loss"] = loss.detach() * weight
+                metrics["entropy"] = (entropy * mask[s]).sum() / mask[s].sum().clamp(min=1)
+                stats.append((weight, metrics))
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+
+        # 5. Metrics under TRL's names.
+        lengths = mask.sum(1).float()
+        grouped = rewards.view(-1, G)
+        logs = {
+            "train/loss": sum(m["loss"] for _, m in stats),
+            "train/reward": rewards.mean(),
+            "train/reward_std": grouped.std(dim=1).mean(),
+            "train/frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
+            "train/completions/mean_length": lengths.mean(),
+            "train/completions/clipped_ratio": truncated.float().mean(),
+            "train/learning_rate": torch.tensor(scheduler.get_last_lr()[0]),
+            "train/step_time": torch.tensor(time.perf_counter() - start),
+        }
+        for key in ("clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy"):
+            if key in stats[0][1]:
+                logs[f"train/{key}"] = sum(w * m[key] for w, m in stats)
+        for name, values in per_function.items():
+            logs[f"train/rewards/{name}/mean"] = values.mean()
+            logs[f"train/rewards/{name}/std"] = values.std()
+        self.log_dict({k: v.float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False)
+        self.log("reward", logs["train/reward"].float(), prog_bar=True, logger=False)
+        self._sample_rows = [
+            {"prompt": items[i].question, "choices": items[i].choices, "answer": items[i].answer,
+             "completion": texts[i], "reward": float(rewards[i]), "advantage": float(advantages[i]),
+             **{name: float(v[i]) for name, v in per_function.items()}}
+            for i in range(min(len(texts), self.algo.log_completions_rows))
+        ]
+
+    def audio_parameters(self):
+        from avrl.models.loading import audio_encoder
+
+        return audio_encoder(self.model if not self.is_peft else self.model.get_base_model()).parameters()
+
+    def _slice_media(self, media: dict, batch: dict, prompts: slice) -> dict:
+        """The encoder outputs of a slice of prompts (features are flat, in prompt order)."""
+        from avrl.models.processing import audio_token_count
+
+        out = {}
+        if "audio" in media:
+            counts = audio_token_count(batch["feature_attention_mask"].sum(-1)).tolist()
+            start = sum(counts[: prompts.start])
+            stop = start + sum(counts[prompts])
+            out["audio"] = media["audio"][start:stop]
+        if "image" in media:
+            merge = mm.unwrap(self.model).config.vision_config.spatial_merge_size ** 2
+            counts = (batch["image_grid_thw"].prod(-1) // merge).tolist()
+            start = sum(counts[: prompts.start])
+            out["image"] = media["image"][start : start + sum(counts[prompts])]
+        return out
+
+
+MEDIA_KEYS = ("input_features", "pixel_values")
+
+
+def _prompt_slice(batch: dict, prompts: slice) -> dict:
+    """A batch restricted to some prompts, media inputs included (one audio and at most one image per prompt)."""
+    out = {k: (v[prompts] if torch.is_tensor(v) and k != "pixel_values" else v) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        patches = batch["image_grid_thw"].prod(-1).tolist()
+        start = sum(patches[: prompts.start])
+        out["pixel_values"] = batch["pixel_values"][start : start + sum(patches[prompts])]
+    return out
+
+
+def _micro_batch_weight(loss_type: str, mask: torch.Tensor, rows: slice) -> float:
+    """Weight of one micro-batch's loss so that the accumulated gradient equals the whole batch's."""
+    if loss_type in ("bnpo", "dapo"):
+        return float(mask[rows].sum().clamp(min=1) / mask.sum().clamp(min=1))
+    return mask[rows].shape[0] / mask.shape[0]

@@ -1,0 +1,38 @@
+"""OmegaConf resolvers and small helpers for the Hydra config tree in conf/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def asset_path(name: str) -> str:
+    """Path of a checkpoint shipped in avrl/assets (the tiny offline models)."""
+    path = ASSETS / name
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped asset {name!r} in {ASSETS}; build it with experiments/tiny_base.yaml")
+    return str(path)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("avrl_asset"):
+        OmegaConf.register_new_resolver("avrl_asset", asset_path)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
+    """{"algorithm.beta": 0.04, ...} for MLflow params."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+register_resolvers()

@@ -1,0 +1,90 @@
+"""MLflow: one run per training or evaluation job, tagged with the Hydra choices, the resolved config as params
+and as an artifact, sample completions as tables."""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from avrl.config import flatten
+
+log = logging.getLogger(__name__)
+TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")
+_SECRET_IN_URI = re.compile(r"(//[^:/@]+:)[^@]+@")
+
+
+def redact(value: object) -> object:
+    """Passwords in URIs (postgresql://user:secret@host) never reach params or logs."""
+    return _SECRET_IN_URI.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
+def hydra_choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):  # not under @hydra.main (tests that compose configs)
+        return {}
+    return {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) not in (None, "null")}
+
+
+def make_logger(cfg: DictConfig):
+    """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off."""
+    if not cfg.logger.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    tags = {g: cfg[g].get("name", "") for g in ("algorithm", "model", "prompt", "data", "reward") if g in cfg}
+    tags.update(hydra_choices())
+    tags["task"] = cfg.task
+    tags["output_dir"] = str(cfg.output_dir)
+    logger = MLFlowLogger(
+        experiment_name=cfg.logger.experiment_name,
+        tracking_uri=cfg.logger.tracking_uri,
+        run_name=cfg.run_name or f"{tags['algorithm']}-{tags['prompt']}-{tags['model']}",
+        tags=tags,
+        artifact_location=cfg.logger.artifact_location,
+    )
+    params = {k: redact(v) for k, v in flatten(cfg).items()}
+    logger.log_hyperparams(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        path.write_text(_SECRET_IN_URI.sub(r"\1***@", text))
+        logger.experiment.log_artifact(logger.run_id, str(path))
+    return logger
+
+
+def log_table(logger, rows: list[dict], artifact_file: str) -> None:
+    if logger is None or not rows:
+        return
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    columns = {k: [v if isinstance(v, (int, float, str)) or v is None else str(v) for v in vs] for k, vs in columns.items()}
+    logger.experiment.log_table(logger.run_id, data=columns, artifact_file=artifact_file)
+
+
+def log_file(logger, path: str | Path, artifact_path: str | None = None) -> None:
+    if logger is not None:
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+def run_url(logger) -> str:
+    return f"run {logger.run_id} in experiment {logger.experiment_id} at {logger._tracking_uri}"
+
+
+def completions_callback(every_n_steps: int):
+    """A callback that logs the module's latest sample completions as an MLflow table every N steps."""
+    from lightning.pytorch.callbacks import Callback
+
+    class LogCompletions(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            rows = getattr(module, "_sample_rows", None)
+            step = trainer.global_step
+            if rows and every_n_steps and (batch_idx % every_n_steps == 0):
+                log_table(trainer.logger, rows, f"completions/step_{step:06d}.json")
+
+    return LogCompletions()

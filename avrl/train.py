@@ -1,0 +1,94 @@
+"""`task=train`: compose data, model, algorithm, logger and Trainer from the config, then fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from avrl import tracking
+from avrl.data.datamodule import AudioQADataModule
+from avrl.models import load_processor
+from avrl.prompts import PromptSpec
+
+log = logging.getLogger(__name__)
+
+
+def prompt_spec(cfg: DictConfig) -> PromptSpec:
+    return PromptSpec(**OmegaConf.to_container(cfg.prompt, resolve=True))
+
+
+def reward_functions(cfg: DictConfig) -> tuple[dict, dict]:
+    functions = {name: instantiate(fn) for name, fn in cfg.reward.functions.items()}
+    weights = {name: float(w) for name, w in cfg.reward.weights.items()}
+    return functions, weights
+
+
+def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
+    functions, weights = reward_functions(cfg)
+    module_cls = instantiate({"_target_": cfg.algorithm._target_, "_partial_": True})
+    return module_cls(
+        model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor, prompt=prompt,
+        reward_functions=functions, reward_weights=weights, model=model,
+    )
+
+
+def build_trainer(cfg: DictConfig, logger) -> L.Trainer:
+    out = Path(cfg.output_dir)
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=out / "checkpoints", monitor="val/accuracy", mode="max", save_top_k=1, save_last=True,
+            filename="best-step{step}", auto_insert_metric_name=False,
+        ),
+        tracking.completions_callback(cfg.algorithm.get("log_completions_every_n_steps", 0)),
+    ]
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_args.get("strategy"), dict):
+        trainer_args["strategy"] = instantiate(trainer_args["strategy"])
+    return L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks, default_root_dir=out)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = load_processor(cfg.model)
+    prompt = prompt_spec(cfg)
+
+    # Data first: a bad file stops the run before any model is loaded.
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
+    datamodule.setup()
+    datamodule.write_skipped(out)
+
+    logger = tracking.make_logger(cfg)
+    if logger is not None and datamodule.skipped:
+        logger.log_metrics({"data/skipped": len(datamodule.skipped)}, step=0)
+        tracking.log_file(logger, out / "skipped_items.json")
+    module = build_module(cfg, processor, prompt)
+    trainer = build_trainer(cfg, logger)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.save_final_model and trainer.is_global_zero:
+        save_model(module, processor, out / "final_model")
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if logger is not None:
+        logger.experiment.set_tag(logger.run_id, "best_checkpoint", best)
+        logger.experiment.set_tag(logger.run_id, "final_model", str(out / "final_model"))
+    print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
+    if logger is not None:
+        print(f"MLflow: {tracking.run_url(logger)}\n  view with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}")
+    return metrics
+
+
+def save_model(module, processor, path: Path) -> None:
+    """The trained weights (or LoRA adapters) as a transformers folder that `model.name_or_path=` can load."""
+    module.model.save_pretrained(path)
+    processor.save_pretrained(path)
+    log.info("saved the trained model to %s", path)

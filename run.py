@@ -1,0 +1,26 @@
+"""avrl's single entry point: `python run.py [group=option ...] [key=value ...]`, or `-m` for a sweep."""
+
+import hydra
+from omegaconf import DictConfig
+
+import avrl.config  # noqa: F401  (registers the ${avrl_asset:...} resolver before Hydra composes)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    if cfg.task == "train":
+        from avrl.train import train
+
+        metrics = train(cfg)
+    elif cfg.task == "eval":
+        from avrl.evaluation import evaluate
+
+        metrics = evaluate(cfg)
+    else:
+        raise ValueError(f"task must be 'train' or 'eval', got {cfg.task!r}")
+    # The value an Optuna sweep maximises.
+    return metrics.get(cfg.get("objective", "val/accuracy"))
+
+
+if __name__ == "__main__":
+    main()
