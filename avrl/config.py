@@ -17,9 +17,21 @@ def asset_path(name: str) -> str:
     return str(path)
 
 
+def tiny_init_path(family: str) -> str:
+    """A randomly initialised tiny checkpoint of `family`, built on first use into avrl's cache folder."""
+    from avrl.models.tiny import build
+
+    path = Path.home() / ".cache" / "avrl" / f"tiny-init-{family}"
+    if not (path / "config.json").exists():
+        build(path, family)
+    return str(path)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("avrl_asset"):
         OmegaConf.register_new_resolver("avrl_asset", asset_path)
+    if not OmegaConf.has_resolver("avrl_tiny_init"):
+        OmegaConf.register_new_resolver("avrl_tiny_init", tiny_init_path)
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:

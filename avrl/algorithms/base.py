@@ -123,6 +123,7 @@ class AudioLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         metrics = accuracy_metrics(self._val_results, "val")
         self._val_results = []
+        log.info("step %d: %s", self.global_step, _summary(metrics))
         self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict(metrics, sync_dist=True)
 
@@ -134,7 +135,7 @@ class AudioLMModule(L.LightningModule):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             results += self.score_greedy(batch)
         metrics = accuracy_metrics(results, "val")
-        log.info("step 0: val/accuracy = %.3f", metrics["val/accuracy"])
+        log.info("step 0: %s", _summary(metrics))
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
 
@@ -180,3 +181,7 @@ def accuracy_metrics(results: list[dict], prefix: str) -> dict[str, float]:
         for name, values in groups.items():
             metrics[f"{prefix}/accuracy/{name}"] = sum(values) / len(values)
     return metrics
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items()))
