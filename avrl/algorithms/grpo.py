@@ -96,18 +96,27 @@ class GRPOModule(AudioLMModule):
     """One training_step = one rollout (G completions for each prompt of the batch), then `num_iterations`
     optimizer updates on it. Optimization is manual because one rollout feeds several updates."""
 
-    def __init__(self, *args, ref_model=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
-        self.ref_model = ref_model
+        # Held in a list so that it is not a registered submodule: the frozen reference never enters checkpoints.
+        self._ref: list = [None]
         self._sample_rows: list[dict] = []
+
+    @property
+    def ref_model(self):
+        return self._ref[0]
 
     def configure_model(self) -> None:
         super().configure_model()
         # A frozen reference only when the KL term is on. LoRA needs none: the reference is the base model with
         # the adapters switched off (see ref_context).
         if self.algo.beta != 0.0 and self.ref_model is None and not self.is_peft:
-            self.ref_model = load_model(self.model_cfg).eval().requires_grad_(False)
+            self._ref[0] = load_model(self.model_cfg).eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
 
     @property
     def is_peft(self) -> bool:

@@ -62,9 +62,10 @@ def _clip(rng: np.random.Generator, task: str, answer: str, seconds: float) -> n
     return audio.astype(np.float32)
 
 
-def make_item(seed: int, split: str, index: int, tasks=TASKS, seconds: float = 1.5, label_mode: str = "gold") -> QAItem:
+def make_item(seed: int, split: str, index: int, tasks=TASKS, seconds: float = 1.5, label_mode="gold") -> QAItem:
     """Item `index` of a split. label_mode="random" replaces the gold answer by a random choice: training on such
-    labels teaches the answer format and nothing about the audio (used to build the tiny base model)."""
+    labels teaches the answer format and nothing about the audio. A mapping {task: "gold" | "random"} sets it per
+    task (the tiny base model is built that way)."""
     key = zlib.crc32(f"{seed}/{SPLIT_OFFSETS[split]}/{index}".encode())
     rng = np.random.default_rng(key)
     task = tasks[rng.integers(len(tasks))]
@@ -73,10 +74,11 @@ def make_item(seed: int, split: str, index: int, tasks=TASKS, seconds: float = 1
     shuffled = list(rng.permutation(choices))
     audio = _clip(rng, task, answer, seconds)
     answer_index = shuffled.index(answer)
-    if label_mode == "random":
+    mode = label_mode if isinstance(label_mode, str) else label_mode.get(task, "gold")
+    if mode == "random":
         answer_index = int(rng.integers(len(shuffled)))
-    elif label_mode != "gold":
-        raise ValueError(f"label_mode must be 'gold' or 'random', got {label_mode!r}")
+    elif mode != "gold":
+        raise ValueError(f"label_mode must be 'gold' or 'random' (or a mapping task -> mode), got {mode!r}")
     return QAItem(
         id=f"synthetic-{split}-{index}",
         question=question,

@@ -1,0 +1,72 @@
+"""Every combination of the config groups composes and resolves; run.py --cfg job prints it."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, ROOT, compose
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+GROUPS = ["model", "algorithm", "prompt", "data", "reward"]
+
+
+def test_groups_hold_what_the_product_promises():
+    assert set(options("model")) >= {"tiny_qwen2_audio", "tiny_qwen2_5_omni", "qwen2_audio_7b", "qwen2_5_omni_7b",
+                                     "qwen2_5_omni_3b"}
+    assert set(options("algorithm")) >= {"grpo", "sft", "lora"}
+    assert set(options("prompt")) >= {"no_think", "think", "echoink"}
+    assert set(options("data")) >= {"synthetic", "avqa", "avqa_r1", "mmau"}
+    assert set(options("trainer")) >= {"cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"}
+    assert set(options("logger")) == {"mlflow", "none"}
+
+
+@pytest.mark.parametrize("combo", list(itertools.product(*(options(g) for g in GROUPS))),
+                         ids=lambda c: "-".join(c))
+def test_every_combination_composes_and_resolves(combo):
+    cfg = compose([f"{g}={o}" for g, o in zip(GROUPS, combo)])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["family"] in ("qwen2_audio", "qwen2_5_omni")
+    assert resolved["algorithm"]["_target_"].startswith("avrl.algorithms.")
+    assert set(resolved["reward"]["weights"]) >= {"accuracy", "format"}
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+@pytest.mark.parametrize("logger", options("logger"))
+def test_trainer_and_logger_presets_compose(trainer, logger):
+    cfg = compose([f"trainer={trainer}", f"logger={logger}"])
+    assert cfg.trainer.accelerator in ("cpu", "gpu")
+    assert OmegaConf.to_container(cfg.logger, resolve=True)["enabled"] == (logger == "mlflow")
+
+
+@pytest.mark.parametrize("experiment", ["r1_aqa", "echoink_r1", "quickstart", "tiny_base"])
+def test_experiment_presets(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    if experiment == "r1_aqa":
+        assert cfg.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct"
+        a = cfg.algorithm
+        assert (a.num_generations, a.temperature, a.beta, a.max_completion_length) == (8, 1.0, 0.04, 256)
+        assert (cfg.optim.lr, cfg.data.batch_size, a.micro_batch_prompts, cfg.trainer.max_steps) == (1e-6, 2, 1, 1000)
+    if experiment == "echoink_r1":
+        assert cfg.model.name_or_path == "Qwen/Qwen2.5-Omni-7B" and cfg.model.family == "qwen2_5_omni"
+        a = cfg.algorithm
+        assert (a.num_generations, a.beta, a.max_completion_length) == (16, 0.001, 768)
+        assert (cfg.optim.lr, cfg.optim.scheduler, cfg.model.gradient_checkpointing) == (1e-6, "cosine", True)
+        assert cfg.prompt.answer_style == "letter"
+
+
+@pytest.mark.parametrize("args", [[], ["model=qwen2_5_omni_7b", "data=avqa_r1", "prompt=echoink", "trainer=ddp"],
+                                  ["experiment=r1_aqa"], ["algorithm=lora", "prompt=think", "data=mmau"]])
+def test_cli_prints_composed_config(args):
+    out = subprocess.run([sys.executable, "run.py", "--cfg", "job", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert {"model", "algorithm", "prompt", "data", "trainer", "logger", "task", "seed", "ckpt_path"} <= set(printed)

@@ -1,0 +1,94 @@
+"""The GRPO module on the tiny model: encoder calls, weight updates, logged metrics and artifacts."""
+
+import mlflow
+import pytest
+import torch
+
+from avrl.train import train
+from tests.conftest import compose
+
+TRAIN_METRICS = [
+    "train/loss", "train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/accuracy/std",
+    "train/rewards/format/mean", "train/rewards/format/std", "train/frac_reward_zero_std", "train/kl",
+    "train/completions/mean_length", "train/completions/clipped_ratio", "train/clip_ratio", "train/entropy",
+    "train/step_time",
+]
+FAST = ["data.batch_size=2", "algorithm.num_generations=3", "algorithm.max_completion_length=6",
+        "data.val_size=4", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]
+
+
+def fit_module(cfg):
+    """A fitted GRPO module without the logger, returned for inspection."""
+    import lightning as L
+
+    from avrl.data.datamodule import AudioQADataModule
+    from avrl.models import load_processor
+    from avrl.train import build_module, prompt_spec
+
+    processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
+    module = build_module(cfg, processor, prompt)
+    dm = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    return module, dm, trainer
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
+    cfg = cfg_factory(*FAST, "trainer.max_steps=2", "algorithm.beta=0.04", "algorithm.validate_at_start=false",
+                      f"model.freeze_audio_encoder={str(freeze).lower()}")
+    module, dm, trainer = fit_module(cfg)
+    module.configure_model()
+    clips = {"policy": 0, "ref": 0}
+
+    def counter(name):
+        def hook(mod, args, kwargs):
+            clips[name] += args[0].shape[0]  # input_features: one row per clip
+        return hook
+
+    module.model.model.audio_tower.register_forward_pre_hook(counter("policy"), with_kwargs=True)
+    module.ref_model.model.audio_tower.register_forward_pre_hook(counter("ref"), with_kwargs=True)
+    trainer.fit(module, datamodule=dm)
+    prompts = 2 * cfg.data.batch_size  # 2 steps
+    # Rollout once per prompt; the loss forward re-encodes once per prompt only when the encoder trains.
+    assert clips["policy"] == prompts * (1 if freeze else 2)
+    assert clips["ref"] == prompts  # never num_generations times
+
+
+def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
+    cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                      "algorithm.log_completions_every_n_steps=1", "algorithm.beta=0.04")
+    from avrl.models import load_model
+
+    before = {k: v.clone() for k, v in load_model(cfg.model).state_dict().items()}
+    metrics = train(cfg)
+    assert "val/accuracy" in metrics
+
+    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    logged = run.data.metrics
+    for name in TRAIN_METRICS + ["val/accuracy", "val/format"]:
+        assert name in logged, name
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
+    assert sorted(m.step for m in history)[0] == 0  # step-0 validation
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
+    assert run.data.tags["algorithm"] == "grpo" and run.data.tags["model"] == "tiny_qwen2_audio"
+    assert run.data.tags["prompt"] == "no_think" and run.data.tags["data"] == "synthetic"
+    assert run.data.params["algorithm.beta"] == "0.04"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "completions" in artifacts
+    tables = client.list_artifacts(run.info.run_id, "completions")
+    assert len(tables) >= 1
+
+    from avrl.models import load_model as load
+
+    after = load(cfg.model, path=f"{cfg.output_dir}/final_model").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("lm_head" in k for k in changed) and any("audio_tower" in k for k in changed)
+
+
+def test_no_reference_model_when_beta_is_zero(cfg_factory):
+    cfg = cfg_factory(*FAST, "algorithm.beta=0")
+    module, _, _ = fit_module(cfg)
+    module.configure_model()
+    assert module.ref_model is None
