@@ -1,0 +1,111 @@
+"""`task=eval`: deterministic, batched evaluation that writes MMAU-compatible predictions.
+
+predictions.json is a JSON list of the input records, each with `model_output` (the final answer as the choice's
+text, so MMAU's official evaluation.py scores the file unmodified) and `model_raw_output` (the whole completion).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from avrl import tracking
+from avrl.algorithms.base import AudioLMModule, accuracy_metrics
+from avrl.data.datamodule import AudioQADataModule
+from avrl.models import load_model, load_processor
+from avrl.prompts import predicted_text
+from avrl.rewards import is_correct
+from avrl.train import prompt_spec, reward_functions
+
+log = logging.getLogger(__name__)
+
+
+def load_for_eval(cfg: DictConfig, processor, prompt) -> AudioLMModule:
+    """The weights to evaluate: the base model; a transformers folder or LoRA adapters (`ckpt_path=<folder>`);
+    or a Lightning checkpoint (`ckpt_path=<file>.ckpt`). No reference model is loaded."""
+    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else None
+    model = None
+    if ckpt is not None and ckpt.is_dir():
+        if (ckpt / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
+        else:
+            model = load_model(cfg.model, path=str(ckpt))
+    elif ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    functions, weights = reward_functions(cfg)
+    module = AudioLMModule(cfg.model, cfg.algorithm, cfg.optim, processor, prompt, functions, weights, model=model)
+    module.configure_model()
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    return module
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",))
+    datamodule.setup()
+    datamodule.write_skipped(out)
+    logger = tracking.make_logger(cfg)
+    module = load_for_eval(cfg, processor, prompt)
+    module.eval()
+
+    samples = int(cfg.eval.num_samples)
+    rows, per_sample_accuracy = [], [[] for _ in range(samples)]
+    with torch.no_grad():
+        for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
+            media = module.encode(batch)
+            texts = []
+            for k in range(samples):
+                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample))
+                texts.append(module.decode(ids, mask))
+            for i, item in enumerate(batch["items"]):
+                raw = texts[0][i]
+                for k in range(samples):
+                    per_sample_accuracy[k].append(float(is_correct(texts[k][i], item, prompt)))
+                record = dict(item.meta) if item.meta else {
+                    "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
+                    "task": item.category}
+                record.update(model_output=predicted_text(prompt, raw, item.choices), model_raw_output=raw)
+                if samples > 1:
+                    record["model_raw_outputs"] = [t[i] for t in texts]
+                rows.append((record, item, raw))
+
+    results = [{"category": it.category, "difficulty": it.difficulty, "correct": float(is_correct(raw, it, prompt)),
+                "format": float("nan")} for _, it, raw in rows]
+    metrics = accuracy_metrics(results, "eval")
+    metrics.pop("eval/format", None)
+    if samples > 1:
+        means = [sum(a) / len(a) for a in per_sample_accuracy]
+        metrics["eval/accuracy_mean"] = statistics.mean(means)
+        metrics["eval/accuracy_std"] = statistics.stdev(means)
+    path = out / "predictions.json"
+    path.write_text(json.dumps([r for r, _, _ in rows], indent=2, ensure_ascii=False))
+    if logger is not None:
+        logger.log_metrics(metrics, step=0)
+        tracking.log_file(logger, path)
+    print(table(metrics))
+    print(f"\npredictions: {path}")
+    return metrics
+
+
+def table(metrics: dict[str, float]) -> str:
+    """The per-task / per-difficulty accuracy table, in the shape MMAU's evaluation script prints."""
+    lines = ["*" * 30, "Task-wise Accuracy:"]
+    keys = sorted(k for k in metrics if k.startswith("eval/accuracy/"))
+    for k in keys:
+        lines.append(f"{k.removeprefix('eval/accuracy/')} : {metrics[k] * 100:.2f}%")
+    lines += ["*" * 30, f"Total Accuracy: {metrics['eval/accuracy'] * 100:.2f}%", "*" * 30]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""End-to-end runs of the CLI, as a user runs them (slow: minutes)."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_cli(tmp_path, *overrides, timeout=900):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path}/out", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def only_run(tmp_path):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+def test_default_run_learns_to_listen(tmp_path):
+    """`python run.py` with no arguments: val/accuracy at the end is well above step 0's."""
+    out = run_cli(tmp_path)
+    assert "outputs:" in out.stdout and "MLflow: run" in out.stdout
+    client, run = only_run(tmp_path)
+    history = sorted(client.get_metric_history(run.info.run_id, "val/accuracy"), key=lambda m: m.step)
+    first, last = history[0], history[-1]
+    assert first.step == 0 and last.step > 0
+    # 96 validation items: a gain of 0.2 is more than four standard errors of a binomial proportion near 0.5.
+    assert last.value >= first.value + 0.2, [(m.step, m.value) for m in history]
+    assert (tmp_path / "out/final_model/model.safetensors").exists()
+    assert any(p.name.startswith("best") for p in (tmp_path / "out/checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_sft_and_omni_run_through_the_cli(tmp_path):
+    run_cli(tmp_path, "algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink", "trainer.max_steps=3",
+            "trainer.val_check_interval=3", "data.val_size=4", "data.batch_size=2")
+    client, run = only_run(tmp_path)
+    assert run.data.tags["algorithm"] == "sft" and run.data.tags["model"] == "tiny_qwen2_5_omni"
+    assert "train/loss" in run.data.metrics and "val/accuracy" in run.data.metrics
