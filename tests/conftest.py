@@ -20,11 +20,12 @@ def compose(overrides=(), output_dir="/tmp/avrl-test"):
 
 
 @pytest.fixture
-def cfg_factory(tmp_path):
+def cfg_factory(tmp_path, monkeypatch):
+    """Compose a config whose outputs and MLflow store live in this test's tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+
     def make(*overrides):
-        return compose(
-            [f"logger.tracking_uri=sqlite:///{tmp_path}/mlruns.db", *overrides], output_dir=str(tmp_path / "out")
-        )
+        return compose(list(overrides), output_dir=str(tmp_path / "out"))
 
     return make
 

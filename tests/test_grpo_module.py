@@ -13,7 +13,7 @@ TRAIN_METRICS = [
     "train/completions/mean_length", "train/completions/clipped_ratio", "train/clip_ratio", "train/entropy",
     "train/step_time",
 ]
-FAST = ["data.batch_size=2", "algorithm.num_generations=3", "algorithm.max_completion_length=6",
+FAST = ["data.batch_size=2", "algorithm.num_generations=3", "algorithm.max_completion_length=10",
         "data.val_size=4", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]
 
 
@@ -56,7 +56,8 @@ def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
 
 
 def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
-    cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.val_check_interval=3",
+    cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.val_check_interval=3", "algorithm.temperature=1.5",
+                      "data.batch_size=4", "algorithm.num_generations=4",
                       "algorithm.log_completions_every_n_steps=1", "algorithm.beta=0.04")
     from avrl.models import load_model
 
@@ -84,6 +85,7 @@ def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
 
     after = load(cfg.model, path=f"{cfg.output_dir}/final_model").state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
+
     assert any("lm_head" in k for k in changed) and any("audio_tower" in k for k in changed)
 
 
