@@ -89,6 +89,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def save_model(module, processor, path: Path) -> None:
     """The trained weights (or LoRA adapters) as a transformers folder that `model.name_or_path=` can load."""
-    module.model.save_pretrained(path)
+    module.model.save_pretrained(path)  # adapters only, for a LoRA model
     processor.save_pretrained(path)
+    lora = module.algo.get("lora")
+    if lora and lora.get("merge_on_save"):
+        merged = path.with_name(path.name + "_merged")
+        module.model.merge_and_unload().save_pretrained(merged)
+        processor.save_pretrained(merged)
     log.info("saved the trained model to %s", path)

@@ -94,3 +94,18 @@ def test_no_reference_model_when_beta_is_zero(cfg_factory):
     module, _, _ = fit_module(cfg)
     module.configure_model()
     assert module.ref_model is None
+
+
+def test_grpo_on_lora_uses_the_base_as_reference_and_trains_only_adapters(cfg_factory, tmp_path):
+    cfg = cfg_factory(*FAST, "algorithm=grpo_lora", "algorithm.beta=0.04", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2", "algorithm.temperature=1.5", "logger=none")
+    module, dm, trainer = fit_module(cfg)
+    module.configure_model()
+    assert module.ref_model is None and module.is_peft
+    base = {k: v.clone() for k, v in module.model.get_base_model().state_dict().items() if "lora_" not in k}
+    trainer.fit(module, datamodule=dm)
+    after = module.model.get_base_model().state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)  # base weights untouched
+    lora = {k: v for k, v in after.items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: non-zero means trained
+    assert not any("audio_tower" in k for k in lora)

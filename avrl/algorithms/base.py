@@ -46,6 +46,10 @@ class AudioLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = load_model(self.model_cfg)
+            if self.algo.get("lora"):
+                from avrl.models.lora import apply_lora
+
+                self.model = apply_lora(self.model, self.algo.lora)
             self.model.train()
 
     def encode(self, batch: dict, model=None) -> dict[str, torch.Tensor]:
