@@ -96,16 +96,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
-    print(table(metrics))
+    print(table(results, metrics))
     print(f"\npredictions: {path}")
     return metrics
 
 
-def table(metrics: dict[str, float]) -> str:
-    """The per-task / per-difficulty accuracy table, in the shape MMAU's evaluation script prints."""
-    lines = ["*" * 30, "Task-wise Accuracy:"]
-    keys = sorted(k for k in metrics if k.startswith("eval/accuracy/"))
-    for k in keys:
-        lines.append(f"{k.removeprefix('eval/accuracy/')} : {metrics[k] * 100:.2f}%")
+def table(results: list[dict], metrics: dict[str, float]) -> str:
+    """Accuracy by task and by difficulty, in the shape MMAU's evaluation script prints."""
+    lines = []
+    for key, title in (("category", "Task-wise Accuracy:"), ("difficulty", "Difficulty-wise Accuracy:")):
+        names = sorted({r[key] for r in results if r.get(key)})
+        if names:
+            lines += ["*" * 30, title]
+            lines += [f"{n} : {metrics[f'eval/accuracy/{n}'] * 100:.2f}%" for n in names]
     lines += ["*" * 30, f"Total Accuracy: {metrics['eval/accuracy'] * 100:.2f}%", "*" * 30]
     return "\n".join(lines)
