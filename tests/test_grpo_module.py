@@ -36,7 +36,7 @@ def fit_module(cfg):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
     cfg = cfg_factory(*FAST, "trainer.max_steps=2", "algorithm.beta=0.04", "algorithm.validate_at_start=false",
-                      f"model.freeze_audio_encoder={str(freeze).lower()}")
+                      "algorithm.temperature=1.5", f"model.freeze_audio_encoder={str(freeze).lower()}")
     module, dm, trainer = fit_module(cfg)
     module.configure_model()
     clips = {"policy": 0, "ref": 0}
@@ -48,7 +48,11 @@ def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
 
     module.model.model.audio_tower.register_forward_pre_hook(counter("policy"), with_kwargs=True)
     module.ref_model.model.audio_tower.register_forward_pre_hook(counter("ref"), with_kwargs=True)
+    projector = module.model.model.multi_modal_projector.linear.weight.clone()
+    tower = module.model.model.audio_tower.conv1.weight.clone()
     trainer.fit(module, datamodule=dm)
+    assert not torch.equal(projector, module.model.model.multi_modal_projector.linear.weight)
+    assert torch.equal(tower, module.model.model.audio_tower.conv1.weight) == freeze
     prompts = 2 * cfg.data.batch_size  # 2 steps
     # Rollout once per prompt; the loss forward re-encodes once per prompt only when the encoder trains.
     assert clips["policy"] == prompts * (1 if freeze else 2)

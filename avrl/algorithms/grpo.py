@@ -217,7 +217,7 @@ class GRPOModule(AudioLMModule):
     def audio_parameters(self):
         from avrl.models.loading import audio_encoder
 
-        return audio_encoder(self.model if not self.is_peft else self.model.get_base_model()).parameters()
+        return audio_encoder(mm.unwrap(self.model)).parameters()
 
     def _slice_media(self, media: dict, batch: dict, prompts: slice) -> dict:
         """The encoder outputs of a slice of prompts (features are flat, in prompt order)."""

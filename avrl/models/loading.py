@@ -50,6 +50,7 @@ def load_model(cfg: DictConfig, path: str | None = None):
     if getattr(model.config, "hidden_size", None) is None:
         model.config.hidden_size = model.config.get_text_config().hidden_size
     if cfg.freeze_audio_encoder:
+        # Qwen2-Audio's projector into the LM stays trainable; Omni's projection is part of its encoder.
         audio_encoder(model).requires_grad_(False)
     if cfg.get("freeze_vision_encoder", True) and vision_encoder(model) is not None:
         vision_encoder(model).requires_grad_(False)

@@ -34,6 +34,8 @@ def _audio_features(model, family: str, features: torch.Tensor, feature_mask: to
     if family == "qwen2_5_omni":
         return model.model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
     # Qwen2-Audio, as Qwen2AudioModel.forward does it: encode the padded window, keep each clip's valid outputs.
+    # The projector into the LM is applied in `embed`, so that a frozen encoder's outputs can be reused while the
+    # projector trains.
     from transformers.masking_utils import create_bidirectional_mask
 
     tower = model.model.audio_tower
@@ -46,7 +48,6 @@ def _audio_features(model, family: str, features: torch.Tensor, feature_mask: to
         attention_mask=valid.long(),
     )
     hidden = tower(features, attention_mask=attention).last_hidden_state
-    hidden = model.model.multi_modal_projector(hidden)
     keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < out_lengths[:, None]
     return hidden[keep]
 
@@ -60,9 +61,12 @@ def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> tor
         if kind not in media:
             continue
         mask = input_ids == token_id
-        if int(mask.sum()) != media[kind].shape[0]:
-            raise ValueError(f"{int(mask.sum())} {kind} placeholder tokens but {media[kind].shape[0]} {kind} features")
-        embeds = embeds.masked_scatter(mask.unsqueeze(-1), media[kind].to(embeds.dtype))
+        features = media[kind]
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(mask.sum())} {kind} placeholder tokens but {features.shape[0]} {kind} features")
+        if kind == "audio" and hasattr(model.model, "multi_modal_projector"):
+            features = model.model.multi_modal_projector(features)
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
     return embeds
 
 
