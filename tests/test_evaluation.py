@@ -79,3 +79,16 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
     loaded = module.model.state_dict()
     assert all(torch.equal(loaded[k], final[k]) for k in final)
     assert any(not torch.equal(loaded[k], base[k]) for k in base)
+
+
+def test_eval_of_lora_adapters(cfg_factory, tmp_path):
+    from avrl.train import train
+
+    common = ["algorithm=grpo_lora", "data.val_size=2", "data.test_size=3", "algorithm.max_completion_length=10",
+              "logger=none", "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
+    train(cfg_factory(*common, "trainer.max_steps=1", "trainer.val_check_interval=1"))
+    assert (tmp_path / "out/final_model/adapter_config.json").exists()
+    metrics = evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model",
+                                   f"output_dir={tmp_path}/eval"))
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+    assert len(json.loads((tmp_path / "eval/predictions.json").read_text())) == 3

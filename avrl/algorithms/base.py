@@ -131,6 +131,10 @@ class AudioLMModule(L.LightningModule):
         self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict(metrics, sync_dist=True)
 
+    def on_train_start(self) -> None:
+        if self.algo.validate_at_start:
+            self.validate_before_training()
+
     def validate_before_training(self) -> None:
         """val/accuracy at step 0, through the same code as every later validation."""
         loader = self.trainer.datamodule.val_dataloader()

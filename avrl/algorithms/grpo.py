@@ -125,10 +125,6 @@ class GRPOModule(AudioLMModule):
     def ref_context(self):
         return self.model.disable_adapter() if self.is_peft else contextlib.nullcontext()
 
-    def on_train_start(self) -> None:
-        if self.algo.validate_at_start:
-            self.validate_before_training()
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
         G, algo = self.algo.num_generations, self.algo
