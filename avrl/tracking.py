@@ -72,10 +72,6 @@ def log_file(logger, path: str | Path, artifact_path: str | None = None) -> None
         logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
 
-def run_url(logger) -> str:
-    return f"run {logger.run_id} in experiment {logger.experiment_id} at {logger._tracking_uri}"
-
-
 def completions_callback(every_n_steps: int):
     """A callback that logs the module's latest sample completions as an MLflow table every N steps."""
     from lightning.pytorch.callbacks import Callback

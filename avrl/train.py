@@ -83,7 +83,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.experiment.set_tag(logger.run_id, "final_model", str(out / "final_model"))
     print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
     if logger is not None:
-        print(f"MLflow: {tracking.run_url(logger)}\n  view with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}")
+        uri = tracking.redact(cfg.logger.tracking_uri)
+        print(f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"
+              f"  view with: mlflow ui --backend-store-uri {uri}")
     return metrics
 
 
