@@ -65,9 +65,6 @@ class AudioLMModule(L.LightningModule):
         model.eval()
         prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
         rep = mm.repeat_prompts(batch, num_generations)
-        extra = {k: rep[k] for k in ("feature_attention_mask", "image_grid_thw") if k in rep}
-        if self.family != "qwen2_5_omni":
-            extra = {}
         sampling = dict(do_sample=True, temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=0)
         out = model.generate(
             input_ids=rep["input_ids"],
@@ -78,7 +75,7 @@ class AudioLMModule(L.LightningModule):
             pad_token_id=self.processor.tokenizer.pad_token_id,
             use_cache=True,
             **(sampling if sample else dict(do_sample=False)),
-            **extra,
+            **mm.rope_inputs(self.family, rep),
         )
         model.train(was_training)
         ids = out[:, rep["input_ids"].shape[1] :]

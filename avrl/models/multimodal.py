@@ -83,18 +83,22 @@ def forward_logits(model, family: str, input_ids, attention_mask, inputs_embeds,
     """Logits for already-merged embeddings; only the last `keep` positions when keep > 0 (the completion), which
     spares a (batch, prompt length, vocabulary) tensor. `extra` holds the media sizes Omni needs for positions."""
     model = unwrap(model)
-    kwargs = {}
-    if family == "qwen2_5_omni":
-        kwargs = {k: extra[k] for k in ("feature_attention_mask", "image_grid_thw") if k in extra}
     hidden = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,
         position_ids=position_ids(family, attention_mask),
         use_cache=False,
-        **kwargs,
+        **rope_inputs(family, extra),
     ).last_hidden_state
     return model.lm_head(hidden[:, -keep:] if keep else hidden)
+
+
+def rope_inputs(family: str, batch: dict) -> dict:
+    """The media sizes Omni's 3-D rope positions are computed from (Qwen2-Audio needs none)."""
+    if family != "qwen2_5_omni":
+        return {}
+    return {k: batch[k] for k in ("feature_attention_mask", "image_grid_thw") if k in batch}
 
 
 def repeat_prompts(batch: dict, repeats: int) -> dict:
