@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import flatten
@@ -32,6 +33,54 @@ def hydra_choices() -> dict[str, str]:
     return {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) not in (None, "null")}
 
 
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: at the start of a multirun, create the sweep's parent MLflow run (and so the store and the
+    experiment, once, before jobs could race on a fresh SQLite file); each job reads its id from the sweep folder
+    and becomes a nested child (tag mlflow.parentRunId). At the end the parent is marked finished."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.logger.enabled:
+            return
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(config.logger.tracking_uri)
+        name = config.logger.experiment_name
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            name, artifact_location=config.logger.artifact_location)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = client.create_run(experiment_id, run_name=config.run_name or f"sweep {overrides}".strip(),
+                                tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir)})
+        folder = Path(config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
+        if config.logger.enabled and path.exists():
+            import mlflow
+
+            mlflow.tracking.MlflowClient(config.logger.tracking_uri).set_terminated(path.read_text().strip())
+
+
+def parent_run_id() -> str | None:
+    """The sweep's parent run, when this job is part of a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    path = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
 def make_logger(cfg: DictConfig):
     """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off."""
     if not cfg.logger.enabled:
@@ -42,6 +91,9 @@ def make_logger(cfg: DictConfig):
     tags.update(hydra_choices())
     tags["task"] = cfg.task
     tags["output_dir"] = str(cfg.output_dir)
+    parent = parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         tracking_uri=cfg.logger.tracking_uri,

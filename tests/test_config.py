@@ -70,3 +70,15 @@ def test_cli_prints_composed_config(args):
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert {"model", "algorithm", "prompt", "data", "trainer", "logger", "task", "seed", "ckpt_path"} <= set(printed)
+
+
+@pytest.mark.parametrize("sweep,params", [
+    ("rl_vs_sft", {"algorithm": "grpo,sft,lora"}),
+    ("think_ablation", {"prompt": "no_think,think"}),
+    ("reward_weights", {"reward.weights.accuracy": "1.0,2.0", "reward.weights.format": "0.0,0.5,1.0"}),
+])
+def test_sweep_presets_set_the_grid(sweep, params):
+    out = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", f"sweep={sweep}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["hydra"]["sweeper"]["params"] == params

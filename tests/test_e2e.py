@@ -48,3 +48,24 @@ def test_sft_and_omni_run_through_the_cli(tmp_path):
     client, run = only_run(tmp_path)
     assert run.data.tags["algorithm"] == "sft" and run.data.tags["model"] == "tiny_qwen2_5_omni"
     assert "train/loss" in run.data.metrics and "val/accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "run.py", "-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "trainer.max_steps=2",
+         "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=10",
+         "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["algorithm"] for c in children) == ["grpo", "sft"]
+    assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
+    assert parents[0].info.status == "FINISHED"
