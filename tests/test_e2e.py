@@ -69,3 +69,67 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
     assert sorted(c.data.tags["algorithm"] for c in children) == ["grpo", "sft"]
     assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
     assert parents[0].info.status == "FINISHED"
+
+    # The ablation report: one row per child with the children's own numbers, and valid PNG plots.
+    report = subprocess.run([sys.executable, "-m", "avrl.report", str(tmp_path / "sweep")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = [line for line in (tmp_path / "sweep/report.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2
+    for child in children:
+        (row,) = [r for r in rows if r.startswith(f"| {child.info.run_name} |")]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == child.data.tags["algorithm"] and cells[2] == "no_think"
+        assert cells[-1] == f"{100 * child.data.metrics['val/accuracy']:.2f}"
+        assert cells[3] == f"{100 * child.data.metrics['val/accuracy/pitch']:.2f}"
+    from PIL import Image
+
+    for name in ("accuracy_reward.png", "format_reward.png", "completion_length.png"):
+        with Image.open(tmp_path / "sweep" / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert "report/report.md" in artifacts and "report/accuracy_reward.png" in artifacts
+
+
+@pytest.mark.slow
+def test_sweep_against_a_real_mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store; the runs are read back over REST."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # bounded wait for the server to answer
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1")
+        out = subprocess.run(
+            [sys.executable, "run.py", "-m", "algorithm=grpo,sft", "trainer.max_steps=1",
+             "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2",
+             "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
+             f"hydra.sweep.dir={tmp_path}/sweep"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        client = mlflow.tracking.MlflowClient(uri)  # REST
+        runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(runs) == 3 and len(children) == 2
+        assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"config.yaml"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
