@@ -86,8 +86,14 @@ def test_eval_of_lora_adapters(cfg_factory, tmp_path):
 
     common = ["algorithm=grpo_lora", "data.val_size=2", "data.test_size=3", "algorithm.max_completion_length=10",
               "logger=none", "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
-    train(cfg_factory(*common, "trainer.max_steps=1", "trainer.val_check_interval=1"))
+    train(cfg_factory(*common, "trainer.max_steps=1", "trainer.val_check_interval=1",
+                      "algorithm.lora.merge_on_save=true"))
     assert (tmp_path / "out/final_model/adapter_config.json").exists()
+    from avrl.models import load_model
+    from tests.conftest import compose
+
+    merged = load_model(compose().model, path=str(tmp_path / "out/final_model_merged"))  # a plain checkpoint
+    assert not any("lora_" in k for k in merged.state_dict())
     metrics = evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model",
                                    f"output_dir={tmp_path}/eval"))
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0

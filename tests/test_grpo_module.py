@@ -93,6 +93,11 @@ def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
     assert any("lm_head" in k for k in changed) and any("audio_tower" in k for k in changed)
 
 
+def test_rejects_groups_of_one(cfg_factory):
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        fit_module(cfg_factory("algorithm.num_generations=1"))
+
+
 def test_no_reference_model_when_beta_is_zero(cfg_factory):
     cfg = cfg_factory(*FAST, "algorithm.beta=0")
     module, _, _ = fit_module(cfg)

@@ -98,6 +98,9 @@ class GRPOModule(AudioLMModule):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.algo.num_generations < 2:
+            raise ValueError(f"algorithm.num_generations must be >= 2 (a group needs a spread), got "
+                             f"{self.algo.num_generations}")
         self.automatic_optimization = False
         # Held in a list so that it is not a registered submodule: the frozen reference never enters checkpoints.
         self._ref: list = [None]
