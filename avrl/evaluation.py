@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module.eval()
 
     samples = int(cfg.eval.num_samples)
-    rows, per_sample_accuracy = [], [[] for _ in range(samples)]
+    rows, results, per_sample_accuracy = [], [], [[] for _ in range(samples)]
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
             media = module.encode(batch)
@@ -81,10 +81,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 record.update(model_output=predicted_text(prompt, raw, item.choices), model_raw_output=raw)
                 if samples > 1:
                     record["model_raw_outputs"] = [t[i] for t in texts]
-                rows.append((record, item, raw))
+                rows.append(record)
+                results.append({"category": item.category, "difficulty": item.difficulty,
+                                "correct": per_sample_accuracy[0][-1], "format": float("nan")})
 
-    results = [{"category": it.category, "difficulty": it.difficulty, "correct": float(is_correct(raw, it, prompt)),
-                "format": float("nan")} for _, it, raw in rows]
     metrics = accuracy_metrics(results, "eval")
     metrics.pop("eval/format", None)
     if samples > 1:
@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics["eval/accuracy_mean"] = statistics.mean(means)
         metrics["eval/accuracy_std"] = statistics.stdev(means)
     path = out / "predictions.json"
-    path.write_text(json.dumps([r for r, _, _ in rows], indent=2, ensure_ascii=False))
+    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)

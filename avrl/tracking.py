@@ -3,7 +3,6 @@ and as an artifact, sample completions as tables."""
 
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 from pathlib import Path
@@ -13,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import flatten
 
-log = logging.getLogger(__name__)
 TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")
 _SECRET_IN_URI = re.compile(r"(//[^:/@]+:)[^@]+@")
 
@@ -23,13 +21,18 @@ def redact(value: object) -> object:
     return _SECRET_IN_URI.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
-def hydra_choices() -> dict[str, str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
+def _hydra_config():
+    """The running job's Hydra config; None when not under @hydra.main (tests that compose configs)."""
+    from hydra.core.hydra_config import HydraConfig
 
-        choices = HydraConfig.get().runtime.choices
-    except (ImportError, ValueError):  # not under @hydra.main (tests that compose configs)
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def hydra_choices() -> dict[str, str]:
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
         return {}
+    choices = hydra_cfg.runtime.choices
     return {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) not in (None, "null")}
 
 
@@ -68,14 +71,10 @@ class SweepParentRun(Callback):
 
 def parent_run_id() -> str | None:
     """The sweep's parent run, when this job is part of a multirun."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.types import RunMode
 
-        hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     path = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
     return path.read_text().strip() if path.exists() else None
@@ -105,8 +104,7 @@ def make_logger(cfg: DictConfig):
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        text = OmegaConf.to_yaml(cfg, resolve=True)
-        path.write_text(_SECRET_IN_URI.sub(r"\1***@", text))
+        path.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
 
@@ -114,8 +112,10 @@ def make_logger(cfg: DictConfig):
 def log_table(logger, rows: list[dict], artifact_file: str) -> None:
     if logger is None or not rows:
         return
-    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-    columns = {k: [v if isinstance(v, (int, float, str)) or v is None else str(v) for v in vs] for k, vs in columns.items()}
+    def cell(value):  # MLflow tables take scalars; lists (choices) are written as text
+        return value if value is None or isinstance(value, (int, float, str)) else str(value)
+
+    columns = {key: [cell(row.get(key)) for row in rows] for key in rows[0]}
     logger.experiment.log_table(logger.run_id, data=columns, artifact_file=artifact_file)
 
 
