@@ -18,8 +18,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = evaluate(cfg)
     else:
         raise ValueError(f"task must be 'train' or 'eval', got {cfg.task!r}")
-    # The value an Optuna sweep maximises.
-    return metrics.get(cfg.get("objective", "val/accuracy"))
+    # The value an Optuna sweep optimises (None when the run logged no such metric: the trial then fails).
+    return metrics.get(cfg.objective)
 
 
 if __name__ == "__main__":

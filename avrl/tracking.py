@@ -47,37 +47,103 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.logger.enabled:
             return
-        import mlflow
-
-        client = mlflow.tracking.MlflowClient(config.logger.tracking_uri)
+        client = _client(config.logger.tracking_uri)
         name = config.logger.experiment_name
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
             name, artifact_location=config.logger.artifact_location)
-        overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(experiment_id, run_name=config.run_name or f"sweep {overrides}".strip(),
-                                tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir)})
+        study = study_tags(config)
+        run = _find_study_run(client, experiment_id, study) if study else None
+        if run is not None:  # a resumed Optuna study keeps its parent run
+            client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            overrides = " ".join(config.hydra.overrides.task)
+            default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
+            run = client.create_run(experiment_id, run_name=config.run_name or default_name,
+                                    tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {})})
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
-        if config.logger.enabled and path.exists():
-            import mlflow
-
-            mlflow.tracking.MlflowClient(config.logger.tracking_uri).set_terminated(path.read_text().strip())
+        end_sweep_run(config, "FINISHED")
 
 
-def parent_run_id() -> str | None:
-    """The sweep's parent run, when this job is part of a multirun."""
+def end_sweep_run(config: DictConfig, status: str) -> None:
+    """Close the sweep's parent run (FINISHED, or FAILED when a job failed)."""
+    parent = parent_run_id(config.hydra.sweep.dir)
+    if config.logger.enabled and parent:
+        _client(config.logger.tracking_uri).set_terminated(parent, status)
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(tracking_uri)
+
+
+def study_tags(config: DictConfig) -> dict[str, str] | None:
+    """The tags that name an Optuna study's parent run (None for sweeps that are not Optuna studies)."""
+    sweeper = config.hydra.sweeper
+    if "study_name" not in sweeper:
+        return None
+    return {"optuna_study": str(sweeper.study_name), "optuna_storage": str(redact(sweeper.storage))}
+
+
+def _find_study_run(client, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def parent_run_id(sweep_dir: str | Path | None = None) -> str | None:
+    """The sweep's parent run, when this job is part of a multirun (or of the sweep in `sweep_dir`)."""
     from hydra.types import RunMode
 
-    hydra_cfg = _hydra_config()
-    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    path = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
+    if sweep_dir is None:
+        hydra_cfg = _hydra_config()
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        sweep_dir = hydra_cfg.sweep.dir
+    path = Path(sweep_dir) / PARENT_RUN_FILE
     return path.read_text().strip() if path.exists() else None
+
+
+def record_failure(logger, error: BaseException) -> None:
+    """Mark the job's run FAILED (KILLED on Ctrl-C) with the traceback as the artifact error.txt."""
+    import traceback
+
+    if logger is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "error.txt"
+        path.write_text(redact("".join(traceback.format_exception(error))))
+        logger.experiment.log_artifact(logger.run_id, str(path))
+    logger.experiment.set_tag(logger.run_id, "error", redact(f"{type(error).__name__}: {error}")[:5000])
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    logger.experiment.set_terminated(logger.run_id, status)
+
+
+def mark_trial(tracking_uri: str, run_id: str, state: str, reason: str = "") -> None:
+    """The Optuna trial's final state on its MLflow run: tag optuna_state; a pruned run is KILLED, a failed
+    one FAILED (a NaN objective fails a run that itself finished)."""
+    client = _client(tracking_uri)
+    client.set_tag(run_id, "optuna_state", state)
+    if reason:
+        client.set_tag(run_id, "optuna_reason", redact(reason)[:5000])
+    if state in ("PRUNED", "FAIL"):
+        client.set_terminated(run_id, "KILLED" if state == "PRUNED" else "FAILED")
+
+
+def log_best_trial(tracking_uri: str, parent_id: str, metric: str, best) -> None:
+    """The best trial so far on the study's parent run: its value as the metric `best/<metric>`, its number and
+    params as tags `best_trial` and `best/<param>` (tags, not params: a resumed study can change its best)."""
+    client = _client(tracking_uri)
+    client.log_metric(parent_id, f"best/{metric}", best.value, step=best.number)
+    client.set_tag(parent_id, "best_trial", str(best.number))
+    for key, value in best.params.items():
+        client.set_tag(parent_id, f"best/{key}", str(value))
 
 
 def make_logger(cfg: DictConfig):
@@ -96,7 +162,7 @@ def make_logger(cfg: DictConfig):
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         tracking_uri=cfg.logger.tracking_uri,
-        run_name=cfg.run_name or f"{tags['algorithm']}-{tags['prompt']}-{tags['model']}",
+        run_name=cfg.run_name or _default_run_name(cfg, tags),
         tags=tags,
         artifact_location=cfg.logger.artifact_location,
     )
@@ -107,6 +173,11 @@ def make_logger(cfg: DictConfig):
         path.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
+
+
+def _default_run_name(cfg: DictConfig, tags: dict) -> str:
+    name = f"{tags['algorithm']}-{tags['prompt']}-{tags['model']}"
+    return f"trial-{cfg.trial}-{name}" if cfg.get("trial") is not None else name
 
 
 def log_table(logger, rows: list[dict], artifact_file: str) -> None:

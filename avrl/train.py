@@ -6,12 +6,13 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import optuna
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import tracking
+from avrl import search, tracking
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
@@ -38,7 +39,7 @@ def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
     )
 
 
-def build_trainer(cfg: DictConfig, logger) -> L.Trainer:
+def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     out = Path(cfg.output_dir)
     callbacks = [
         ModelCheckpoint(
@@ -46,6 +47,7 @@ def build_trainer(cfg: DictConfig, logger) -> L.Trainer:
             filename="best-step{step}", auto_insert_metric_name=False,
         ),
         tracking.completions_callback(cfg.algorithm.get("log_completions_every_n_steps", 0)),
+        *extra_callbacks,
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
@@ -54,10 +56,23 @@ def build_trainer(cfg: DictConfig, logger) -> L.Trainer:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as configured; returns the last validation's val/* metrics. Any failure after the MLflow run exists
+    marks it FAILED with the traceback as an artifact, then propagates (a non-zero exit, a FAILED sweep job)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    logger = tracking.make_logger(cfg)
+    try:
+        return _train(cfg, out, logger)
+    except optuna.TrialPruned:
+        raise  # not a failure: the run finished cleanly and the sweeper records the trial as pruned
+    except BaseException as error:
+        tracking.record_failure(logger, error)
+        raise
+
+
+def _train(cfg: DictConfig, out: Path, logger) -> dict[str, float]:
     processor = load_processor(cfg.model)
     prompt = prompt_spec(cfg)
 
@@ -65,14 +80,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
     datamodule.setup()
     datamodule.write_skipped(out)
-
-    logger = tracking.make_logger(cfg)
     if logger is not None and datamodule.skipped:
         logger.log_metrics({"data/skipped": len(datamodule.skipped)}, step=0)
         tracking.log_file(logger, out / "skipped_items.json")
+
+    trial = search.job_trial(cfg.get("trial"))  # set when the Optuna sweeper launched this job
+    pruning = [search.pruning_callback(trial, cfg.objective)] if trial else []
+    if trial and logger is not None:
+        trial.set_user_attr("mlflow_run_id", logger.run_id)
+
     module = build_module(cfg, processor, prompt)
-    trainer = build_trainer(cfg, logger)
+    trainer = build_trainer(cfg, logger, pruning)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if pruning and pruning[0].pruned_at is not None:
+        raise optuna.TrialPruned(f"pruned at step {pruning[0].pruned_at}")
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.save_final_model and trainer.is_global_zero:

@@ -1,0 +1,51 @@
+"""`hydra/sweeper=avrl_basic` (the default in conf/config.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+
+from avrl import sweep, tracking
+
+
+class AvrlBasicSweeper(BasicSweeper):
+    """Hydra's cartesian-product sweeper. Overrides that do not compose (an unknown option) still stop the sweep
+    before any job starts; a job that raises is recorded and the others run. At the end: a summary (printed and
+    in sweep_summary.json), the parent MLflow run closed (FAILED if any job failed), and `SweepFailed` (exit 1)."""
+
+    def sweep(self, arguments: list[str]) -> Any:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)),
+                                              self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        returns, rows = [], []
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=len(rows))
+            for ret in results:
+                failed = ret.status != JobStatus.COMPLETED
+                rows.append(sweep.job_row(len(rows), ret.status.name, ret.overrides or [],
+                                          None if failed else _number(ret.return_value),
+                                          ret._return_value if failed else None))
+            returns.append(results)
+
+        sweep.write_summary(sweep_dir, rows, self.config.objective)
+        failed = [r for r in rows if r["status"] != "COMPLETED"]
+        if failed:
+            tracking.end_sweep_run(self.config, "FAILED")
+            raise sweep.SweepFailed(f"{len(failed)} of {len(rows)} jobs failed (jobs "
+                                    f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / sweep.SUMMARY_FILE}")
+        return returns
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
