@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "sweep_summary.json"
 
 
-class SweepFailed(RuntimeError):
-    """Raised after every job of a sweep has run when some of them failed (Hydra then exits with status 1)."""
+class SweepFailed(SystemExit):
+    """Raised after every job of a sweep has run when some of them failed: the message goes to stderr and the
+    process exits with status 1, without a traceback of the sweeper (the jobs' own errors are in their logs)."""
 
 
 def job_row(job: int, status: str, overrides: list[str], value=None, error: BaseException | str | None = None,

@@ -1,5 +1,6 @@
 """End-to-end runs of the CLI, as a user runs them (slow: minutes)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -133,3 +134,30 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
+    """One cell of a multirun raises (a loss type GRPO does not know): the other job still completes, the failed
+    job's MLflow run is FAILED with the traceback as error.txt, the sweep prints a summary and exits non-zero."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "run.py", "-m", "algorithm.loss_type=no_such_loss,grpo", "trainer.max_steps=1",
+         "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2", "algorithm.max_completion_length=8",
+         "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 of 2 jobs failed" in out.stderr
+    summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["FAILED", "COMPLETED"]
+    assert "no_such_loss" in summary["jobs"][0]["error"] and summary["jobs"][1]["value"] is not None
+    assert "sweep summary: 1 of 2 jobs completed" in out.stdout
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    by_loss = {r.data.params.get("algorithm.loss_type"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert by_loss["no_such_loss"].info.status == "FAILED" and by_loss["grpo"].info.status == "FINISHED"
+    assert "error.txt" in {a.path for a in client.list_artifacts(by_loss["no_such_loss"].info.run_id)}
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert parent.info.status == "FAILED"

@@ -1,0 +1,168 @@
+"""The Optuna search: search space from Hydra's sweep syntax, trial outcomes, seeding on resume (fast), and a real
+study through the CLI (slow): pruning, a crashing trial, resume, MLflow parent and children."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from avrl import search
+from tests.conftest import ROOT
+
+
+def test_sweep_syntax_maps_to_optuna_distributions():
+    space, fixed = search.search_space(
+        {"optim.lr": "tag(log, interval(1e-5, 1e-2))", "algorithm.beta": "interval(0, 0.1)",
+         "algorithm.num_generations": "choice(2, 4, 8)", "prompt": "no_think,think",
+         "data.batch_size": "range(4, 17, 4)", "algorithm.max_completion_length": "int(interval(8, 64))"},
+        ["seed=3", "algorithm.beta=interval(0.01, 0.05)"],
+    )
+    assert space["optim.lr"] == FloatDistribution(1e-5, 1e-2, log=True)
+    assert space["algorithm.beta"] == FloatDistribution(0.01, 0.05)  # the command line wins over the preset
+    assert space["algorithm.num_generations"] == CategoricalDistribution([2, 4, 8])
+    assert space["prompt"] == CategoricalDistribution(["no_think", "think"])
+    assert space["data.batch_size"] == IntDistribution(4, 16, step=4)  # range's stop is excluded, as in Python
+    assert space["algorithm.max_completion_length"] == IntDistribution(8, 64)
+    assert fixed == ["seed=3"]
+
+
+def test_a_fixed_command_line_value_replaces_a_searched_one():
+    space, fixed = search.search_space({"optim.lr": "interval(1e-5, 1e-2)"}, ["optim.lr=0.001"])
+    assert space == {} and fixed == ["optim.lr=0.001"]
+
+
+@pytest.mark.parametrize("value", [0.000123, 3, "think", "a b,c", True, None, "sqlite:///x.db"])
+def test_trial_values_round_trip_through_hydras_override_parser(value):
+    (override,) = OverridesParser.create().parse_overrides([search.as_override("k", value)])
+    assert override.value() == value and not override.is_sweep_override()
+
+
+@pytest.mark.parametrize("value, error, state", [
+    (0.5, None, TrialState.COMPLETE),
+    (float("nan"), None, TrialState.FAIL),
+    (float("inf"), None, TrialState.FAIL),
+    (None, None, TrialState.FAIL),  # the objective metric was never logged
+    (None, ValueError("bad"), TrialState.FAIL),
+    (None, optuna.TrialPruned("pruned at step 2"), TrialState.PRUNED),
+])
+def test_job_outcomes_become_trial_states(value, error, state):
+    got, number, reason = search.outcome(value, error)
+    assert got == state
+    assert (number == value) if state == TrialState.COMPLETE else number is None
+    assert bool(reason) == (state != TrialState.COMPLETE)
+
+
+def test_a_resumed_study_does_not_replay_its_random_trials():
+    cfg = {"_target_": "optuna.samplers.RandomSampler", "seed": 7}
+    space = {"x": FloatDistribution(0, 1)}
+
+    def draws(trials_so_far, n=3):
+        study = optuna.create_study(sampler=search.make_sampler(cfg, trials_so_far))
+        return [study.ask(space).params["x"] for _ in range(n)]
+
+    assert draws(0) == draws(0)  # seeded: reproducible
+    assert not set(draws(0)) & set(draws(3))  # a resume after 3 trials draws new points
+
+
+def test_the_grpo_search_preset_composes_into_a_search_space(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["search=grpo_optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.storage == "sqlite:///optuna.db"
+    assert sweeper.study_name == "grpo_tiny_qwen2_audio_synthetic"
+    space, _ = search.search_space(OmegaConf.to_container(sweeper.params), [])
+    assert space["optim.lr"].log and set(space) >= {"optim.lr", "algorithm.beta", "algorithm.num_generations"}
+    assert isinstance(search.make_pruner(sweeper.pruner), optuna.pruners.MedianPruner)
+
+
+STUDY = """# @package _global_
+defaults:
+  - override /hydra/sweeper: avrl_optuna
+  - override /hydra/sweeper/pruner: none
+hydra:
+  sweeper:
+    study_name: test
+    storage: sqlite:///{tmp}/optuna.db
+    n_trials: 4
+    pruner: {{_target_: optuna.pruners.ThresholdPruner, lower: 0.05}}
+    params:
+      algorithm.max_completion_length: choice(1, 10)
+      algorithm.loss_type: choice(grpo, no_such_loss)
+      optim.lr: tag(log, interval(1e-5, 1e-4))
+    enqueue_trials:
+      - {{algorithm.max_completion_length: 10, algorithm.loss_type: grpo, optim.lr: 1e-5}}
+      # one token cannot hold <answer>...</answer>: accuracy 0 at the first validation, below the threshold
+      - {{algorithm.max_completion_length: 1, algorithm.loss_type: grpo, optim.lr: 1e-5}}
+      # a bad value in one trial: GRPO raises at its first step
+      - {{algorithm.max_completion_length: 10, algorithm.loss_type: no_such_loss, optim.lr: 1e-5}}
+      - {{algorithm.max_completion_length: 10, algorithm.loss_type: grpo, optim.lr: 2e-5}}
+"""
+
+
+def run_study(tmp_path, *overrides):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "run.py", "-m", "search=test_study", f"hydra.searchpath=[file://{tmp_path}/conf]",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=8", "data.batch_size=2",
+         "algorithm.num_generations=2", "trainer.enable_progress_bar=false", "save_final_model=false", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
+    (tmp_path / "conf/search").mkdir(parents=True)
+    (tmp_path / "conf/search/test_study.yaml").write_text(STUDY.format(tmp=tmp_path))
+    out = run_study(tmp_path, f"hydra.sweep.dir={tmp_path}/first")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].intermediate_values == {2: 0.0}  # reported at the validation of step 2, then stopped
+    assert "no_such_loss" in study.trials[2].user_attrs["reason"]
+    assert all(0 <= t.value <= 1 for t in study.trials if t.state == TrialState.COMPLETE)
+    summary = json.loads((tmp_path / "first/sweep_summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == [s.name for s in states]
+
+    # MLflow: one parent for the study, one child per trial, the trial's number as a param and its state as a tag.
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("optuna_study") == "test"]
+    children = {int(r.data.params["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == [0, 1, 2, 3] and len(runs) == 5
+    for trial in study.trials:
+        child = children[trial.number]
+        assert child.data.tags["optuna_state"] == trial.state.name
+        assert child.data.params["algorithm.loss_type"] == trial.params["algorithm.loss_type"]
+        assert math.isclose(float(child.data.params["optim.lr"]), trial.params["optim.lr"])
+        assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[trial.state.name]
+    assert "error.txt" in {a.path for a in client.list_artifacts(children[2].info.run_id)}
+    best = study.best_trial
+    assert parent.data.metrics["best/val/accuracy"] == best.value
+    assert parent.data.tags["best_trial"] == str(best.number)
+
+    # The same command with a larger n_trials resumes: two new trials, the first four kept, no parameters replayed.
+    out = run_study(tmp_path, f"hydra.sweep.dir={tmp_path}/second", "hydra.sweeper.n_trials=6",
+                    "algorithm.loss_type=grpo")  # a fixed value on the command line takes it out of the search
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.trials) == 6 and [t.state for t in study.trials[:4]] == states
+    old, new = [t.params["optim.lr"] for t in study.trials[:4]], [t.params["optim.lr"] for t in study.trials[4:]]
+    assert len(set(new)) == 2 and not set(new) & set(old)
+    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    assert len([r for r in runs if r.data.tags.get("optuna_study") == "test"]) == 1  # still one parent
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6
