@@ -146,11 +146,20 @@ def log_best_trial(tracking_uri: str, parent_id: str, metric: str, best) -> None
         client.set_tag(parent_id, f"best/{key}", str(value))
 
 
-def make_logger(cfg: DictConfig):
-    """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off."""
+def make_logger(cfg: DictConfig, run_id: str | None = None):
+    """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off.
+    With `run_id` (a resumed run) it continues that run: params and config were logged by the first attempt."""
     if not cfg.logger.enabled:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
+
+    check_reachable(cfg.logger.tracking_uri)
+    if run_id is not None:
+        logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
+                              run_id=run_id)
+        logger.experiment.update_run(run_id, status="RUNNING")
+        logger.experiment.set_tag(run_id, "resumed_from", str(cfg.ckpt_path))
+        return logger
 
     tags = {g: cfg[g].get("name", "") for g in ("algorithm", "model", "prompt", "data", "reward") if g in cfg}
     tags.update(hydra_choices())
@@ -178,6 +187,26 @@ def make_logger(cfg: DictConfig):
 def _default_run_name(cfg: DictConfig, tags: dict) -> str:
     name = f"{tags['algorithm']}-{tags['prompt']}-{tags['model']}"
     return f"trial-{cfg.trial}-{name}" if cfg.get("trial") is not None else name
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an MLflow server does not answer (MLflow's own client would retry for
+    minutes, after the model has loaded). Local stores (sqlite, file) need no check."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = re.sub(r"//[^/@]*@", "//", tracking_uri.rstrip("/"))  # credentials are not needed to see the host
+    try:
+        urllib.request.urlopen(url + "/health", timeout=timeout)
+    except urllib.error.HTTPError:
+        pass  # it answered (with an error status, e.g. 401 or 404): it is reachable
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason}). Start it, point "
+            f"MLFLOW_TRACKING_URI / logger.tracking_uri elsewhere, or run with logger=none.") from None
 
 
 def log_table(logger, rows: list[dict], artifact_file: str) -> None:

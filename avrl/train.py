@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import search, tracking
+from avrl import resume, search, tracking
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
@@ -42,17 +42,24 @@ def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
 def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     out = Path(cfg.output_dir)
     callbacks = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # the best by val/accuracy (and last.ckpt at each validation)
             dirpath=out / "checkpoints", monitor="val/accuracy", mode="max", save_top_k=1, save_last=True,
-            filename="best-step{step}", auto_insert_metric_name=False,
+            filename="best-step{step}", auto_insert_metric_name=False, enable_version_counter=False,
         ),
+        ModelCheckpoint(  # last.ckpt every N steps: the full training state to resume from (ckpt_path=last)
+            dirpath=out / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
+            enable_version_counter=False,
+        ),
+        resume.ResumeState(),
         tracking.completions_callback(cfg.algorithm.get("log_completions_every_n_steps", 0)),
         *extra_callbacks,
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
         trainer_args["strategy"] = instantiate(trainer_args["strategy"])
-    return L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks, default_root_dir=out)
+    # The datamodule's EpochSampler splits the data over ranks itself (so that resume is exact under DDP too).
+    return L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks, default_root_dir=out,
+                     use_distributed_sampler=False)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -62,9 +69,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logger = tracking.make_logger(cfg)
+    ckpt_path = resume.resolve_ckpt_path(cfg.ckpt_path, out)
+    # A resumed run logs into the MLflow run of its output folder; a fresh run records its run there.
+    run_id = resume.resumed_run_id(out) if ckpt_path else None
+    logger = tracking.make_logger(cfg, run_id=run_id)
+    if logger is not None and run_id is None:
+        resume.save_run_info(out, logger.run_id)
     try:
-        return _train(cfg, out, logger)
+        return _train(cfg, out, logger, ckpt_path)
     except optuna.TrialPruned:
         raise  # not a failure: the run finished cleanly and the sweeper records the trial as pruned
     except BaseException as error:
@@ -72,12 +84,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
 
 
-def _train(cfg: DictConfig, out: Path, logger) -> dict[str, float]:
+def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[str, float]:
     processor = load_processor(cfg.model)
     prompt = prompt_spec(cfg)
 
     # Data first: a bad file stops the run before any model is loaded.
-    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"), shuffle_seed=cfg.seed)
     datamodule.setup()
     datamodule.write_skipped(out)
     if logger is not None and datamodule.skipped:
@@ -91,7 +103,8 @@ def _train(cfg: DictConfig, out: Path, logger) -> dict[str, float]:
 
     module = build_module(cfg, processor, prompt)
     trainer = build_trainer(cfg, logger, pruning)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:
         raise optuna.TrialPruned(f"pruned at step {pruning[0].pruned_at}")
 

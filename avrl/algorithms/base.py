@@ -41,6 +41,7 @@ class AudioLMModule(L.LightningModule):
         self.reward_weights = reward_weights or {}
         self.model = model  # loaded lazily in configure_model unless given (tests pass a model in)
         self._val_results: list[dict] = []
+        self.skipped_steps, self.nonfinite_in_row = 0, 0
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -129,7 +130,7 @@ class AudioLMModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True)
 
     def on_train_start(self) -> None:
-        if self.algo.validate_at_start:
+        if self.algo.validate_at_start and self.global_step == 0:  # not again when resuming
             self.validate_before_training()
 
     def validate_before_training(self) -> None:
@@ -148,6 +149,34 @@ class AudioLMModule(L.LightningModule):
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------------------ optimizer
+    def gradients_are_finite(self, loss: torch.Tensor | None = None) -> bool:
+        """Whether the update may go ahead. If the loss or any gradient is NaN/inf, the gradients are dropped
+        (set to None: the optimizer then leaves every weight and moment as it was), the skip is counted in
+        `train/skipped_steps`, and `optim.max_skipped_in_row` skips in a row stop the run."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        checks = [g.isfinite().all() for g in grads] + ([loss.isfinite().all()] if loss is not None else [])
+        if not checks or bool(torch.stack(checks).all()):
+            self.nonfinite_in_row = 0
+            return True
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        limit = self.optim.get("max_skipped_in_row", 10)
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                    self.global_step, self.nonfinite_in_row, self.skipped_steps)
+        if self.nonfinite_in_row >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_row} updates in a row had a non-finite loss or gradient (at step "
+                f"{self.global_step}); stopping. Lower optim.lr, check the data, or raise optim.max_skipped_in_row.")
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["avrl_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("avrl_skipped_steps", 0)
+
     def configure_optimizers(self):
         from transformers import get_scheduler
 

@@ -181,9 +181,11 @@ class GRPOModule(AudioLMModule):
                 metrics["loss"] = loss.detach() * weight
                 metrics["entropy"] = (entropy * mask[s]).sum() / mask[s].sum().clamp(min=1)
                 stats.append((weight, metrics))
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
-            scheduler.step()
+            if self.gradients_are_finite(sum(m["loss"] for _, m in stats)):
+                self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm,
+                                    gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
 
         # 5. Metrics under TRL's names.
         lengths = mask.sum(1).float()
@@ -197,6 +199,7 @@ class GRPOModule(AudioLMModule):
             "train/completions/clipped_ratio": truncated.float().mean(),
             "train/learning_rate": torch.tensor(scheduler.get_last_lr()[0]),
             "train/step_time": torch.tensor(time.perf_counter() - start),
+            "train/skipped_steps": torch.tensor(self.skipped_steps),
         }
         for key in ("clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy"):
             if key in stats[0][1]:

@@ -36,7 +36,11 @@ class SFTModule(AudioLMModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.sft_loss(batch)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.gradients_are_finite()  # a NaN loss gives NaN gradients: checking the gradients covers both
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # One place for the clipping norm (optim.max_grad_norm), as in GRPO's manual step.

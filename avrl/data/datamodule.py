@@ -16,6 +16,7 @@ from avrl.data.readers import READERS
 from avrl.data.synthetic import SyntheticAudioQA
 from avrl.models.processing import AudioTextProcessor
 from avrl.prompts import PromptSpec, render_question
+from avrl.resume import EpochSampler
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -71,8 +72,10 @@ class PromptCollator:
 
 
 class AudioQADataModule(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS):
+    def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS,
+                 shuffle_seed: int = 0):
         super().__init__()
+        self.shuffle_seed = shuffle_seed
         self.cfg, self.collate = cfg, PromptCollator(processor, prompt, cfg.max_audio_seconds)
         self.splits = splits
         self.datasets: dict[str, Dataset] = {}
@@ -93,17 +96,23 @@ class AudioQADataModule(L.LightningDataModule):
         path.write_text(json.dumps(self.skipped, indent=2))
         return path
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-            num_workers=self.cfg.num_workers, drop_last=shuffle, persistent_workers=self.cfg.num_workers > 0,
+            self.datasets[split], batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+            num_workers=self.cfg.num_workers, drop_last=sampler is not None,
+            persistent_workers=self.cfg.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.cfg.batch_size, shuffle=True)
+        """Shuffled by an EpochSampler (seeded by the run's seed, split over ranks): its position can be restored
+        exactly on resume (avrl/resume.py)."""
+        trainer = self.trainer
+        sampler = EpochSampler(len(self.datasets["train"]), self.cfg.batch_size, self.shuffle_seed,
+                               rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+        return self._loader("train", self.cfg.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.cfg.eval_batch_size, shuffle=False)
+        return self._loader("val", self.cfg.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.cfg.eval_batch_size, shuffle=False)
+        return self._loader("test", self.cfg.eval_batch_size)

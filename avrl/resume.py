@@ -1,0 +1,129 @@
+"""Exact resume: what a Lightning checkpoint does not hold by itself.
+
+Lightning saves the weights, the optimizer, the scheduler and its loop counters. A run killed mid-epoch and resumed
+reaches the same weights as an uninterrupted one only if it also gets back
+- the data position: the shuffled order of the epoch and how many batches of it were used (`EpochSampler`), and
+- every random generator (Python, NumPy, torch CPU and CUDA; torch's is the one GRPO samples completions with),
+  as they were when the checkpoint was taken.
+`ResumeState` is the callback that saves both in the checkpoint and puts them back before the first resumed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import Sampler
+
+
+def rng_state() -> dict:
+    """Every global generator's state, as tensors and plain numbers: checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order per epoch that depends only on (seed, epoch), not on any global generator, split evenly
+    over the ranks of a distributed run (rank r takes every world-th index), and able to start an epoch after its
+    first `skip_batches` batches (set on resume). It does its own rank split so that a resumed distributed run
+    continues exactly too (avrl's Trainer is built with use_distributed_sampler=False)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
+        start, self.skip_batches = self.skip_batches * self.batch_size, 0
+        yield from mine[start:].tolist()
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+
+class ResumeState(Callback):
+    """Counts the training batches used in the current epoch and saves them, with the random generators, in every
+    checkpoint; on resume it positions the sampler and restores the generators just before the first batch."""
+
+    def __init__(self):
+        self.epoch, self.batches_in_epoch = 0, 0
+        self._restore: dict | None = None
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if trainer.current_epoch != self.epoch:
+            self.epoch, self.batches_in_epoch = trainer.current_epoch, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._restore is not None:
+            set_rng_state(self._restore["rng"])
+            self._restore = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches_in_epoch += 1  # before ModelCheckpoint saves (Lightning runs checkpoint callbacks last)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        self._restore = state
+
+    def on_train_start(self, trainer, module) -> None:
+        """Runs before the epoch's data iterator is created: the sampler skips the batches already used."""
+        if self._restore is None:
+            return
+        sampler = getattr(getattr(trainer.train_dataloader, "batch_sampler", None), "sampler", None)
+        if not isinstance(sampler, EpochSampler):
+            raise RuntimeError("exact resume needs the train loader's EpochSampler (avrl's AudioQADataModule)")
+        sampler.skip_batches = self.batches_in_epoch
+
+
+RUN_INFO = "run_info.json"
+
+
+def save_run_info(out_dir: Path, run_id: str | None) -> None:
+    """The MLflow run of this output folder, so that a resumed run logs into the same one."""
+    (out_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run_id}))
+
+
+def resumed_run_id(out_dir: Path) -> str | None:
+    path = out_dir / RUN_INFO
+    return json.loads(path.read_text()).get("mlflow_run_id") if path.exists() else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """`ckpt_path=last` is <output_dir>/checkpoints/last.ckpt; any other value is a path."""
+    if ckpt_path is None:
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        hint = (" (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
+                if ckpt_path == "last" else "")
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
+    return str(path)

@@ -1,0 +1,109 @@
+"""Exact resume: a run killed with SIGKILL and resumed with ckpt_path=last ends where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
+from tests.conftest import ROOT
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
+    sampler = EpochSampler(10, batch_size=3, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and first == list(EpochSampler(10, 3, seed=5))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    sampler.skip_batches = 2
+    assert list(sampler) == first[6:]
+    assert list(sampler) == first  # the skip applies once, to the resumed epoch only
+
+
+def test_epoch_sampler_splits_an_epoch_over_ranks():
+    ranks = [list(EpochSampler(11, 2, seed=0, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and not set(ranks[0]) & set(ranks[1])
+
+
+def test_rng_states_round_trip():
+    state = rng_state()
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    set_rng_state(state)
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_ckpt_path_last_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*checkpoints/last.ckpt.*hydra.run.dir"):
+        resolve_ckpt_path("last", tmp_path)
+    assert resolve_ckpt_path(None, tmp_path) is None
+
+
+COMMON = ["trainer.max_steps=12", "checkpoint_every_n_steps=3", "trainer.val_check_interval=4", "data.val_size=4",
+          "data.batch_size=4", "data.train_size=40", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
+          "algorithm.num_iterations=2", "algorithm.beta=0.04", "trainer.enable_progress_bar=false"]
+
+
+def launch(tmp_path, run_dir, *extra, db="mlruns.db"):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/{db}", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *extra], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def histories(db, run_id):
+    """{metric: {step: last value logged at that step}} for every metric but the wall-clock one."""
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        if key != "train/step_time":
+            out[key] = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_path):
+    # Uninterrupted reference: 12 steps (2 epochs of 10 batches: the resume crosses an epoch boundary).
+    ref = launch(tmp_path, tmp_path / "ref", db="ref.db")
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+
+    # The same run, killed once its first checkpoint (step 3) is written, before it can finish.
+    run = launch(tmp_path, tmp_path / "run")
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    deadline = time.time() + 600
+    while not last.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "run/final_model").exists()
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < killed_at < 2 * 12  # mid-training (global_step counts num_iterations=2 updates per batch)
+
+    resumed = launch(tmp_path, tmp_path / "run", "ckpt_path=last")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+
+    want, got = load_file(tmp_path / "ref/final_model/model.safetensors"), load_file(tmp_path / "run/final_model/model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # One MLflow run for the killed and the resumed attempt, with the uninterrupted run's metrics.
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    assert run_info.info.status == "FINISHED" and run_info.data.tags["resumed_from"] == "last"
+    ref_client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/ref.db")
+    (ref_info,) = ref_client.search_runs([ref_client.get_experiment_by_name("avrl").experiment_id])
+    expected, actual = histories(tmp_path / "ref.db", ref_info.info.run_id), histories(tmp_path / "mlruns.db", run_info.info.run_id)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert expected[key].keys() == actual[key].keys(), key
+        for step, value in expected[key].items():
+            assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
