@@ -66,6 +66,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     rows, results, per_sample_accuracy = [], [], [[] for _ in range(samples)]
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
+            datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
+            if not batch["items"]:
+                continue
             media = module.encode(batch)
             texts = []
             for k in range(samples):
@@ -93,6 +96,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics["eval/accuracy_std"] = statistics.stdev(means)
     path = out / "predictions.json"
     path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    if datamodule.skipped:
+        metrics["data/skipped"] = len(datamodule.skipped)
+        datamodule.write_skipped(out)
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)

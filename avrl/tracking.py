@@ -21,6 +21,24 @@ def redact(value: object) -> object:
     return _SECRET_IN_URI.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
+_SECRET_KEYS = ("token", "password", "passwd", "secret", "api_key", "apikey", "credential")
+
+
+def redact_param(key: str, value: object) -> object:
+    """A param whose name says it holds a secret is never logged; URIs lose their passwords."""
+    secret = any(word in key.lower() for word in _SECRET_KEYS) and value not in (None, "")
+    return "***" if secret and not isinstance(value, (dict, list)) else redact(value)
+
+
+def redacted(data: object, key: str = "") -> object:
+    """A resolved config container with every secret redacted (for the config.yaml artifact)."""
+    if isinstance(data, dict):
+        return {k: redacted(v, str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v, key) for v in data]
+    return redact_param(key, data)
+
+
 def _hydra_config():
     """The running job's Hydra config; None when not under @hydra.main (tests that compose configs)."""
     from hydra.core.hydra_config import HydraConfig
@@ -175,11 +193,11 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         tags=tags,
         artifact_location=cfg.logger.artifact_location,
     )
-    params = {k: redact(v) for k, v in flatten(cfg).items()}
+    params = {k: redact_param(k, v) for k, v in flatten(cfg).items()}
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+        path.write_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from avrl import resume, search, tracking
-from avrl.data.datamodule import AudioQADataModule
+from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
 
@@ -102,7 +102,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         trial.set_user_attr("mlflow_run_id", logger.run_id)
 
     module = build_module(cfg, processor, prompt)
-    trainer = build_trainer(cfg, logger, pruning)
+    trainer = build_trainer(cfg, logger, [SkippedItems(datamodule, out), *pruning])
     # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:

@@ -106,7 +106,8 @@ class AudioLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_results += self.score_greedy(batch)
+        if batch["items"]:  # empty when every item's media was unreadable (data.on_error=skip)
+            self._val_results += self.score_greedy(batch)
 
     def score_greedy(self, batch: dict) -> list[dict]:
         """Greedy completions for a batch, each scored: the deterministic evaluation used in validation."""
@@ -138,8 +139,8 @@ class AudioLMModule(L.LightningModule):
         loader = self.trainer.datamodule.val_dataloader()
         results = []
         for batch in loader:
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            results += self.score_greedy(batch)
+            if batch["items"]:
+                results += self.score_greedy(self.transfer_batch_to_device(batch, self.device, 0))
         metrics = accuracy_metrics(results, "val")
         log.info("step 0: %s", _summary(metrics))
         for logger in self.loggers:

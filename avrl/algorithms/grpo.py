@@ -129,6 +129,8 @@ class GRPOModule(AudioLMModule):
         return self.model.disable_adapter() if self.is_peft else contextlib.nullcontext()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if not batch["items"]:  # every item's media was unreadable (data.on_error=skip): nothing to learn from
+            return
         start = time.perf_counter()
         G, algo = self.algo.num_generations, self.algo
         num_prompts = batch["input_ids"].shape[0]

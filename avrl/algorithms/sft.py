@@ -33,7 +33,9 @@ class SFTModule(AudioLMModule):
         logps, _ = self.completion_logps(batch, self.encode(batch), ids, mask, num_generations=1)
         return -(logps * mask).sum() / mask.sum()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if not batch["items"]:  # every item's media was unreadable (data.on_error=skip): Lightning skips the step
+            return None
         loss = self.sft_loss(batch)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)

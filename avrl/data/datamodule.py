@@ -7,10 +7,11 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from avrl.data.items import QAItem
+from avrl.data.items import DataError, QAItem
 from avrl.data.media import with_media
 from avrl.data.readers import READERS
 from avrl.data.synthetic import SyntheticAudioQA
@@ -20,6 +21,7 @@ from avrl.resume import EpochSampler
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+SKIPPED_FILE = "skipped_items.json"
 
 
 class ItemList(Dataset):
@@ -51,13 +53,28 @@ def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
 
 
 class PromptCollator:
-    """Turns a list of items into model inputs for their prompts; the items travel along for scoring."""
+    """Turns a list of items into model inputs for their prompts; the items travel along for scoring.
 
-    def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float):
+    A media file that cannot be decoded (non-audio, truncated, unreadable image) is only found here, when its item
+    is loaded: with on_error="raise" the DataError names the file and the item; with "skip" the item is left out
+    of the batch and listed in batch["skipped"] (counted by `SkippedItems`). A batch can end up with no items."""
+
+    def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float,
+                 on_error: str = "raise"):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
+        self.on_error = on_error
 
     def __call__(self, items: list[QAItem]) -> dict:
-        loaded = [with_media(it, self.processor.sampling_rate, self.max_audio_seconds) for it in items]
+        loaded, skipped = [], []
+        for it in items:
+            try:
+                loaded.append(with_media(it, self.processor.sampling_rate, self.max_audio_seconds))
+            except DataError as e:
+                if self.on_error != "skip":
+                    raise
+                skipped.append({"source": it.source, "reason": str(e)})
+        if not loaded:
+            return {"items": [], "skipped": skipped}
         items = [it for it, _ in loaded]
         images = [im for _, im in loaded]
         prompts = [
@@ -67,7 +84,7 @@ class PromptCollator:
         batch = self.processor(prompts, [it.waveform for it in items], images if any(images) else None)
         for it in items:  # the waveform is not needed after feature extraction; keep batches light
             it.waveform = None
-        batch["items"] = items
+        batch["items"], batch["skipped"] = items, skipped
         return batch
 
 
@@ -76,7 +93,8 @@ class AudioQADataModule(L.LightningDataModule):
                  shuffle_seed: int = 0):
         super().__init__()
         self.shuffle_seed = shuffle_seed
-        self.cfg, self.collate = cfg, PromptCollator(processor, prompt, cfg.max_audio_seconds)
+        self.cfg = cfg
+        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"))
         self.splits = splits
         self.datasets: dict[str, Dataset] = {}
         self.skipped: list[dict] = []
@@ -92,7 +110,7 @@ class AudioQADataModule(L.LightningDataModule):
     def write_skipped(self, out_dir: str | Path) -> Path | None:
         if not self.skipped:
             return None
-        path = Path(out_dir) / "skipped_items.json"
+        path = Path(out_dir) / SKIPPED_FILE
         path.write_text(json.dumps(self.skipped, indent=2))
         return path
 
@@ -116,3 +134,30 @@ class AudioQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.cfg.eval_batch_size)
+
+
+
+class SkippedItems(Callback):
+    """Items the collator left out (undecodable media, data.on_error=skip): appended to skipped_items.json in the
+    output folder and counted, with the records the readers skipped, in the MLflow metric `data/skipped`."""
+
+    def __init__(self, datamodule: AudioQADataModule, out_dir: str | Path):
+        self.datamodule, self.out_dir = datamodule, Path(out_dir)
+        self.seen: set[str] = {r["source"] for r in datamodule.skipped}
+
+    def _record(self, trainer, batch) -> None:
+        new = [r for r in batch.get("skipped", []) if r["source"] not in self.seen]  # val batches repeat
+        if not new:
+            return
+        self.seen.update(r["source"] for r in new)
+        self.datamodule.skipped += new
+        self.datamodule.write_skipped(self.out_dir)
+        log.warning("skipped %d item(s) with unreadable media: %s", len(new), new[0]["reason"])
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"data/skipped": len(self.datamodule.skipped)}, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._record(trainer, batch)
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record(trainer, batch)

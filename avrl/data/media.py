@@ -18,7 +18,25 @@ def load_audio(path: str, sampling_rate: int, max_seconds: float, source: str) -
         raise DataError(f"{source}: cannot read audio file {path}: {type(e).__name__}: {e}") from None
     if audio.size == 0:
         raise DataError(f"{source}: audio file {path} holds no samples")
+    declared, actual = _wav_sizes(path)
+    if declared > actual:
+        raise DataError(f"{source}: audio file {path} is truncated: its header declares {declared} bytes, "
+                        f"the file has {actual}")
     return audio.astype(np.float32)
+
+
+def _wav_sizes(path: str) -> tuple[int, int]:
+    """(size the RIFF header declares, size on disk) of a WAV file; (0, size) for other formats.
+    libsndfile reads a cut WAV without complaint (it trims to the samples present), so a half-written file
+    would otherwise train as a shorter clip; compressed formats fail to decode instead."""
+    import os
+
+    actual = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return int.from_bytes(head[4:8], "little") + 8, actual
+    return 0, actual
 
 
 def load_image(path: str, source: str):
