@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             media = module.encode(batch)
             texts = []
             for k in range(samples):
-                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample))
+                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample), draw=k)
                 texts.append(module.decode(ids, mask))
             for i, item in enumerate(batch["items"]):
                 raw = texts[0][i]

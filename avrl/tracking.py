@@ -167,10 +167,11 @@ def log_best_trial(tracking_uri: str, parent_id: str, metric: str, best) -> None
 def make_logger(cfg: DictConfig, run_id: str | None = None):
     """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off.
     With `run_id` (a resumed run) it continues that run: params and config were logged by the first attempt."""
-    if not cfg.logger.enabled:
-        return None
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.loggers import MLFlowLogger
 
+    if not cfg.logger.enabled or rank_zero_only.rank != 0:  # in DDP, rank 0 alone owns the run
+        return None
     check_reachable(cfg.logger.tracking_uri)
     if run_id is not None:
         logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,

@@ -115,7 +115,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     if logger is not None:
         logger.experiment.set_tag(logger.run_id, "best_checkpoint", best)
         logger.experiment.set_tag(logger.run_id, "final_model", str(out / "final_model"))
-    print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
+    if trainer.is_global_zero:
+        print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
     if logger is not None:
         uri = tracking.redact(cfg.logger.tracking_uri)
         print(f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"

@@ -11,12 +11,14 @@ from collections import defaultdict
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from transformers import LogitsProcessorList
 
 from avrl.models import load_model
 from avrl.models import multimodal as mm
 from avrl.models.processing import AudioTextProcessor
 from avrl.prompts import PromptSpec, predicted_text
 from avrl.rewards import RewardFn, is_correct
+from avrl.sampling import KeyedSampler, row_key
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,21 @@ class AudioLMModule(L.LightningModule):
         return mm.encode_media(model or self.model, self.family, batch)
 
     @torch.no_grad()
-    def generate(self, batch: dict, media: dict, num_generations: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, batch: dict, media: dict, num_generations: int, sample: bool, draw: int = 0):
         """`num_generations` completions per prompt, grouped contiguously. Returns (ids, mask); the mask covers
-        each completion up to and including its first stop token."""
+        each completion up to and including its first stop token. Sampling is keyed (avrl/sampling.py): completion
+        g of an item at this step is the same whatever the batching; `draw` tells repeated draws apart."""
         model = mm.unwrap(self.model)
         was_training = model.training
         model.eval()
         prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
         rep = mm.repeat_prompts(batch, num_generations)
-        sampling = dict(do_sample=True, temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=0)
+        processors = []
+        if sample:
+            seed = self.algo.get("sampling_seed", 0)
+            keys = [row_key(seed, self.global_step, item.id, draw * num_generations + g)
+                    for item in batch["items"] for g in range(num_generations)]
+            processors.append(KeyedSampler(keys, rep["input_ids"].shape[1], self.algo.temperature, self.algo.top_p))
         out = model.generate(
             input_ids=rep["input_ids"],
             inputs_embeds=prompt_embeds,
@@ -75,7 +83,8 @@ class AudioLMModule(L.LightningModule):
             eos_token_id=self.processor.stop_token_ids,
             pad_token_id=self.processor.tokenizer.pad_token_id,
             use_cache=True,
-            **(sampling if sample else dict(do_sample=False)),
+            do_sample=False,  # greedy, or greedy over the keyed sampler's one-hot scores
+            logits_processor=LogitsProcessorList(processors),
             **mm.rope_inputs(self.family, rep),
         )
         model.train(was_training)
