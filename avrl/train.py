@@ -35,7 +35,7 @@ def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
     module_cls = instantiate({"_target_": cfg.algorithm._target_, "_partial_": True})
     return module_cls(
         model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor, prompt=prompt,
-        reward_functions=functions, reward_weights=weights, model=model,
+        reward_functions=functions, reward_weights=weights, model=model, rollout=cfg.get("rollout"),
     )
 
 
@@ -89,7 +89,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     prompt = prompt_spec(cfg)
 
     # Data first: a bad file stops the run before any model is loaded.
-    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"), shuffle_seed=cfg.seed)
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"), shuffle_seed=cfg.seed,
+                                   keep_media=cfg.rollout.backend == "vllm")  # vLLM encodes the raw audio itself
     datamodule.setup()
     datamodule.write_skipped(out)
     if logger is not None and datamodule.skipped:

@@ -161,3 +161,18 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     assert "error.txt" in {a.path for a in client.list_artifacts(by_loss["no_such_loss"].info.run_id)}
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_writes_its_figures(tmp_path):
+    """`python -m avrl.bench --smoke`: one short step of avrl and of TRL, the audio and scaling rows, as JSON."""
+    pytest.importorskip("trl")
+    out = subprocess.run([sys.executable, "-m", "avrl.bench", "--smoke", "--out", str(tmp_path / "bench.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    for framework in ("avrl", "trl"):
+        assert report["trl"][framework]["median_step_seconds"] > 0 and report["trl"][framework]["peak_memory_mb"] > 0
+    assert report["trl"]["time_ratio_avrl_over_trl"] > 0
+    assert {"once_per_prompt", "repeated_G_times"} <= set(report["audio"]["rows"][0])
+    assert report["scaling"]["rows"][0]["median_step_seconds"] > 0

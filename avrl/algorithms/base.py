@@ -34,6 +34,7 @@ class AudioLMModule(L.LightningModule):
         reward_functions: dict[str, RewardFn] | None = None,
         reward_weights: dict[str, float] | None = None,
         model=None,
+        rollout: DictConfig | None = None,
     ):
         super().__init__()
         self.model_cfg, self.algo, self.optim = model_cfg, algorithm, optim
@@ -42,6 +43,7 @@ class AudioLMModule(L.LightningModule):
         self.reward_functions = reward_functions or {}
         self.reward_weights = reward_weights or {}
         self.model = model  # loaded lazily in configure_model unless given (tests pass a model in)
+        self.rollout_cfg = rollout if rollout is not None else DictConfig({"backend": "hf"})
         self._val_results: list[dict] = []
         self.skipped_steps, self.nonfinite_in_row = 0, 0
 
@@ -71,9 +73,7 @@ class AudioLMModule(L.LightningModule):
         rep = mm.repeat_prompts(batch, num_generations)
         processors = []
         if sample:
-            seed = self.algo.get("sampling_seed", 0)
-            keys = [row_key(seed, self.global_step, item.id, draw * num_generations + g)
-                    for item in batch["items"] for g in range(num_generations)]
+            keys = self.rollout_keys(batch["items"], num_generations, draw)
             processors.append(KeyedSampler(keys, rep["input_ids"].shape[1], self.algo.temperature, self.algo.top_p))
         out = model.generate(
             input_ids=rep["input_ids"],
@@ -90,6 +90,12 @@ class AudioLMModule(L.LightningModule):
         model.train(was_training)
         ids = out[:, rep["input_ids"].shape[1] :]
         return ids, completion_mask(ids, self.processor.stop_token_ids)
+
+    def rollout_keys(self, items, num_generations: int, draw: int = 0) -> list[int]:
+        """The random stream of each completion: (sampling seed, step, item, completion index)."""
+        seed = self.algo.get("sampling_seed", 0)
+        return [row_key(seed, self.global_step, item.id, draw * num_generations + g)
+                for item in items for g in range(num_generations)]
 
     def completion_logps(self, batch, media, ids, mask, num_generations, model=None, with_entropy=False):
         """Per-token log-probs of the completions (B*G, T) under `model` (the policy by default), logits divided by

@@ -45,13 +45,15 @@ def grpo_loss(
     epsilon_high: float | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss over (batch, completion_len) tensors; `advantages` is (batch,).
 
     ratio = exp(logps - old_logps) clipped to [1 - epsilon, 1 + epsilon_high]; with beta > 0 the k3 estimate
     exp(ref - logps) - (ref - logps) - 1 of KL(policy || ref) is added per token, weighted by beta.
     Reduction: "grpo" mean per sequence then over sequences; "bnpo"/"dapo" sum over tokens / number of tokens;
-    "dr_grpo" sum / (batch * max_completion_length).
+    "dr_grpo" sum / (batch * max_completion_length). `importance_weights` (per token) rescale the surrogate term
+    when the rollout engine's policy differs from the trained one (vLLM; TRL applies them before the KL term).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -61,6 +63,8 @@ def grpo_loss(
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights
     kl = None
     if beta != 0.0:
         if ref_logps is None:
@@ -104,6 +108,7 @@ class GRPOModule(AudioLMModule):
         self.automatic_optimization = False
         # Held in a list so that it is not a registered submodule: the frozen reference never enters checkpoints.
         self._ref: list = [None]
+        self._vllm: list = [None]  # the vLLM engine with rollout=vllm (not a submodule either)
         self._sample_rows: list[dict] = []
 
     @property
@@ -112,6 +117,11 @@ class GRPOModule(AudioLMModule):
 
     def configure_model(self) -> None:
         super().configure_model()
+        if self.rollout_cfg.get("backend", "hf") == "vllm" and self._vllm[0] is None:
+            from avrl.vllm_rollout import VLLMRollout
+
+            self._vllm[0] = VLLMRollout(self.model_cfg, self.algo, self.rollout_cfg,
+                                        self.processor.stop_token_ids, self.processor.tokenizer.pad_token_id)
         # A frozen reference only when the KL term is on. LoRA needs none: the reference is the base model with
         # the adapters switched off (see ref_context).
         if self.algo.beta != 0.0 and self.ref_model is None and not self.is_peft:
@@ -135,9 +145,17 @@ class GRPOModule(AudioLMModule):
         G, algo = self.algo.num_generations, self.algo
         num_prompts = batch["input_ids"].shape[0]
 
-        # 1. Rollout: the encoders run once per prompt; the G completions share their outputs.
+        # 1. Rollout: the encoders run once per prompt; the G completions share their outputs. With vLLM the engine
+        #    samples and reports each token's log-probability under its own kernels.
         media = self.encode(batch)
-        ids, mask = self.generate(batch, media, G, sample=True)
+        sampling_logps = None
+        if self._vllm[0] is not None:
+            ids, mask, sampling_logps = self._vllm[0].generate(
+                batch["prompts"], [it.waveform for it in batch["items"]], batch.get("images"),
+                self.rollout_keys(batch["items"], G), G, self.processor.sampling_rate)
+            ids, mask, sampling_logps = ids.to(self.device), mask.to(self.device), sampling_logps.to(self.device)
+        else:
+            ids, mask = self.generate(batch, media, G, sample=True)
         texts = self.decode(ids, mask)
         items = [item for item in batch["items"] for _ in range(G)]
         truncated = ~torch.isin(ids, torch.tensor(self.processor.stop_token_ids, device=ids.device)).any(dim=1)
@@ -153,7 +171,13 @@ class GRPOModule(AudioLMModule):
         #    change); otherwise the loss forward re-encodes each prompt once, with gradients.
         reuse_media = not any(p.requires_grad for p in self.audio_parameters())
         with torch.no_grad():
-            old_logps = self.completion_logps(batch, media, ids, mask, G)[0] if algo.num_iterations > 1 else None
+            need_old = algo.num_iterations > 1 or sampling_logps is not None
+            old_logps = self.completion_logps(batch, media, ids, mask, G)[0] if need_old else None
+            weights = None
+            if sampling_logps is not None and self.rollout_cfg.importance_sampling_correction:
+                from avrl.vllm_rollout import importance_weights
+
+                weights = importance_weights(old_logps, sampling_logps, self.rollout_cfg.importance_sampling_cap)
             ref_logps = None
             if algo.beta != 0.0:
                 with self.ref_context():
@@ -177,6 +201,7 @@ class GRPOModule(AudioLMModule):
                     logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
                     beta=algo.beta, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
                     max_completion_length=algo.max_completion_length,
+                    importance_weights=weights[s] if weights is not None else None,
                 )
                 weight = _micro_batch_weight(algo.loss_type, mask, s)
                 self.manual_backward(loss * weight)
@@ -188,6 +213,8 @@ class GRPOModule(AudioLMModule):
                                     gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
+        if self._vllm[0] is not None:
+            self._vllm[0].sync_weights(self.model)  # the next rollout samples from the updated policy
 
         # 5. Metrics under TRL's names.
         lengths = mask.sum(1).float()
@@ -221,7 +248,8 @@ class GRPOModule(AudioLMModule):
     def audio_parameters(self):
         from avrl.models.loading import audio_encoder
 
-        return audio_encoder(mm.unwrap(self.model)).parameters()
+        encoder = audio_encoder(mm.unwrap(self.model))
+        return encoder.parameters() if encoder is not None else iter(())
 
     def _slice_media(self, media: dict, batch: dict, prompts: slice) -> dict:
         """The encoder outputs of a slice of prompts (features are flat, in prompt order)."""

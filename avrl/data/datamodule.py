@@ -60,9 +60,9 @@ class PromptCollator:
     of the batch and listed in batch["skipped"] (counted by `SkippedItems`). A batch can end up with no items."""
 
     def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", keep_media: bool = False):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
-        self.on_error = on_error
+        self.on_error, self.keep_media = on_error, keep_media
 
     def __call__(self, items: list[QAItem]) -> dict:
         loaded, skipped = [], []
@@ -82,19 +82,24 @@ class PromptCollator:
             for it, im in zip(items, images)
         ]
         batch = self.processor(prompts, [it.waveform for it in items], images if any(images) else None)
-        for it in items:  # the waveform is not needed after feature extraction; keep batches light
-            it.waveform = None
+        batch["prompts"] = prompts  # rendered, placeholders not yet expanded (what vLLM takes)
+        if self.keep_media:  # for vLLM, which encodes the raw audio and images itself
+            batch["images"] = images
+        else:
+            for it in items:  # the waveform is not needed after feature extraction; keep batches light
+                it.waveform = None
         batch["items"], batch["skipped"] = items, skipped
         return batch
 
 
 class AudioQADataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS,
-                 shuffle_seed: int = 0):
+                 shuffle_seed: int = 0, keep_media: bool = False):
         super().__init__()
         self.shuffle_seed = shuffle_seed
         self.cfg = cfg
-        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"))
+        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"),
+                                      keep_media)
         self.splits = splits
         self.datasets: dict[str, Dataset] = {}
         self.skipped: list[dict] = []

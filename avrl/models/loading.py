@@ -29,7 +29,7 @@ def model_class(family: str):
 
 
 def audio_encoder(model):
-    return model.model.audio_tower
+    return getattr(model.model, "audio_tower", None)  # None for a text-only LM (the TRL benchmark)
 
 
 def vision_encoder(model):
@@ -49,7 +49,7 @@ def load_model(cfg: DictConfig, path: str | None = None):
     # text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
     if getattr(model.config, "hidden_size", None) is None:
         model.config.hidden_size = model.config.get_text_config().hidden_size
-    if cfg.freeze_audio_encoder:
+    if cfg.freeze_audio_encoder and audio_encoder(model) is not None:
         # Qwen2-Audio's projector into the LM stays trainable; Omni's projection is part of its encoder.
         audio_encoder(model).requires_grad_(False)
     if cfg.get("freeze_vision_encoder", True) and vision_encoder(model) is not None:

@@ -57,7 +57,8 @@ def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> tor
     model = unwrap(model)
     embeds = model.get_input_embeddings()(input_ids)
     config = model.config
-    for kind, token_id in (("audio", config.audio_token_id), ("image", getattr(config, "image_token_id", None))):
+    for kind, token_id in (("audio", getattr(config, "audio_token_id", None)),
+                           ("image", getattr(config, "image_token_id", None))):
         if kind not in media:
             continue
         mask = input_ids == token_id
@@ -84,7 +85,7 @@ def forward_logits(model, family: str, input_ids, attention_mask, inputs_embeds,
     spares a (batch, prompt length, vocabulary) tensor. `extra` holds the media sizes Omni needs for positions."""
     model = unwrap(model)
     hidden = model.model(
-        input_ids=input_ids,
+        input_ids=None if family == "text" else input_ids,  # a text-only LM (benchmarks) takes one of the two
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,
         position_ids=position_ids(family, attention_mask),

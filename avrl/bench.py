@@ -1,0 +1,305 @@
+"""Benchmarks: `python -m avrl.bench [trl|audio|scaling|all] [--smoke] [--out bench.json]`.
+
+- trl: avrl's GRPO step against TRL's GRPOTrainer on the same randomly initialised text-only Qwen2 model, same G,
+  prompts per step, completion length, beta, loss type, fp32, no gradient checkpointing; each framework runs in
+  its own process so peak memory is its own. Figures: seconds per optimizer step (median after warm-up) and peak
+  memory (CUDA max allocated on a GPU, else the process's peak RSS); ratio avrl / TRL.
+- audio: one GRPO loss forward+backward through a trainable Qwen2-Audio encoder (small, 30 s window) with the
+  encoder run once per prompt (avrl) versus on G copies of the features (the published trainers).
+- scaling: avrl's step time as G and the completion length grow.
+
+Figures are printed and written as JSON; nothing here is asserted (the tests run `--smoke`, one short step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# ------------------------------------------------------------------------------------------------ shared set-up
+SIZES = {  # a text-only Qwen2 large enough that compute, not Python, dominates a CPU step
+    "full": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+}
+
+
+def text_model(size: str, seed: int = 0):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from avrl.config import asset_path
+
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny_qwen2_audio"))
+    tokenizer.padding_side = "left"
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id, **SIZES[size])
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).float(), tokenizer
+
+
+PROMPTS = [f"Question {i}: is the tone in the audio high or low in pitch? Answer in <answer></answer>."
+           for i in range(256)]
+
+
+def text_reward(texts: list[str]) -> list[float]:
+    """The same cheap, varied reward for both frameworks (a spread within each group, so the loss is not zero)."""
+    return [float(sum(map(ord, t)) % 7) / 6 for t in texts]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def step_timer():
+    """A Lightning callback recording the wall time of every training batch."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Timer(Callback):
+        times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._start)
+
+    return Timer()
+
+
+# ------------------------------------------------------------------------------------------------ avrl, text
+class _TextProcessor:
+    """The little of AudioTextProcessor that GRPOModule uses, for a text-only model."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def decode(self, ids):
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def run_avrl(size: str, prompts: int, G: int, length: int, steps: int, beta: float, loss_type: str) -> dict:
+    import lightning as L
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from avrl.algorithms.grpo import GRPOModule
+    from avrl.data.items import QAItem
+    from avrl.prompts import PromptSpec
+
+    model, tokenizer = text_model(size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    algo = OmegaConf.create(dict(
+        num_generations=G, temperature=1.0, top_p=1.0, max_completion_length=length, beta=beta, epsilon=0.2,
+        epsilon_high=None, num_iterations=1, loss_type=loss_type, scale_rewards="group",
+        mask_truncated_completions=False, micro_batch_prompts=None, validate_at_start=False,
+        log_completions_rows=0, sampling_seed=0, lora=None))
+    optim = OmegaConf.create(dict(lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999], scheduler="constant",
+                                  warmup_ratio=0.0, max_grad_norm=1.0))
+    model_cfg = OmegaConf.create(dict(family="text", name_or_path="random"))
+    prompt = PromptSpec(name="bench", template="{question}")
+    module = GRPOModule(model_cfg=model_cfg, algorithm=algo, optim=optim, processor=_TextProcessor(tokenizer),
+                        prompt=prompt, reward_functions={"r": lambda texts, items, p: text_reward(texts)},
+                        reward_weights={"r": 1.0}, model=model)
+    if beta:
+        module._ref[0], _ = text_model(size)
+        module._ref[0].eval().requires_grad_(False)
+
+    def collate(texts):
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        items = [QAItem(id=t.split(":")[0], question=t, choices=["a", "b"], answer_index=0) for t in texts]
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "items": items}
+
+    loader = DataLoader(PROMPTS * 4, batch_size=prompts, collate_fn=collate, shuffle=False)
+    timer = step_timer()
+    trainer = L.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer], precision="32-true")
+    trainer.fit(module, train_dataloaders=loader)
+    return {"step_seconds": timer.times, "peak_memory_mb": peak_memory_mb(),
+            "mean_completion_length": float(trainer.callback_metrics["train/completions/mean_length"])}
+
+
+# ------------------------------------------------------------------------------------------------ TRL, text
+def run_trl(size: str, prompts: int, G: int, length: int, steps: int, beta: float, loss_type: str) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from transformers import Qwen2ForCausalLM
+
+    model, tokenizer = text_model(size)
+    times, lengths = [], []
+    saved = tempfile.mkdtemp()  # TRL builds its reference model from the policy's checkpoint folder
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    model = Qwen2ForCausalLM.from_pretrained(saved, dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    def reward(prompts, completions, **kwargs):
+        return text_reward(completions)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=prompts * G, num_generations=G,
+            max_completion_length=length, beta=beta, loss_type=loss_type, learning_rate=1e-6, max_steps=steps,
+            logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(), temperature=1.0, top_p=1.0, lr_scheduler_type="constant",
+            warmup_steps=0, dataloader_num_workers=0, seed=0)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), callbacks=[Timer()])
+        trainer.train()
+    return {"step_seconds": times, "peak_memory_mb": peak_memory_mb(),
+            "mean_completion_length": lengths[-1] if lengths else None}
+
+
+# ------------------------------------------------------------------------------------------------ audio
+def run_audio(seconds: float, G: int, prompts: int, smoke: bool) -> dict:
+    """Loss forward+backward of a trainable Qwen2-Audio encoder: once per prompt vs on G copies."""
+    from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
+
+    torch.manual_seed(0)
+    size = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128) if smoke else \
+        dict(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024)
+    encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=1500, **size))
+    frames = 3000  # Whisper's 30 s window at 100 frames/s; the clip's own length sets the valid frames
+    features = torch.randn(prompts, 128, frames)
+    valid = int(seconds * 100)
+    features[:, :, valid:] = 0
+    results = {}
+    for name, copies in (("once_per_prompt", 1), ("repeated_G_times", G)):
+        x = features.repeat_interleave(copies, dim=0)
+        times = []
+        for _ in range(1 if smoke else 3):
+            start = time.perf_counter()
+            hidden = encoder(x).last_hidden_state
+            # G completions share one encoding: the once-per-prompt path repeats the outputs, not the inputs.
+            out = hidden.repeat_interleave(G // copies, dim=0) if copies == 1 else hidden
+            out.float().pow(2).mean().backward()
+            times.append(time.perf_counter() - start)
+            encoder.zero_grad()
+        results[name] = {"seconds": statistics.median(times), "peak_memory_mb": peak_memory_mb()}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _child(kind: str, params: dict) -> dict:
+    """Run one measurement in a fresh process (its peak memory is its own)."""
+    cmd = [sys.executable, "-m", "avrl.bench", "_child", kind, json.dumps(params)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {kind} {params} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median_after_warmup(times: list[float], warmup: int) -> float:
+    return statistics.median(times[warmup:] if len(times) > warmup else times)
+
+
+def bench_trl(smoke: bool) -> dict:
+    params = dict(size="smoke" if smoke else "full", prompts=2 if smoke else 4, G=2 if smoke else 8,
+                  length=4 if smoke else 32, steps=1 if smoke else 7, beta=0.04, loss_type="dapo")
+    warmup = 0 if smoke else 2
+    result = {"settings": params, "warmup_steps": warmup}
+    for framework in ("avrl", "trl"):
+        r = _child(framework, params)
+        r["median_step_seconds"] = _median_after_warmup(r["step_seconds"], warmup)
+        result[framework] = r
+        print(f"  {framework:5s} {r['median_step_seconds']:.3f} s/step, peak {r['peak_memory_mb']:.0f} MB, "
+              f"completion length {r['mean_completion_length']}", flush=True)
+    result["time_ratio_avrl_over_trl"] = result["avrl"]["median_step_seconds"] / result["trl"]["median_step_seconds"]
+    result["memory_ratio_avrl_over_trl"] = result["avrl"]["peak_memory_mb"] / result["trl"]["peak_memory_mb"]
+    print(f"  ratio avrl/TRL: time {result['time_ratio_avrl_over_trl']:.2f}, "
+          f"memory {result['memory_ratio_avrl_over_trl']:.2f}", flush=True)
+    return result
+
+
+def bench_audio(smoke: bool) -> dict:
+    rows = []
+    for seconds in ((10,) if smoke else (10, 30)):
+        for G in ((2,) if smoke else (8, 16)):
+            r = _child("audio", dict(seconds=seconds, G=G, prompts=1, smoke=smoke))
+            rows.append({"audio_seconds": seconds, "G": G, **r})
+            print(f"  {seconds:>2} s, G={G:<2}: once per prompt {r['once_per_prompt']['seconds']:.3f} s "
+                  f"({r['once_per_prompt']['peak_memory_mb']:.0f} MB) vs repeated {r['repeated_G_times']['seconds']:.3f} s "
+                  f"({r['repeated_G_times']['peak_memory_mb']:.0f} MB)", flush=True)
+    return {"rows": rows, "note": "peak memory is the process peak after both variants on CPU (RSS)"}
+
+
+def bench_scaling(smoke: bool) -> dict:
+    rows = []
+    grid = [(2, 4)] if smoke else [(4, 16), (8, 16), (16, 16), (8, 32), (8, 64)]
+    for G, length in grid:
+        params = dict(size="smoke" if smoke else "full", prompts=2, G=G, length=length, steps=1 if smoke else 4,
+                      beta=0.04, loss_type="dapo")
+        r = _child("avrl", params)
+        rows.append({"G": G, "completion_length": length,
+                     "median_step_seconds": _median_after_warmup(r["step_seconds"], 0 if smoke else 1),
+                     "peak_memory_mb": r["peak_memory_mb"]})
+        print(f"  G={G:<2} length={length:<3} {rows[-1]['median_step_seconds']:.3f} s/step", flush=True)
+    return {"prompts": 2, "rows": rows}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        kind, params = argv[1], json.loads(argv[2])
+        fn = {"avrl": run_avrl, "trl": run_trl, "audio": run_audio}[kind]
+        print(json.dumps(fn(**params)))
+        return {}
+    parser = argparse.ArgumentParser(prog="python -m avrl.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("which", nargs="?", default="all", choices=["all", "trl", "audio", "scaling"])
+    parser.add_argument("--smoke", action="store_true", help="one short step of each, tiny sizes (CI)")
+    parser.add_argument("--out", default="bench.json", help="where the figures are written (JSON)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M")}
+    for name, fn in (("trl", bench_trl), ("audio", bench_audio), ("scaling", bench_scaling)):
+        if args.which in ("all", name):
+            print(f"{name}:", flush=True)
+            report[name] = fn(args.smoke)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""rollout=vllm without a GPU: the weight names vLLM loads, the importance-sampling correction, the config."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from avrl.algorithms.grpo import grpo_loss
+from avrl.models import load_model
+from avrl.models.lora import apply_lora
+from avrl.vllm_rollout import checkpoint_name, importance_weights, weights_for_sync
+from tests.conftest import ROOT, compose
+
+
+def saved_names(asset):
+    with safe_open(ROOT / "avrl/assets" / asset / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("model, prefix", [("tiny_qwen2_audio", ""), ("tiny_qwen2_5_omni", "thinker.")])
+def test_synced_names_are_the_checkpoint_names(model, prefix):
+    """transformers' own save_pretrained writes the checkpoint names (the tiny assets were saved by it); the
+    hub's Omni checkpoint, which vLLM loads, holds the thinker under "thinker."."""
+    cfg = compose([f"model={model}"])
+    names = {name for name, _ in weights_for_sync(load_model(cfg.model), cfg.model.family)}
+    assert names == {prefix + n for n in saved_names(model)}
+
+
+def test_lora_weights_are_merged_into_the_copy_and_the_model_is_left_as_it_was():
+    cfg = compose(["algorithm=grpo_lora"])
+    model = apply_lora(load_model(cfg.model), cfg.algorithm.lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(0.01)  # fresh adapters are zero: make them count
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    synced = dict(weights_for_sync(model, "qwen2_audio"))
+    assert set(synced) == saved_names("tiny_qwen2_audio")
+    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
+    base = before["base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight"]
+    module = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(synced[q_proj], base + module.get_delta_weight("default"))
+    assert not torch.allclose(synced[q_proj], base)  # the adapter's update is in the synced copy
+    after = model.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)  # and the model is bit-for-bit unchanged
+
+
+def test_checkpoint_name_rejects_unknown_families():
+    with pytest.raises(ValueError, match="no vLLM weight mapping"):
+        checkpoint_name("lm_head.weight", "llama")
+
+
+def test_truncated_importance_weights():
+    train = torch.tensor([[-1.0, -2.0, -0.1]])
+    vllm = torch.tensor([[-1.0, -1.0, -2.0]])
+    w = importance_weights(train, vllm, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, torch.exp(torch.tensor(-1.0)).item(), 2.0]]))
+
+
+def test_importance_weights_scale_the_surrogate_not_the_kl():
+    g = torch.Generator().manual_seed(0)
+    logps, old, ref = (-torch.rand(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    adv, mask = torch.randn(4, generator=g, dtype=torch.float64), torch.ones(4, 5, dtype=torch.long)
+    w = torch.rand(4, 5, generator=g, dtype=torch.float64) * 2
+    kwargs = dict(beta=0.1, epsilon=0.2, loss_type="bnpo")
+    weighted, _ = grpo_loss(logps, old, ref, adv, mask, importance_weights=w, **kwargs)
+    ratio = torch.exp(logps - old)
+    surrogate = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    kl = torch.exp(ref - logps) - (ref - logps) - 1
+    assert torch.allclose(weighted, (surrogate * w + 0.1 * kl).mean())
+
+
+def test_vllm_rollout_config_composes_and_asks_for_a_gpu_on_cpu():
+    cfg = compose(["rollout=vllm"])
+    assert cfg.rollout.backend == "vllm" and cfg.rollout.seed == cfg.seed and cfg.rollout.importance_sampling_cap == 2.0
+    from avrl.models import load_processor
+    from avrl.train import build_module, prompt_spec
+
+    module = build_module(cfg, load_processor(cfg.model), prompt_spec(cfg))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="rollout=vllm needs a CUDA GPU"):
+            module.configure_model()
