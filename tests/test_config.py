@@ -82,3 +82,28 @@ def test_sweep_presets_set_the_grid(sweep, params):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["hydra"]["sweeper"]["params"] == params
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_presets_instantiate_their_strategy(trainer):
+    from hydra.utils import instantiate
+
+    strategy = OmegaConf.to_container(compose([f"trainer={trainer}"]).trainer, resolve=True)["strategy"]
+    if not isinstance(strategy, dict):
+        assert strategy in ("auto", "ddp")
+        return
+    if "DeepSpeed" in strategy["_target_"]:
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    built = instantiate(strategy)
+    assert type(built).__name__ == strategy["_target_"].rsplit(".", 1)[1]
+
+
+def test_slurm_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed here")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == launcher.gpus_per_node
