@@ -85,11 +85,12 @@ def step_timer():
 
 # ------------------------------------------------------------------------------------------------ avrl, text
 class _TextProcessor:
-    """The little of AudioTextProcessor that GRPOModule uses, for a text-only model."""
+    """The little of AudioTextProcessor that GRPOModule uses, for a text-only model. Its stop token is one the
+    model cannot emit, so every completion has the full length (TRL gets min_new_tokens for the same effect)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.stop_token_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self.stop_token_ids = [len(tokenizer) + 1]
 
     def decode(self, ids):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -174,7 +175,7 @@ def run_trl(size: str, prompts: int, G: int, length: int, steps: int, beta: floa
             max_completion_length=length, beta=beta, loss_type=loss_type, learning_rate=1e-6, max_steps=steps,
             logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
             use_cpu=not torch.cuda.is_available(), temperature=1.0, top_p=1.0, lr_scheduler_type="constant",
-            warmup_steps=0, dataloader_num_workers=0, seed=0)
+            warmup_steps=0, dataloader_num_workers=0, seed=0, generation_kwargs={"min_new_tokens": length})
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                               train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), callbacks=[Timer()])
         trainer.train()
