@@ -3,8 +3,8 @@
 Lightning saves the weights, the optimizer, the scheduler and its loop counters. A run killed mid-epoch and resumed
 reaches the same weights as an uninterrupted one only if it also gets back
 - the data position: the shuffled order of the epoch and how many batches of it were used (`EpochSampler`), and
-- every random generator (Python, NumPy, torch CPU and CUDA; torch's is the one GRPO samples completions with),
-  as they were when the checkpoint was taken.
+- every random generator (Python, NumPy, torch CPU and CUDA: dropout, user code and anything else drawing from
+  them; GRPO's completions come from keyed streams, avrl/sampling.py), as they were when the checkpoint was taken.
 `ResumeState` is the callback that saves both in the checkpoint and puts them back before the first resumed batch.
 """
 

@@ -7,7 +7,6 @@ that is not Hydra plumbing lives here, so it can be read and tested without Hydr
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import threading
@@ -20,8 +19,6 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-
-log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

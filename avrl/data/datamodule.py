@@ -141,7 +141,6 @@ class AudioQADataModule(L.LightningDataModule):
         return self._loader("test", self.cfg.eval_batch_size)
 
 
-
 class SkippedItems(Callback):
     """Items the collator left out (undecodable media, data.on_error=skip): appended to skipped_items.json in the
     output folder and counted, with the records the readers skipped, in the MLflow metric `data/skipped`."""

@@ -77,8 +77,8 @@ class OptunaSweeper(Sweeper):
         if reason:
             trial.set_user_attr("reason", tracking.redact(reason)[:2000])
             log.warning("trial %d %s: %s", trial.number, state.name, reason)
-        frozen = study.tell(trial, value, state)
-        run_id = study.trials[frozen.number].user_attrs.get("mlflow_run_id")
+        study.tell(trial, value, state)
+        run_id = store.get_trial(trial_id).user_attrs.get("mlflow_run_id")  # set by the job (avrl/train.py)
         if run_id and self.config.logger.enabled:
             tracking.mark_trial(self.config.logger.tracking_uri, run_id, state.name, reason)
         return sweep.job_row(trial.number, state.name, overrides, value, reason or None, mlflow_run_id=run_id)
