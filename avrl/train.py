@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import resume, search, tracking
+from avrl import resume, search, strategies, tracking
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
@@ -56,7 +57,7 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
-        trainer_args["strategy"] = instantiate(trainer_args["strategy"])
+        trainer_args["strategy"] = strategies.build(trainer_args["strategy"], cfg)
     # The datamodule's EpochSampler splits the data over ranks itself (so that resume is exact under DDP too).
     return L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks, default_root_dir=out,
                      use_distributed_sampler=False)
@@ -110,8 +111,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         raise optuna.TrialPruned(f"pruned at step {pruning[0].pruned_at}")
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if cfg.save_final_model and trainer.is_global_zero:
-        save_model(module, processor, out / "final_model")
+    if cfg.save_final_model:
+        save_model(trainer, module, processor, out / "final_model")
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if logger is not None:
         logger.experiment.set_tag(logger.run_id, "best_checkpoint", best)
@@ -125,13 +126,18 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     return metrics
 
 
-def save_model(module, processor, path: Path) -> None:
-    """The trained weights (or LoRA adapters) as a transformers folder that `model.name_or_path=` can load."""
-    module.model.save_pretrained(path)  # adapters only, for a LoRA model
-    processor.save_pretrained(path)
-    lora = module.algo.get("lora")
-    if lora and lora.get("merge_on_save"):
-        merged = path.with_name(path.name + "_merged")
-        module.model.merge_and_unload().save_pretrained(merged)
-        processor.save_pretrained(merged)
+def save_model(trainer: L.Trainer, module, processor, path: Path) -> None:
+    """The trained weights (or LoRA adapters) as a transformers folder that `model.name_or_path=` can load.
+    Called on every rank: under ZeRO-3 the ranks gather the partitioned weights together; rank 0 writes."""
+    full_weights = getattr(trainer.strategy, "full_weights", None) or (lambda model: contextlib.nullcontext())
+    with full_weights(module.model):
+        if not trainer.is_global_zero:
+            return
+        module.model.save_pretrained(path)  # adapters only, for a LoRA model
+        processor.save_pretrained(path)
+        lora = module.algo.get("lora")
+        if lora and lora.get("merge_on_save"):
+            merged = path.with_name(path.name + "_merged")
+            module.model.merge_and_unload().save_pretrained(merged)
+            processor.save_pretrained(merged)
     log.info("saved the trained model to %s", path)

@@ -11,6 +11,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from transformers import LogitsProcessorList
 
 from avrl.models import load_model
@@ -165,17 +166,23 @@ class AudioLMModule(L.LightningModule):
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------------------ optimizer
-    def gradients_are_finite(self, loss: torch.Tensor | None = None) -> bool:
-        """Whether the update may go ahead. If the loss or any gradient is NaN/inf, the gradients are dropped
-        (set to None: the optimizer then leaves every weight and moment as it was), the skip is counted in
+    def gradients_are_finite(self, loss: torch.Tensor | None = None, optimizer=None) -> bool:
+        """Whether the update may go ahead, decided on every rank alike. If the loss or any gradient is NaN/inf on
+        any rank, the gradients are dropped (set to None: the optimizer then leaves every weight and moment as it
+        was; under DeepSpeed its partitioned gradients are zeroed through `optimizer`), the skip is counted in
         `train/skipped_steps`, and `optim.max_skipped_in_row` skips in a row stop the run."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         checks = [g.isfinite().all() for g in grads] + ([loss.isfinite().all()] if loss is not None else [])
-        if not checks or bool(torch.stack(checks).all()):
+        finite = not checks or bool(torch.stack(checks).all())
+        if self._trainer is not None:  # sharded gradients (ZeRO, FSDP) differ between ranks
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             self.nonfinite_in_row = 0
             return True
         for p in self.model.parameters():
             p.grad = None
+        if optimizer is not None:
+            optimizer.zero_grad()
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         limit = self.optim.get("max_skipped_in_row", 10)
@@ -186,6 +193,25 @@ class AudioLMModule(L.LightningModule):
                 f"{self.nonfinite_in_row} updates in a row had a non-finite loss or gradient (at step "
                 f"{self.global_step}); stopping. Lower optim.lr, check the data, or raise optim.max_skipped_in_row.")
         return False
+
+    def clip_gradient_norm(self, optimizer) -> None:
+        """Clip to `optim.max_grad_norm` in the way the strategy allows."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return  # the engine clips inside its step: gradient_clipping is set from optim.max_grad_norm
+        if isinstance(strategy, FSDPStrategy):
+            # Lightning refuses norm clipping under FSDP: sharded gradients need the root module's clip_grad_norm_.
+            strategy.model.clip_grad_norm_(self.optim.max_grad_norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def accumulation_boundary(self, last: bool) -> None:
+        """Say whether the next backward pass is the last before the optimizer step. DeepSpeed's engine reduces
+        the gradients into its partitions at each boundary and, configured with gradient_accumulation_steps=1
+        (one optimizer step per Lightning step), takes every backward for one: a second micro-batch's gradients
+        would replace the first's."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            self.trainer.strategy.deepspeed_engine.set_gradient_accumulation_boundary(last)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["avrl_skipped_steps"] = self.skipped_steps

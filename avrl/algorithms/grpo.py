@@ -192,6 +192,7 @@ class GRPOModule(AudioLMModule):
             optimizer.zero_grad()
             stats = []
             for lo in range(0, num_prompts, chunk):
+                self.accumulation_boundary(last=lo + chunk >= num_prompts)
                 p, s = slice(lo, lo + chunk), slice(lo * G, (lo + chunk) * G)
                 part = {k: (v[p] if torch.is_tensor(v) else v) for k, v in batch.items() if k not in MEDIA_KEYS}
                 part_media = self._slice_media(media, batch, p) if reuse_media else self.encode(_prompt_slice(batch, p))
@@ -208,9 +209,8 @@ class GRPOModule(AudioLMModule):
                 metrics["loss"] = loss.detach() * weight
                 metrics["entropy"] = (entropy * mask[s]).sum() / mask[s].sum().clamp(min=1)
                 stats.append((weight, metrics))
-            if self.gradients_are_finite(sum(m["loss"] for _, m in stats)):
-                self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm,
-                                    gradient_clip_algorithm="norm")
+            if self.gradients_are_finite(sum(m["loss"] for _, m in stats), optimizer):
+                self.clip_gradient_norm(optimizer)
                 optimizer.step()
                 scheduler.step()
         if self._vllm[0] is not None:

@@ -46,4 +46,4 @@ class SFTModule(AudioLMModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # One place for the clipping norm (optim.max_grad_norm), as in GRPO's manual step.
-        self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradient_norm(optimizer)

@@ -1,0 +1,190 @@
+"""Lightning's DeepSpeed strategy with what avrl's runs need on top of it.
+
+- DeepSpeed configs written for the HF Trainer (R1-AQA's and EchoInk-R1's zero3.json) hold "auto" values that
+  Lightning passes to DeepSpeed unresolved. `resolve_auto` fills them the way the HF Trainer does, but reads the
+  hidden size from the *text* config: Qwen2.5-Omni keeps it only there, which is why EchoInk-R1's users had to edit
+  `hidden_size` into their config by hand.
+- The clipping norm comes from `optim.max_grad_norm`: under DeepSpeed the engine clips inside its step and
+  Lightning's `clip_gradients` does nothing, so the norm has to be in DeepSpeed's config.
+- `trainer.accelerator=cpu` runs DeepSpeed on CPU processes over gloo (Lightning allows CUDA only). Nothing a GPU
+  run does changes; it lets a DeepSpeed configuration be debugged, and tested, without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+log = logging.getLogger(__name__)
+
+# Filled by Lightning from the Trainer and the data loader when absent (it refuses gradient_accumulation_steps).
+FROM_TRAINER = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps")
+# Lightning adds the block matching trainer.precision when absent.
+PRECISION_BLOCKS = ("fp16", "bf16")
+# avrl's optimizer and schedule come from the `optim` group (configure_optimizers), as "auto" means in HF configs.
+OPTIMIZER_BLOCKS = ("optimizer", "scheduler")
+
+
+def bucket_sizes(hidden_size: int) -> dict[str, int]:
+    """The HF Trainer's values for DeepSpeed's "auto" ZeRO sizes (transformers.integrations.deepspeed)."""
+    return {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
+def resolve_auto(config: dict, hidden_size: int | None, max_grad_norm: float) -> dict:
+    """A copy of a DeepSpeed config with every "auto" replaced, or removed where Lightning fills the value in."""
+    config = {key: (dict(value) if isinstance(value, dict) else value) for key, value in config.items()}
+    for key in FROM_TRAINER:
+        if config.get(key) == "auto":
+            del config[key]
+    for key in PRECISION_BLOCKS:
+        if isinstance(config.get(key), dict) and config[key].get("enabled") == "auto":
+            del config[key]
+    for key in OPTIMIZER_BLOCKS:
+        if _has_auto(config.get(key)):
+            log.info("DeepSpeed config: the '%s' block is dropped; avrl's optim group sets it", key)
+            del config[key]
+    clip = config.get("gradient_clipping", "auto")
+    if clip == "auto":
+        config["gradient_clipping"] = float(max_grad_norm)
+    elif float(clip) != float(max_grad_norm):
+        raise ValueError(f"the DeepSpeed config sets gradient_clipping={clip} but optim.max_grad_norm="
+                         f"{max_grad_norm}: set one of them to the other (or gradient_clipping to \"auto\")")
+    zero = config.get("zero_optimization", {})
+    for key, value in bucket_sizes(hidden_size or 0).items():
+        if zero.get(key) == "auto":
+            if not hidden_size:
+                raise ValueError(f"zero_optimization.{key} is \"auto\" but the model's hidden size is unknown")
+            zero[key] = value
+    left = list(_auto_paths(config))
+    if left:
+        raise ValueError(f"DeepSpeed config values left \"auto\" that avrl cannot fill: {', '.join(left)}")
+    return config
+
+
+def _has_auto(value: Any) -> bool:
+    return next(_auto_paths(value), None) is not None
+
+
+def _auto_paths(value: Any, prefix: str = ""):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _auto_paths(inner, f"{prefix}{key}.")
+    elif value == "auto":
+        yield prefix.rstrip(".")
+
+
+def text_hidden_size(model_cfg) -> int:
+    """The language model's hidden size, read from the checkpoint's config (no weights are loaded)."""
+    from avrl.models.loading import model_class
+
+    config = model_class(model_cfg.family).config_class.from_pretrained(
+        str(model_cfg.name_or_path), revision=model_cfg.get("revision"))
+    return config.get_text_config().hidden_size
+
+
+def build(spec: dict, cfg):
+    """The Trainer's strategy from a `trainer.strategy` mapping; avrl's DeepSpeed gets the clipping norm and the
+    model's hidden size from the rest of the config."""
+    from hydra.utils import get_class, instantiate
+
+    if issubclass(get_class(spec["_target_"]), DeepSpeed):
+        spec = {"max_grad_norm": cfg.optim.max_grad_norm, **spec}
+        if spec.get("hidden_size") is None:
+            spec["hidden_size"] = text_hidden_size(cfg.model)
+    return instantiate(spec)
+
+
+class DeepSpeed(DeepSpeedStrategy):
+    """`lightning.pytorch.strategies.DeepSpeedStrategy` + "auto" values + the clipping norm + CPU processes.
+
+    All of Lightning's arguments pass through (stage, offload_optimizer, offload_parameters, config=<json>, ...).
+    """
+
+    def __init__(self, *args, max_grad_norm: float = 1.0, hidden_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = resolve_auto(self.config, hidden_size, max_grad_norm)
+
+    @contextmanager
+    def model_sharded_context(self):
+        """configure_model's context. Under ZeRO-3 transformers partitions a checkpoint while loading it (its own
+        zero.Init, weights copied into the partitions) once it knows ZeRO-3 is on; Lightning's bare zero.Init would
+        leave from_pretrained initialising and loading into empty partitions."""
+        if not self.zero_stage_3:
+            yield
+            return
+        from lightning.pytorch.utilities import rank_zero_warn
+        from transformers.integrations import HfDeepSpeedConfig
+
+        rank_zero_warn("ZeRO-3 runs end to end, but on CPU it has not matched the one-process run as ZeRO-2 does "
+                       "(README, Scale-out): compare against trainer=deepspeed_zero2 before trusting its results.")
+        self._init_config_if_needed()
+        self.hf_deepspeed_config = HfDeepSpeedConfig(self.config)  # transformers keeps only a weak reference
+        yield
+        self._prepare_zero3(self.lightning_module)
+
+    def _prepare_zero3(self, module) -> None:
+        """ZeRO-3 gathers a module's own parameters when its forward runs. The audio encoders also read a child's
+        weight directly (Qwen2-Audio's positional table), so each encoder is gathered whole, as one "leaf". The
+        frozen reference model gets an inference engine of its own (as TRL does), which shards it as well."""
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_module
+
+        from avrl.models.loading import audio_encoder
+        from avrl.models.multimodal import unwrap
+
+        ref = getattr(module, "ref_model", None)
+        for model in (module.model, ref):
+            if model is not None and audio_encoder(unwrap(model)) is not None:
+                set_z3_leaf_module(audio_encoder(unwrap(model)), True)
+        if ref is not None:
+            config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
+                                            self.config["zero_optimization"].get("stage3_param_persistence_threshold",
+                                                                                 100_000)},
+                      "train_micro_batch_size_per_gpu": 1,
+                      **{key: self.config[key] for key in ("bf16", "fp16") if key in self.config}}
+            self.ref_engine = deepspeed.initialize(model=ref, config=config, dist_init_required=False)[0]
+            self.ref_engine.eval()
+
+    @contextmanager
+    def full_weights(self, model):
+        """Inside, `model` holds its full weights on every rank (ZeRO-3 gathers its partitions: every rank must
+        enter)."""
+        if not self.zero_stage_3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.parallel_devices is not None and all(d.type == "cpu" for d in self.parallel_devices)
+
+    def setup_environment(self) -> None:
+        if not self.on_cpu:
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # Lightning's CUDA-only check skipped; DeepSpeed's CPU backend is gloo
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()  # as Lightning does, without its check that device indices match local ranks (CPUs have none)
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.on_cpu:
+            return torch.device("cpu", self.local_rank)  # DeepSpeed's engine wants a device index
+        return super().root_device

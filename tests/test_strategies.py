@@ -1,0 +1,113 @@
+"""DeepSpeed through avrl: HF-style "auto" values resolved, the clipping norm carried over, and ZeRO-2 on two CPU
+processes reaching the weights of one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from avrl.strategies import bucket_sizes, resolve_auto, text_hidden_size
+from tests.conftest import ROOT
+
+PAPER_ZERO3 = ROOT / "conf/deepspeed/zero3_auto.json"
+
+
+def tiny(family, folder):
+    return OmegaConf.create({"family": family, "name_or_path": str(ROOT / "avrl/assets" / folder)})
+
+
+def test_hidden_size_comes_from_the_text_config_also_for_omni():
+    omni = tiny("qwen2_5_omni", "tiny_qwen2_5_omni")
+    raw = json.loads((ROOT / "avrl/assets/tiny_qwen2_5_omni/config.json").read_text())
+    assert "hidden_size" not in raw  # the thinker config keeps it only under text_config: EchoInk's manual edit
+    assert text_hidden_size(omni) == raw["text_config"]["hidden_size"] == 64
+    audio = json.loads((ROOT / "avrl/assets/tiny_qwen2_audio/config.json").read_text())
+    assert text_hidden_size(tiny("qwen2_audio", "tiny_qwen2_audio")) == audio["text_config"]["hidden_size"]
+
+
+def test_the_papers_zero3_config_resolves_as_the_hf_trainer_would():
+    raw = json.loads(PAPER_ZERO3.read_text())
+    resolved = resolve_auto(raw, hidden_size=3584, max_grad_norm=1.0)
+    zero = resolved["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 3584 * 3584
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 3584 * 3584)
+    assert zero["stage3_param_persistence_threshold"] == 35840
+    assert resolved["gradient_clipping"] == 1.0
+    # What Lightning fills from the Trainer is left to it; precision blocks come from trainer.precision.
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16"):
+        assert key not in resolved
+    assert "auto" not in json.dumps(resolved)
+    assert raw["zero_optimization"]["reduce_bucket_size"] == "auto"  # the input is left as it was
+    assert bucket_sizes(64)["reduce_bucket_size"] == 4096
+
+
+def test_auto_values_avrl_cannot_fill_are_named():
+    with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size"):
+        resolve_auto({"zero_optimization": {"reduce_bucket_size": "auto"}}, hidden_size=None, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="left \"auto\".*communication_data_type"):
+        resolve_auto({"communication_data_type": "auto"}, hidden_size=8, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="gradient_clipping=0.5 but optim.max_grad_norm=1.0"):
+        resolve_auto({"gradient_clipping": 0.5}, hidden_size=8, max_grad_norm=1.0)
+    # An optimizer block written for the HF Trainer ("auto" params) gives way to avrl's optim group.
+    out = resolve_auto({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, hidden_size=8, max_grad_norm=2.0)
+    assert out == {"gradient_clipping": 2.0}
+
+
+def test_deepspeed_reads_the_resolved_values_where_it_would_drop_or_keep_the_raw_autos():
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    batch = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
+    raw = json.loads(PAPER_ZERO3.read_text())
+    resolved = DeepSpeedConfig({**resolve_auto(raw, hidden_size=64, max_grad_norm=1.0), **batch})
+    assert resolved.zero_optimization_stage == 3 and resolved.gradient_clipping == 1.0
+    assert (resolved.zero_config.reduce_bucket_size, resolved.zero_config.prefetch_bucket_size,
+            resolved.zero_config.param_persistence_threshold) == (4096, int(0.9 * 4096), 640)
+    # Unresolved, DeepSpeed silently swaps its own defaults in for the sizes and keeps the string "auto" as the
+    # clipping norm (which its engine then compares with a number).
+    unresolved = DeepSpeedConfig({**raw, **batch, "train_batch_size": 2})
+    assert unresolved.zero_config.reduce_bucket_size != 4096 and unresolved.gradient_clipping == "auto"
+
+
+def test_the_strategy_gets_the_clipping_norm_and_hidden_size_from_the_run_config(cfg_factory):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    from avrl import strategies
+
+    cfg = cfg_factory("trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}", "optim.max_grad_norm=0.3")
+    strategy = strategies.build(OmegaConf.to_container(cfg.trainer.strategy, resolve=True), cfg)
+    assert strategy.config["gradient_clipping"] == 0.3
+    assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny model's hidden size
+
+
+COMMON = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "algorithm.num_generations=4",
+          "algorithm.max_completion_length=8", "algorithm.beta=0.04", "algorithm.temperature=1.5",
+          "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false", "logger=none",
+          # Each of these broke the equivalence until handled: a clipping norm that binds (DeepSpeed clips in its
+          # engine), two updates per rollout, and two micro-batches accumulated before each update.
+          "optim.max_grad_norm=0.001", "algorithm.num_iterations=2", "algorithm.micro_batch_prompts=1"]
+
+
+def run(run_dir, *overrides):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return load_file(run_dir / "final_model/model.safetensors")
+
+
+@pytest.mark.slow
+def test_zero2_on_two_cpu_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    one = run(tmp_path / "one", "data.batch_size=4")
+    two = run(tmp_path / "zero2", "trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.precision=32-true", "data.batch_size=2")
+    assert (tmp_path / "zero2/train_ddp_process_1.log").exists()  # a second rank really ran
+    base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
+    assert sum(not torch.equal(one[name], base[name]) for name in one) > len(one) // 2
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
