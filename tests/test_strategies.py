@@ -78,10 +78,11 @@ def test_the_strategy_gets_the_clipping_norm_and_hidden_size_from_the_run_config
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     from avrl import strategies
 
-    cfg = cfg_factory("trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}", "optim.max_grad_norm=0.3")
+    cfg = cfg_factory("model=tiny_qwen2_5_omni", "trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}",
+                      "optim.max_grad_norm=0.3")
     strategy = strategies.build(OmegaConf.to_container(cfg.trainer.strategy, resolve=True), cfg)
     assert strategy.config["gradient_clipping"] == 0.3
-    assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny model's hidden size
+    assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny Omni text config's
 
 
 COMMON = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "algorithm.num_generations=4",

@@ -45,8 +45,8 @@ def load_model(cfg: DictConfig, path: str | None = None):
     model = model_class(cfg.family).from_pretrained(
         source, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **hub
     )
-    # DeepSpeed's "auto" bucket sizes read config.hidden_size, which the multimodal configs keep only in
-    # text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
+    # Tools that size things from config.hidden_size (the HF Trainer's DeepSpeed "auto" values) find it only in
+    # Omni's text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
     if getattr(model.config, "hidden_size", None) is None:
         model.config.hidden_size = model.config.get_text_config().hidden_size
     if cfg.freeze_audio_encoder and audio_encoder(model) is not None:
