@@ -120,30 +120,29 @@ class DeepSpeed(DeepSpeedStrategy):
         if not self.zero_stage_3:
             yield
             return
-        from lightning.pytorch.utilities import rank_zero_warn
         from transformers.integrations import HfDeepSpeedConfig
 
-        rank_zero_warn("ZeRO-3 runs end to end, but on CPU it has not matched the one-process run as ZeRO-2 does "
-                       "(README, Scale-out): compare against trainer=deepspeed_zero2 before trusting its results.")
         self._init_config_if_needed()
         self.hf_deepspeed_config = HfDeepSpeedConfig(self.config)  # transformers keeps only a weak reference
         yield
         self._prepare_zero3(self.lightning_module)
 
     def _prepare_zero3(self, module) -> None:
-        """ZeRO-3 gathers a module's own parameters when its forward runs. The audio encoders also read a child's
-        weight directly (Qwen2-Audio's positional table), so each encoder is gathered whole, as one "leaf". The
-        frozen reference model gets an inference engine of its own (as TRL does), which shards it as well."""
+        """ZeRO-3 gathers a module's parameters when its forward runs. Qwen2-Audio's encoder reads its positional
+        table's weight without calling that module, so the table is registered with the encoder as an external
+        parameter. The frozen reference model gets an inference engine of its own (as TRL does), which shards it."""
         import deepspeed
-        from deepspeed.utils import set_z3_leaf_module
 
         from avrl.models.loading import audio_encoder
         from avrl.models.multimodal import unwrap
 
         ref = getattr(module, "ref_model", None)
         for model in (module.model, ref):
-            if model is not None and audio_encoder(unwrap(model)) is not None:
-                set_z3_leaf_module(audio_encoder(unwrap(model)), True)
+            encoder = audio_encoder(unwrap(model)) if model is not None else None
+            positions = getattr(encoder, "embed_positions", None)
+            if isinstance(positions, torch.nn.Module):
+                for param in positions.parameters():
+                    deepspeed.zero.register_external_parameter(encoder, param)
         if ref is not None:
             config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
                                             self.config["zero_optimization"].get("stage3_param_persistence_threshold",

@@ -49,6 +49,11 @@ def load_model(cfg: DictConfig, path: str | None = None):
     # Omni's text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
     if getattr(model.config, "hidden_size", None) is None:
         model.config.hidden_size = model.config.get_text_config().hidden_size
+    positions = getattr(audio_encoder(model), "embed_positions", None)
+    if positions is not None:
+        # Qwen2-Audio's sinusoidal position table is frozen when the model is built, but from_pretrained
+        # (transformers 5) hands it back trainable; under ZeRO-3 it stays frozen. Frozen, as designed, everywhere.
+        positions.requires_grad_(False)
     if cfg.freeze_audio_encoder and audio_encoder(model) is not None:
         # Qwen2-Audio's projector into the LM stays trainable; Omni's projection is part of its encoder.
         audio_encoder(model).requires_grad_(False)
