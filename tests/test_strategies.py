@@ -113,8 +113,8 @@ def assert_same_weights(got, want):
 @pytest.mark.slow
 def test_zero2_on_two_cpu_processes_equals_one_process_with_the_same_global_batch(tmp_path):
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    # Two micro-batches of one prompt per update as well: without DeepSpeed's accumulation boundary the second
-    # micro-batch's gradients replaced the first's.
+    # Two micro-batches of one prompt per update as well: without DeepSpeed's accumulation boundary ZeRO-2
+    # replaced the first micro-batch's gradients with the second's.
     one = run(tmp_path / "one", "data.batch_size=4", "algorithm.micro_batch_prompts=2")
     two = run(tmp_path / "zero2", "trainer=deepspeed_zero2", *CPU_PROCESSES, "algorithm.micro_batch_prompts=1")
     assert (tmp_path / "zero2/train_ddp_process_1.log").exists()  # a second rank really ran
@@ -126,9 +126,11 @@ def test_zero3_with_the_papers_config_on_two_cpu_processes_equals_one_process(tm
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     from transformers import Qwen2AudioForConditionalGeneration
 
-    one = run(tmp_path / "one", "data.batch_size=4")
+    # Micro-batches too: ZeRO-3 starts a micro-step in the engine's forward, which the micro-batches inside one
+    # Lightning step never call; without starting each by hand it copied the second's gradients over the first's.
+    one = run(tmp_path / "one", "data.batch_size=4", "algorithm.micro_batch_prompts=2")
     run(tmp_path / "zero3", "trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}", *CPU_PROCESSES,
-        stubs=True)
+        "algorithm.micro_batch_prompts=1", stubs=True)
     # The gathered final model loads as a transformers folder (no missing or unexpected weights) ...
     model, info = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "zero3/final_model",
                                                                       output_loading_info=True)

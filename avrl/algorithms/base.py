@@ -206,12 +206,16 @@ class AudioLMModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
 
     def accumulation_boundary(self, last: bool) -> None:
-        """Say whether the next backward pass is the last before the optimizer step. DeepSpeed's engine reduces
-        the gradients into its partitions at each boundary and, configured with gradient_accumulation_steps=1
-        (one optimizer step per Lightning step), takes every backward for one: a second micro-batch's gradients
-        would replace the first's."""
+        """Start a micro-batch: say whether its backward pass is the last before the optimizer step. DeepSpeed's
+        engine, configured with gradient_accumulation_steps=1 (one optimizer step per Lightning step), otherwise
+        takes every backward for a boundary, and ZeRO-2 then replaces the previous micro-batch's gradients."""
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            self.trainer.strategy.deepspeed_engine.set_gradient_accumulation_boundary(last)
+            engine = self.trainer.strategy.deepspeed_engine
+            # What engine.forward does first. All micro-batches run inside one Lightning forward, so each starts its
+            # micro-step here; otherwise ZeRO-3 copies a micro-batch's gradients over the previous one's.
+            if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+                engine.optimizer.clear_backward_seen_flag()
+            engine.set_gradient_accumulation_boundary(last)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["avrl_skipped_steps"] = self.skipped_steps

@@ -188,9 +188,6 @@ class GRPOModule(AudioLMModule):
         # 4. num_iterations updates on this rollout, gradients accumulated over micro-batches of whole groups.
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         chunk = algo.micro_batch_prompts or num_prompts
-        if chunk < num_prompts and getattr(self.trainer.strategy, "zero_stage_3", False):
-            raise ValueError("algorithm.micro_batch_prompts under ZeRO-3: accumulating micro-batches has not matched "
-                             "a one-process run on CPU (README, Scale-out); leave it null or use trainer=deepspeed_zero2")
         for _ in range(algo.num_iterations):
             optimizer.zero_grad()
             stats = []
