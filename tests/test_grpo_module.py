@@ -28,7 +28,8 @@ def fit_module(cfg):
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
     module = build_module(cfg, processor, prompt)
     dm = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
-    trainer = L.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, precision=cfg.trainer.precision,
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
     return module, dm, trainer
 
@@ -118,3 +119,48 @@ def test_grpo_on_lora_uses_the_base_as_reference_and_trains_only_adapters(cfg_fa
     lora = {k: v for k, v in after.items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: non-zero means trained
     assert not any("audio_tower" in k for k in lora)
+
+
+
+def trained_weights(cfg_factory, *overrides):
+    """The policy's weights (as float32) after two GRPO steps with the KL term on."""
+    cfg = cfg_factory(*FAST, "trainer.max_steps=2", "algorithm.beta=0.04", "algorithm.temperature=1.5", *overrides)
+    module, dm, trainer = fit_module(cfg)
+    trainer.fit(module, datamodule=dm)
+    return module, {name: t.detach().float().clone() for name, t in module.model.state_dict().items()}
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_updates(cfg_factory, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from tests.conftest import ROOT
+
+    calls = {"n": 0}
+    original = Qwen2MLP.forward  # inside each checkpointed decoder layer (whose own forward transformers wraps)
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2MLP, "forward", counted)
+    _, plain = trained_weights(cfg_factory)
+    plain_calls, calls["n"] = calls["n"], 0
+    module, checkpointed = trained_weights(cfg_factory, "model.gradient_checkpointing=true")
+    assert getattr(module.model, "is_activation_checkpointing", None) or module.model.is_gradient_checkpointing
+    assert calls["n"] > plain_calls  # the loss pass's layers ran again during backward
+    base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
+    assert not torch.equal(plain["model.language_model.layers.0.mlp.up_proj.weight"],
+                           base["language_model.model.layers.0.mlp.up_proj.weight"])  # two steps moved it
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_true_trains_the_policy_in_bfloat16(cfg_factory):
+    module, bf16 = trained_weights(cfg_factory, "trainer.precision=bf16-true")
+    assert module.model.dtype == torch.bfloat16 and module.ref_model.dtype == torch.bfloat16
+    _, fp32 = trained_weights(cfg_factory)
+    moved = [name for name in fp32 if not torch.equal(bf16[name], fp32[name])]
+    assert moved  # not a no-op: bf16 rounding shows in the weights
+    for name in fp32:  # ... and two bf16 steps land near the float32 ones (bf16 has ~3 significant digits)
+        torch.testing.assert_close(bf16[name], fp32[name], rtol=2e-2, atol=2e-2, msg=name)

@@ -128,8 +128,10 @@ class GRPOModule(AudioLMModule):
             self._ref[0] = load_model(self.model_cfg).eval().requires_grad_(False)
 
     def on_fit_start(self) -> None:
-        if self.ref_model is not None:
-            self.ref_model.to(self.device)
+        if self.ref_model is not None and not getattr(self.trainer.strategy, "zero_stage_3", False):
+            # The reference is not a submodule, so the precision plugin (bf16-true) did not convert it: it follows
+            # the policy's dtype here. (Under ZeRO-3 its own engine holds it, partitioned.)
+            self.ref_model.to(device=self.device, dtype=next(self.model.parameters()).dtype)
 
     @property
     def is_peft(self) -> bool:
