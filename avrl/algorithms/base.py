@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from omegaconf import DictConfig
 from transformers import LogitsProcessorList
 
 from avrl.models import load_model
@@ -166,11 +166,11 @@ class AudioLMModule(L.LightningModule):
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------------------ optimizer
-    def gradients_are_finite(self, loss: torch.Tensor | None = None, optimizer=None) -> bool:
+    def gradients_are_finite(self, loss: torch.Tensor | None = None) -> bool:
         """Whether the update may go ahead, decided on every rank alike. If the loss or any gradient is NaN/inf on
         any rank, the gradients are dropped (set to None: the optimizer then leaves every weight and moment as it
-        was; under DeepSpeed its partitioned gradients are zeroed through `optimizer`), the skip is counted in
-        `train/skipped_steps`, and `optim.max_skipped_in_row` skips in a row stop the run."""
+        was; DeepSpeed's partitions are cleared by the zero_grad that starts every update), the skip is counted
+        in `train/skipped_steps`, and `optim.max_skipped_in_row` skips in a row stop the run."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         checks = [g.isfinite().all() for g in grads] + ([loss.isfinite().all()] if loss is not None else [])
         finite = not checks or bool(torch.stack(checks).all())
@@ -181,8 +181,6 @@ class AudioLMModule(L.LightningModule):
             return True
         for p in self.model.parameters():
             p.grad = None
-        if optimizer is not None:
-            optimizer.zero_grad()
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         limit = self.optim.get("max_skipped_in_row", 10)

@@ -211,7 +211,7 @@ class GRPOModule(AudioLMModule):
                 metrics["loss"] = loss.detach() * weight
                 metrics["entropy"] = (entropy * mask[s]).sum() / mask[s].sum().clamp(min=1)
                 stats.append((weight, metrics))
-            if self.gradients_are_finite(sum(m["loss"] for _, m in stats), optimizer):
+            if self.gradients_are_finite(sum(m["loss"] for _, m in stats)):
                 self.clip_gradient_norm(optimizer)
                 optimizer.step()
                 scheduler.step()
