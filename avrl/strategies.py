@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,12 @@ def build(spec: dict, cfg):
     model's hidden size from the rest of the config."""
     from hydra.utils import get_class, instantiate
 
-    if issubclass(get_class(spec["_target_"]), DeepSpeed):
+    target = get_class(spec["_target_"])
+    if issubclass(target, FSDPStrategy):
+        log.warning("FSDP has never run with avrl (it needs a GPU); GRPO calls the encoders and embeddings outside "
+                    "the root module's forward, which FSDP may not allow. DeepSpeed ZeRO-2/3 are checked against a "
+                    "one-process run (README, Scale-out).")
+    if issubclass(target, DeepSpeed):
         spec = {"max_grad_norm": cfg.optim.max_grad_norm, **spec}
         if spec.get("hidden_size") is None:
             spec["hidden_size"] = text_hidden_size(cfg.model)

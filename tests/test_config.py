@@ -85,17 +85,20 @@ def test_sweep_presets_set_the_grid(sweep, params):
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
-def test_trainer_presets_instantiate_their_strategy(trainer):
-    from hydra.utils import instantiate
+def test_trainer_presets_instantiate_their_strategy(trainer, caplog):
+    from avrl import strategies
 
-    strategy = OmegaConf.to_container(compose([f"trainer={trainer}"]).trainer, resolve=True)["strategy"]
+    cfg = compose([f"trainer={trainer}"])
+    strategy = OmegaConf.to_container(cfg.trainer, resolve=True)["strategy"]
     if not isinstance(strategy, dict):
         assert strategy in ("auto", "ddp")
         return
     if "DeepSpeed" in strategy["_target_"]:
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    built = instantiate(strategy)
+    built = strategies.build(strategy, cfg)  # as build_trainer does
     assert type(built).__name__ == strategy["_target_"].rsplit(".", 1)[1]
+    if trainer == "fsdp":
+        assert "FSDP has never run with avrl" in caplog.text
 
 
 def test_slurm_launcher_preset_composes():
