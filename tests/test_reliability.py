@@ -3,6 +3,7 @@ secrets in the config."""
 
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -106,8 +107,19 @@ ZERO2_ONE_PROCESS = ["trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trai
                      "trainer.precision=32-true"]
 
 
+@pytest.fixture
+def restored_environment():
+    """Lightning sets MASTER_PORT & co. in this pytest process for DeepSpeed, whose process group keeps that port
+    (and is reused by the next in-process run: DeepSpeed cannot start a second one). Later tests that start ranks
+    of their own must not inherit the variables, or they would find the port taken."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("strategy", [[], ZERO2_ONE_PROCESS], ids=["plain", "zero2"])
-def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, strategy):
+def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, strategy, restored_environment):
     if strategy:
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     nan_on_calls(monkeypatch, {1})
@@ -134,7 +146,8 @@ def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, st
     assert max(m.value for m in history) == 1 and run.info.status == "FINISHED"
 
 
-def test_a_skipped_update_under_zero2_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path):
+def test_a_skipped_update_under_zero2_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path,
+                                                                restored_environment):
     """DeepSpeed accumulates gradients in its own partitions, where setting .grad to None does not reach; the next
     update must not add the NaN step's gradients. The weights after a skip are those of a run without DeepSpeed."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
