@@ -121,7 +121,6 @@ def test_grpo_on_lora_uses_the_base_as_reference_and_trains_only_adapters(cfg_fa
     assert not any("audio_tower" in k for k in lora)
 
 
-
 def trained_weights(cfg_factory, *overrides):
     """The policy's weights (as float32) after two GRPO steps with the KL term on."""
     cfg = cfg_factory(*FAST, "trainer.max_steps=2", "algorithm.beta=0.04", "algorithm.temperature=1.5", *overrides)

@@ -1,5 +1,5 @@
-"""DeepSpeed through avrl: HF-style "auto" values resolved, the clipping norm carried over, and ZeRO-2 on two CPU
-processes reaching the weights of one process with the same global batch."""
+"""DeepSpeed through avrl: HF-style "auto" values resolved, the clipping norm carried over, and ZeRO-2 and ZeRO-3 on
+two CPU processes reaching the weights of one process with the same global batch."""
 
 import json
 import os
