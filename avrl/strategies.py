@@ -135,12 +135,17 @@ class DeepSpeed(DeepSpeedStrategy):
     def _prepare_zero3(self, module) -> None:
         """ZeRO-3 gathers a module's parameters when its forward runs. Qwen2-Audio's encoder reads its positional
         table's weight without calling that module, so the table is registered with the encoder as an external
-        parameter. The frozen reference model gets an inference engine of its own (as TRL does), which shards it."""
+        parameter. The frozen reference model gets an inference engine of its own (as TRL does), which shards it.
+        The saved model's weight names are set right."""
         import deepspeed
 
         from avrl.models.loading import audio_encoder
         from avrl.models.multimodal import unwrap
 
+        # transformers' ZeRO-3 load path records extra key renamings whose reverse, on save, writes the language
+        # model as language_model.model.model.*; with none recorded it reverts the default mapping, which is what
+        # a plain load records (a workaround on a private attribute of transformers 5).
+        unwrap(module.model)._weight_conversions = None
         ref = getattr(module, "ref_model", None)
         for model in (module.model, ref):
             encoder = audio_encoder(unwrap(model)) if model is not None else None
