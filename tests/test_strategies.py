@@ -2,17 +2,13 @@
 two CPU processes reaching the weights of one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from avrl.strategies import bucket_sizes, resolve_auto, text_hidden_size
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
 
 PAPER_ZERO3 = ROOT / "conf/deepspeed/zero3_auto.json"
 
@@ -94,20 +90,8 @@ CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precis
 
 
 def run(run_dir, *overrides, stubs=False):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if stubs:
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests/cpu_stubs"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return load_file(run_dir / "final_model/model.safetensors")
-
-
-def assert_same_weights(got, want):
-    base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
-    assert sum(not torch.equal(want[name], base[name]) for name in want) > len(want) // 2
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    return final_weights_of_cli_run(run_dir, *COMMON, *overrides,
+                                    pythonpath=ROOT / "tests/cpu_stubs" if stubs else None)
 
 
 @pytest.mark.slow
@@ -118,7 +102,7 @@ def test_zero2_on_two_cpu_processes_equals_one_process_with_the_same_global_batc
     one = run(tmp_path / "one", "data.batch_size=4", "algorithm.micro_batch_prompts=2")
     two = run(tmp_path / "zero2", "trainer=deepspeed_zero2", *CPU_PROCESSES, "algorithm.micro_batch_prompts=1")
     assert (tmp_path / "zero2/train_ddp_process_1.log").exists()  # a second rank really ran
-    assert_same_weights(two, one)
+    assert_same_trained_weights(two, one)
 
 
 @pytest.mark.slow
@@ -137,4 +121,4 @@ def test_zero3_with_the_papers_config_on_two_cpu_processes_equals_one_process(tm
     assert not info["missing_keys"] and not info["unexpected_keys"]
     saved = load_file(tmp_path / "zero3/final_model/model.safetensors")
     assert set(saved) == set(one)
-    assert_same_weights(saved, one)
+    assert_same_trained_weights(saved, one)
