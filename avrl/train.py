@@ -54,6 +54,7 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
         resume.ResumeState(),
         tracking.completions_callback(cfg.algorithm.get("log_completions_every_n_steps", 0)),
         *extra_callbacks,
+        *(instantiate(c) for c in cfg.get("callbacks", {}).values()),  # the user's own (config key `callbacks`)
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -9,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+# How long a test waits for a subprocess before calling it hung. Only a guard against hangs: no test's outcome may
+# depend on how fast the machine is, and a busy 2-core machine runs the slowest CLI test in well under this.
+HANG_GUARD = 1800
 
 
 def final_weights_of_cli_run(run_dir: Path, *overrides, pythonpath: Path | None = None) -> dict:
@@ -22,7 +26,7 @@ def final_weights_of_cli_run(run_dir: Path, *overrides, pythonpath: Path | None 
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return load_file(run_dir / "final_model/model.safetensors")
 
@@ -65,3 +69,46 @@ def write_wav(path: Path, seconds: float = 1.0, freq: float = 440.0, sr: int = 1
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), sr)
     return path
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path, *args: str):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store in tmp_path; yields its URI once /health answers.
+    No clock decides: it waits as long as the server process lives (a slow start on a busy machine is fine), and
+    a server that exits at start (its port taken between choosing it and binding it) is started again elsewhere."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = tmp_path / f"mlflow-server-{attempt}.log"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+             str(tmp_path / "art"), "--workers", "1", *args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            while server.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{uri}/health", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            if server.poll() is None:
+                yield uri
+                return
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    raise RuntimeError(f"mlflow server did not start; see {log}:\n{log.read_text()[-3000:]}")

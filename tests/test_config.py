@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, ROOT, compose
+from tests.conftest import CONF, HANG_GUARD, ROOT, compose
 
 
 def options(group):
@@ -66,7 +66,7 @@ def test_experiment_presets(experiment):
                                   ["experiment=r1_aqa"], ["algorithm=lora", "prompt=think", "data=mmau"]])
 def test_cli_prints_composed_config(args):
     out = subprocess.run([sys.executable, "run.py", "--cfg", "job", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=HANG_GUARD)
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert {"model", "algorithm", "prompt", "data", "trainer", "logger", "task", "seed", "ckpt_path"} <= set(printed)
@@ -79,7 +79,7 @@ def test_cli_prints_composed_config(args):
 ])
 def test_sweep_presets_set_the_grid(sweep, params):
     out = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", f"sweep={sweep}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["hydra"]["sweeper"]["params"] == params
 

@@ -8,10 +8,10 @@ import sys
 import mlflow
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD, ROOT, mlflow_server
 
 
-def run_cli(tmp_path, *overrides, timeout=900):
+def run_cli(tmp_path, *overrides, timeout=HANG_GUARD):
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
     out = subprocess.run(
         [sys.executable, "run.py", f"hydra.run.dir={tmp_path}/out", *overrides],
@@ -58,7 +58,7 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
         [sys.executable, "run.py", "-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "trainer.max_steps=2",
          "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=10",
          "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
@@ -73,7 +73,7 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
 
     # The ablation report: one row per child with the children's own numbers, and valid PNG plots.
     report = subprocess.run([sys.executable, "-m", "avrl.report", str(tmp_path / "sweep")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_GUARD)
     assert report.returncode == 0, report.stderr[-3000:]
     rows = [line for line in (tmp_path / "sweep/report.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 2
@@ -96,34 +96,14 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
 @pytest.mark.slow
 def test_sweep_against_a_real_mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store; the runs are read back over REST."""
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):  # bounded wait for the server to answer
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with mlflow_server(tmp_path) as uri:
         env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1")
         out = subprocess.run(
             [sys.executable, "run.py", "-m", "algorithm=grpo,sft", "trainer.max_steps=1",
              "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2",
              "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
              f"hydra.sweep.dir={tmp_path}/sweep"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         client = mlflow.tracking.MlflowClient(uri)  # REST
@@ -131,9 +111,6 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         assert len(runs) == 3 and len(children) == 2
         assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"config.yaml"}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -145,7 +122,7 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
         [sys.executable, "run.py", "-m", "algorithm.loss_type=no_such_loss,grpo", "trainer.max_steps=1",
          "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2", "algorithm.max_completion_length=8",
          "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
     )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "1 of 2 jobs failed" in out.stderr
@@ -168,7 +145,7 @@ def test_benchmark_smoke_writes_its_figures(tmp_path):
     """`python -m avrl.bench --smoke`: one short step of avrl and of TRL, the audio and scaling rows, as JSON."""
     pytest.importorskip("trl")
     out = subprocess.run([sys.executable, "-m", "avrl.bench", "--smoke", "--out", str(tmp_path / "bench.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     for framework in ("avrl", "trl"):

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import threading
-import time
 
 import mlflow
 import pytest
@@ -193,10 +192,9 @@ def test_an_unreachable_tracking_server_is_reported_before_the_model_loads(cfg_f
     monkeypatch.setattr(avrl.train, "load_processor", no_model)
     uri = f"http://alice:hunter2@127.0.0.1:{free_port()}"
     cfg = cfg_factory(f"logger.tracking_uri={uri}")
-    start = time.time()
     with pytest.raises(ConnectionError, match=r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable") as e:
         train(cfg)
-    assert time.time() - start < 30 and "hunter2" not in str(e.value)
+    assert "hunter2" not in str(e.value)  # (no clock here: load_processor above fails the test if reached)
 
 
 def test_a_server_that_answers_with_an_error_status_counts_as_reachable():

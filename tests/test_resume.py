@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD, ROOT
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
@@ -52,9 +52,20 @@ COMMON = ["trainer.max_steps=12", "checkpoint_every_n_steps=3", "trainer.val_che
 
 
 def launch(tmp_path, run_dir, *extra, db="mlruns.db"):
+    """`python run.py` in the background; its console goes to <run_dir>.log (a pipe nobody reads could fill up)."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/{db}", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *extra], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(f"{run_dir}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *extra], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = f"{run_dir}.log"
+    return proc
+
+
+def finish(proc, timeout=HANG_GUARD) -> str:
+    """Wait for a launched run; its console output."""
+    proc.wait(timeout=timeout)
+    with open(proc.log) as log:
+        return log.read()
 
 
 def histories(db, run_id):
@@ -71,23 +82,27 @@ def histories(db, run_id):
 def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_path):
     # Uninterrupted reference: 12 steps (2 epochs of 10 batches: the resume crosses an epoch boundary).
     ref = launch(tmp_path, tmp_path / "ref", db="ref.db")
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+    out = finish(ref)
+    assert ref.returncode == 0, out[-3000:]
 
-    # The same run, killed once its first checkpoint (step 3) is written, before it can finish.
-    run = launch(tmp_path, tmp_path / "run")
-    last = tmp_path / "run/checkpoints/last.ckpt"
-    deadline = time.time() + 600
-    while not last.exists() and run.poll() is None and time.time() < deadline:
+    # The same run, held before the first batch after its first checkpoint (tests/hold.py) and SIGKILLed there:
+    # it cannot finish before the kill, however the machine schedules the two processes.
+    marker = tmp_path / "holding"
+    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
+                 f"+callbacks.hold.marker={marker}")
+    while not marker.exists():
+        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run)[-3000:]
         time.sleep(0.05)
-    time.sleep(0.3)
     os.kill(run.pid, signal.SIGKILL)
-    assert run.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    finish(run, timeout=60)
+    assert run.returncode == -signal.SIGKILL
     assert not (tmp_path / "run/final_model").exists()
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    killed_at = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert int(marker.read_text()) == killed_at  # held right after that checkpoint
     assert 0 < killed_at < 2 * 12  # mid-training (global_step counts num_iterations=2 updates per batch)
 
     resumed = launch(tmp_path, tmp_path / "run", "ckpt_path=last")
-    out = resumed.communicate(timeout=600)[0]
+    out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
 
     want, got = load_file(tmp_path / "ref/final_model/model.safetensors"), load_file(tmp_path / "run/final_model/model.safetensors")

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from avrl import search
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD, ROOT
 
 
 def test_sweep_syntax_maps_to_optuna_distributions():
@@ -118,7 +118,7 @@ def run_study(tmp_path, *overrides):
         [sys.executable, "run.py", "-m", "search=test_study", f"hydra.searchpath=[file://{tmp_path}/conf]",
          "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=8", "data.batch_size=2",
          "algorithm.num_generations=2", "trainer.enable_progress_bar=false", "save_final_model=false", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
     )
 
 

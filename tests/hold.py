@@ -1,0 +1,26 @@
+"""A Lightning callback for tests that kill a run at a known point: once `last.ckpt` exists, the run writes a marker
+file and then waits, before its next batch, until it is killed. The test kills it only after seeing the marker, so
+the kill always lands mid-training whatever the scheduler does (no sleeps, no race with the end of the run).
+
+Used through the `callbacks` config key: `+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint
++callbacks.hold.marker=<path>` (run.py's folder, the repository root, is on the run's sys.path)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class HoldAfterCheckpoint(Callback):
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not (Path(trainer.default_root_dir) / "checkpoints/last.ckpt").exists():
+            return
+        partial = self.marker.with_suffix(".partial")
+        partial.write_text(str(trainer.global_step))
+        partial.rename(self.marker)  # atomic: the test never reads a half-written marker
+        threading.Event().wait()  # never set: only the test's SIGKILL ends the run from here
