@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 ASSETS = Path(__file__).parent / "assets"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def asset_path(name: str) -> str:
@@ -27,7 +28,30 @@ def tiny_init_path(family: str) -> str:
     return str(path)
 
 
+def conf_path(name: str) -> str:
+    """Absolute path of a file shipped in conf/ (the papers' DeepSpeed JSONs), whatever the working directory."""
+    path = CONF / name
+    if not path.exists():
+        raise FileNotFoundError(f"no file {name!r} in {CONF}")
+    return str(path)
+
+
+# MMAU test-mini versions (../shared/data/README.md): scores on one are not comparable with the other.
+MMAU_FILES = {"original": "mmau-test-mini-original.json", "v05.15.25": "mmau-test-mini.json"}
+
+
+def mmau_file(version: str) -> str:
+    """The metadata file name of an MMAU test-mini version (`data.version`)."""
+    if version not in MMAU_FILES:
+        raise ValueError(f"data.version={version!r}: MMAU test-mini versions are {sorted(MMAU_FILES)}")
+    return MMAU_FILES[version]
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("avrl_conf"):
+        OmegaConf.register_new_resolver("avrl_conf", conf_path)
+    if not OmegaConf.has_resolver("avrl_mmau_file"):
+        OmegaConf.register_new_resolver("avrl_mmau_file", mmau_file)
     if not OmegaConf.has_resolver("avrl_asset"):
         OmegaConf.register_new_resolver("avrl_asset", asset_path)
     if not OmegaConf.has_resolver("avrl_tiny_init"):

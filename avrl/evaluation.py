@@ -20,8 +20,7 @@ from avrl import tracking
 from avrl.algorithms.base import AudioLMModule, accuracy_metrics
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import load_model, load_processor
-from avrl.prompts import predicted_text
-from avrl.rewards import is_correct
+from avrl.protocols import prediction
 from avrl.train import prompt_spec, reward_functions
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = load_for_eval(cfg, processor, prompt)
     module.eval()
 
-    samples = int(cfg.eval.num_samples)
+    samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
+    settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    version = cfg.data.get("version")
+    log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens", cfg.data.name,
+             f" (version {version})" if version else "", protocol,
+             "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"])
     rows, results, per_sample_accuracy = [], [], [[] for _ in range(samples)]
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
@@ -72,16 +76,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             media = module.encode(batch)
             texts = []
             for k in range(samples):
-                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample), draw=k)
+                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample), draw=k,
+                                            settings=settings)
                 texts.append(module.decode(ids, mask))
             for i, item in enumerate(batch["items"]):
                 raw = texts[0][i]
                 for k in range(samples):
-                    per_sample_accuracy[k].append(float(is_correct(texts[k][i], item, prompt)))
+                    per_sample_accuracy[k].append(float(prediction(protocol, prompt, texts[k][i], item)[1]))
                 record = dict(item.meta) if item.meta else {
                     "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
                     "task": item.category}
-                record.update(model_output=predicted_text(prompt, raw, item.choices), model_raw_output=raw)
+                # model_prediction: the key R1-AQA's test script writes; the same value.
+                output = prediction(protocol, prompt, raw, item)[0]
+                record.update(model_output=output, model_prediction=output, model_raw_output=raw)
                 if samples > 1:
                     record["model_raw_outputs"] = [t[i] for t in texts]
                 rows.append(record)
@@ -102,6 +109,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
+    if version:
+        print(f"{cfg.data.name} version {version}, protocol {protocol}")
     print(table(results, metrics))
     print(f"\npredictions: {path}")
     return metrics

@@ -22,6 +22,7 @@ class PromptSpec:
 
     name: str
     template: str  # fields: {question}, {choices} (Python list repr, R1-AQA), {options} (lettered, one per line)
+    eval_template: str | None = None  # task=eval's template when the paper evaluates with another one (EchoInk)
     answer_style: str = "text"  # "text": the choice's text; "letter": the option letter
     format_pattern: str = r"<answer>.*?</answer>"
     sft_target: str = "<answer>{answer}</answer>"  # what SFT trains on; {answer} is the gold answer
@@ -31,9 +32,12 @@ class PromptSpec:
             raise ValueError(f"prompt {self.name!r}: answer_style must be 'text' or 'letter', got {self.answer_style!r}")
 
 
-def render_question(spec: PromptSpec, item: QAItem) -> str:
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
-    return spec.template.format(question=item.question, choices=str(list(item.choices)), options=options)
+def render_question(spec: PromptSpec, item: QAItem, for_eval: bool = False) -> str:
+    """The user turn's text. {options} are the data file's own lettered options when it has them (EchoInk's
+    "A. ..."), else "A. <choice>" lines; {choices} is the Python list's repr, as R1-AQA's f-string writes it."""
+    options = "\n".join(item.options_text or [f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices)])
+    template = spec.eval_template if for_eval and spec.eval_template else spec.template
+    return template.format(question=item.question, choices=str(list(item.choices)), options=options)
 
 
 def target_answer(spec: PromptSpec, item: QAItem) -> str:

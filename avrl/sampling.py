@@ -45,15 +45,19 @@ def uniforms(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
 
 class KeyedSampler:
     """A transformers logits processor that samples each row from its own stream and returns scores that are -inf
-    except at the drawn token, so that greedy decoding emits the sample. Temperature and top-p are applied here
-    (generate runs with do_sample=False, so its own warpers stay out of the way)."""
+    except at the drawn token, so that greedy decoding emits the sample. Temperature, top-k and top-p are applied
+    here in transformers' order (generate runs with do_sample=False, so its own warpers stay out of the way)."""
 
-    def __init__(self, keys: list[int], prompt_length: int, temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(self, keys: list[int], prompt_length: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0):
         self.keys = torch.tensor(keys, dtype=torch.int64)
-        self.prompt_length, self.temperature, self.top_p = prompt_length, temperature, top_p
+        self.prompt_length, self.temperature, self.top_p, self.top_k = prompt_length, temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
             logits = top_p_filter(logits, self.top_p)
         u = uniforms(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length, scores.shape[-1])

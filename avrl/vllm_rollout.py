@@ -105,7 +105,8 @@ class VLLMRollout:
             for g in range(G):
                 requests.append({"prompt": prompt, "multi_modal_data": media})
                 params.append(SamplingParams(
-                    temperature=self.algo.temperature, top_p=self.algo.top_p, max_tokens=self.algo.max_completion_length,
+                    temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=self.algo.get("top_k", 0) or -1,
+                    max_tokens=self.algo.max_completion_length,
                     seed=keys[i * G + g], logprobs=0, stop_token_ids=self.stop_token_ids, detokenize=False))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         width = self.algo.max_completion_length

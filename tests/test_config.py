@@ -1,6 +1,5 @@
-"""Every combination of the config groups composes and resolves; run.py --cfg job prints it."""
+"""Every option of every config group composes and resolves; run.py --cfg job prints it."""
 
-import itertools
 import subprocess
 import sys
 
@@ -28,10 +27,11 @@ def test_groups_hold_what_the_product_promises():
     assert set(options("logger")) == {"mlflow", "none"}
 
 
-@pytest.mark.parametrize("combo", list(itertools.product(*(options(g) for g in GROUPS))),
-                         ids=lambda c: "-".join(c))
-def test_every_combination_composes_and_resolves(combo):
-    cfg = compose([f"{g}={o}" for g, o in zip(GROUPS, combo)])
+# One compose per option, the others at their defaults; the combinations that ship together are the presets
+# (experiments/, composed below). The full cartesian product was ~1,000 composes of the same code path.
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_resolves(override):
+    cfg = compose([override])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["family"] in ("qwen2_audio", "qwen2_5_omni")
     assert resolved["algorithm"]["_target_"].startswith("avrl.algorithms.")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from avrl.evaluation import evaluate
 from tests.conftest import SHARED, write_wav
@@ -29,7 +30,7 @@ def test_eval_on_mmau_writes_scorable_predictions_deterministically(cfg_factory,
     metrics = []
     for run in ("a", "b"):
         cfg = cfg_factory("task=eval", "data=mmau", f"data.test_path={path}", "data.eval_batch_size=5",
-                          f"output_dir={tmp_path}/{run}", "algorithm.max_completion_length=12")
+                          f"output_dir={tmp_path}/{run}", "eval.max_new_tokens=12")
         metrics.append(evaluate(cfg))
     first = json.loads((tmp_path / "a/predictions.json").read_text())
     second = json.loads((tmp_path / "b/predictions.json").read_text())
@@ -48,7 +49,7 @@ def test_eval_of_trained_folder_and_sampling_spread(cfg_factory, tmp_path):
 
     folder = build(tmp_path / "tiny", "qwen2_audio")
     cfg = cfg_factory("task=eval", f"ckpt_path={folder}", "data.test_size=6", "eval.do_sample=true",
-                      "eval.num_samples=3", "algorithm.max_completion_length=8", "logger=none")
+                      "eval.num_samples=3", "eval.max_new_tokens=8", "logger=none")
     metrics = evaluate(cfg)
     assert {"eval/accuracy", "eval/accuracy_mean", "eval/accuracy_std"} <= set(metrics)
     predictions = json.loads((tmp_path / "out/predictions.json").read_text())
@@ -68,7 +69,7 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
     from avrl.models import load_model, load_processor
     from avrl.train import prompt_spec, train
 
-    common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "logger=none",
+    common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "eval.max_new_tokens=10", "logger=none",
               "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
     train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2"))
     (ckpt,) = (tmp_path / "out/checkpoints").glob("best*.ckpt")  # step 2 = the final weights
@@ -85,16 +86,24 @@ def test_eval_of_lora_adapters(cfg_factory, tmp_path):
     from avrl.train import train
 
     common = ["algorithm=grpo_lora", "data.val_size=2", "data.test_size=3", "algorithm.max_completion_length=10",
-              "logger=none", "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
-    train(cfg_factory(*common, "trainer.max_steps=1", "trainer.val_check_interval=1",
-                      "algorithm.lora.merge_on_save=true"))
+              "eval.max_new_tokens=10", "logger=none", "data.batch_size=2", "trainer.enable_progress_bar=false"]
+    train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2", "algorithm.temperature=1.5",
+                      "algorithm.num_generations=4", "algorithm.lora.merge_on_save=true"))
     assert (tmp_path / "out/final_model/adapter_config.json").exists()
     from avrl.models import load_model
     from tests.conftest import compose
 
     merged = load_model(compose().model, path=str(tmp_path / "out/final_model_merged"))  # a plain checkpoint
     assert not any("lora_" in k for k in merged.state_dict())
+    base = load_model(compose().model).state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in merged.state_dict().items())  # the adapters did something
     metrics = evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model",
                                    f"output_dir={tmp_path}/eval"))
-    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
-    assert len(json.loads((tmp_path / "eval/predictions.json").read_text())) == 3
+    evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model_merged",
+                         f"output_dir={tmp_path}/eval_merged"))
+    adapters = json.loads((tmp_path / "eval/predictions.json").read_text())
+    merged_predictions = json.loads((tmp_path / "eval_merged/predictions.json").read_text())
+    # Evaluating the adapters is evaluating base + adapters: the same greedy outputs as the merged weights.
+    assert len(adapters) == 3
+    assert [p["model_raw_output"] for p in adapters] == [p["model_raw_output"] for p in merged_predictions]
+    assert metrics["eval/accuracy"] == pytest.approx(official_score(adapters))

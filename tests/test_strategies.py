@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from avrl.strategies import bucket_sizes, resolve_auto, text_hidden_size
 from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
 
-PAPER_ZERO3 = ROOT / "conf/deepspeed/zero3_auto.json"
+PAPER_ZERO3 = ROOT / "conf/deepspeed/echoink_zero3.json"
 
 
 def tiny(family, folder):

@@ -57,16 +57,35 @@ class AudioLMModule(L.LightningModule):
 
                 self.model = apply_lora(self.model, self.algo.lora)
             self.model.train()
+        if self.fp32_master_weights:
+            # Master weights: the trained parameters in float32 (AdamW's update at lr 1e-6 is far below bf16's
+            # resolution and would round away), the frozen ones as loaded (model.dtype); under "*-mixed" autocast
+            # runs the math in bf16. DeepSpeed keeps its own fp32 master copy, so this is for every other strategy.
+            for p in self.model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+
+    @property
+    def fp32_master_weights(self) -> bool:
+        """Training outside DeepSpeed under a precision meant to keep float32 weights ("32-true", "*-mixed"),
+        whatever model.dtype the weights were loaded in."""
+        trainer = self._trainer
+        return (trainer is not None and str(trainer.precision) in ("32-true", "bf16-mixed", "16-mixed")
+                and not isinstance(trainer.strategy, DeepSpeedStrategy))
 
     def encode(self, batch: dict, model=None) -> dict[str, torch.Tensor]:
         """Audio/image encoder outputs for each prompt of the batch: the encoders run once per prompt."""
         return mm.encode_media(model or self.model, self.family, batch)
 
     @torch.no_grad()
-    def generate(self, batch: dict, media: dict, num_generations: int, sample: bool, draw: int = 0):
+    def generate(self, batch: dict, media: dict, num_generations: int, sample: bool, draw: int = 0,
+                 settings: dict | None = None):
         """`num_generations` completions per prompt, grouped contiguously. Returns (ids, mask); the mask covers
         each completion up to and including its first stop token. Sampling is keyed (avrl/sampling.py): completion
-        g of an item at this step is the same whatever the batching; `draw` tells repeated draws apart."""
+        g of an item at this step is the same whatever the batching; `draw` tells repeated draws apart.
+        `settings` (max_new_tokens, temperature, top_p, top_k) replace the algorithm's: task=eval's own."""
+        opts = {"max_new_tokens": self.algo.max_completion_length, "temperature": self.algo.temperature,
+                "top_p": self.algo.top_p, "top_k": self.algo.get("top_k", 0), **(settings or {})}
         model = mm.unwrap(self.model)
         was_training = model.training
         model.eval()
@@ -75,12 +94,13 @@ class AudioLMModule(L.LightningModule):
         processors = []
         if sample:
             keys = self.rollout_keys(batch["items"], num_generations, draw)
-            processors.append(KeyedSampler(keys, rep["input_ids"].shape[1], self.algo.temperature, self.algo.top_p))
+            processors.append(KeyedSampler(keys, rep["input_ids"].shape[1], opts["temperature"], opts["top_p"],
+                                           opts["top_k"]))
         out = model.generate(
             input_ids=rep["input_ids"],
             inputs_embeds=prompt_embeds,
             attention_mask=rep["attention_mask"],
-            max_new_tokens=self.algo.max_completion_length,
+            max_new_tokens=opts["max_new_tokens"],
             eos_token_id=self.processor.stop_token_ids,
             pad_token_id=self.processor.tokenizer.pad_token_id,
             use_cache=True,
@@ -226,7 +246,8 @@ class AudioLMModule(L.LightningModule):
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas),
+            eps=self.optim.get("eps", 1e-8),
         )
         total = self.trainer.estimated_stepping_batches * self.algo.get("num_iterations", 1)
         scheduler = get_scheduler(

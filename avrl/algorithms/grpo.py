@@ -46,6 +46,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     importance_weights: torch.Tensor | None = None,
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss over (batch, completion_len) tensors; `advantages` is (batch,).
 
@@ -54,6 +55,7 @@ def grpo_loss(
     Reduction: "grpo" mean per sequence then over sequences; "bnpo"/"dapo" sum over tokens / number of tokens;
     "dr_grpo" sum / (batch * max_completion_length). `importance_weights` (per token) rescale the surrogate term
     when the rollout engine's policy differs from the trained one (vLLM; TRL applies them before the KL term).
+    `kl_clamp` clamps ref - logps to [-kl_clamp, kl_clamp] before the k3 estimate (EchoInk-R1's trainer).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -70,6 +72,8 @@ def grpo_loss(
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
         delta = ref_logps - logps
+        if kl_clamp is not None:
+            delta = delta.clamp(-kl_clamp, kl_clamp)
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
 
@@ -130,8 +134,10 @@ class GRPOModule(AudioLMModule):
     def on_fit_start(self) -> None:
         if self.ref_model is not None and not getattr(self.trainer.strategy, "zero_stage_3", False):
             # The reference is not a submodule, so the precision plugin (bf16-true) did not convert it: it follows
-            # the policy's dtype here. (Under ZeRO-3 its own engine holds it, partitioned.)
-            self.ref_model.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+            # the policy's dtype here. With fp32 master weights it stays as loaded (model.dtype): only the trained
+            # parameters need fp32 copies. (Under ZeRO-3 its own engine holds it, partitioned.)
+            dtype = None if self.fp32_master_weights else next(self.model.parameters()).dtype
+            self.ref_model.to(device=self.device, dtype=dtype)
 
     @property
     def is_peft(self) -> bool:
@@ -204,7 +210,7 @@ class GRPOModule(AudioLMModule):
                     logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
                     beta=algo.beta, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
                     max_completion_length=algo.max_completion_length,
-                    importance_weights=weights[s] if weights is not None else None,
+                    importance_weights=weights[s] if weights is not None else None, kl_clamp=algo.get("kl_clamp"),
                 )
                 weight = _micro_batch_weight(algo.loss_type, mask, s)
                 self.manual_backward(loss * weight)

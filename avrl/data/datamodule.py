@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -60,9 +61,10 @@ class PromptCollator:
     of the batch and listed in batch["skipped"] (counted by `SkippedItems`). A batch can end up with no items."""
 
     def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float,
-                 on_error: str = "raise", keep_media: bool = False):
+                 on_error: str = "raise", keep_media: bool = False, for_eval: bool = False):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
         self.on_error, self.keep_media = on_error, keep_media
+        self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
 
     def __call__(self, items: list[QAItem]) -> dict:
         loaded, skipped = [], []
@@ -78,7 +80,7 @@ class PromptCollator:
         items = [it for it, _ in loaded]
         images = [im for _, im in loaded]
         prompts = [
-            self.processor.render(render_question(self.prompt, it), it.has_audio, im is not None)
+            self.processor.render(render_question(self.prompt, it, self.for_eval), it.has_audio, im is not None)
             for it, im in zip(items, images)
         ]
         batch = self.processor(prompts, [it.waveform for it in items], images if any(images) else None)
@@ -119,9 +121,9 @@ class AudioQADataModule(L.LightningDataModule):
         path.write_text(json.dumps(self.skipped, indent=2))
         return path
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler=None, collate=None) -> DataLoader:
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+            self.datasets[split], batch_size=batch_size, sampler=sampler, collate_fn=collate or self.collate,
             num_workers=self.cfg.num_workers, drop_last=sampler is not None,
             persistent_workers=self.cfg.num_workers > 0,
         )
@@ -138,7 +140,10 @@ class AudioQADataModule(L.LightningDataModule):
         return self._loader("val", self.cfg.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.cfg.eval_batch_size)
+        """task=eval's items, rendered with the prompt's eval_template (if it has one)."""
+        collate = copy.copy(self.collate)
+        collate.for_eval = True
+        return self._loader("test", self.cfg.eval_batch_size, collate=collate)
 
 
 class SkippedItems(Callback):

@@ -21,6 +21,7 @@ class QAItem:
     difficulty: str | None = None
     source: str = ""  # "file:line" or "file[item]", for error messages
     meta: dict[str, Any] = field(default_factory=dict)  # the original record, written back into predictions
+    options_text: list[str] | None = None  # the options as the data file writes them, letters included (AVQA-R1)
 
     @property
     def answer(self) -> str:

@@ -93,8 +93,9 @@ def read_avqa(path: str | Path, root: str | Path | None = None, on_error: str = 
         answer = r["answer"]
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise DataError(f"{source}: answer {answer!r} is not an index into the {len(choices)} choices")
-        # AVQA questions were written for video; R1-AQA reads them as questions about the audio.
-        question = re.sub(r"\bvideo\b", "audio", str(r["question_text"]))
+        # AVQA questions were written for video; R1-AQA reads them as questions about the audio, with a plain
+        # str.replace (src/dataset/dataset.py): "videos" becomes "audios" too.
+        question = str(r["question_text"]).replace("video", "audio")
         return QAItem(
             id=str(r["id"]), question=question, choices=choices, answer_index=answer,
             audio=_media_path(r["audio_path"], base, source, "audio"),
@@ -131,7 +132,7 @@ def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str
             answer_index=LETTERS.index(solution.group(1)),
             audio=_media_path(media.get("audio"), base, source, "audio"),
             image=_media_path(media.get("image"), base, source, "image") if media.get("image") else None,
-            category=r.get("data_source"), source=source, meta=r,
+            category=r.get("data_source"), source=source, meta=r, options_text=[str(o) for o in options],
         )
 
     return _read(path, _records_json_list(path), parse, on_error)

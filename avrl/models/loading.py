@@ -49,6 +49,10 @@ def load_model(cfg: DictConfig, path: str | None = None):
     # Omni's text_config: copy it up so nobody has to edit a config by hand (EchoInk-R1's users had to).
     if getattr(model.config, "hidden_size", None) is None:
         model.config.hidden_size = model.config.get_text_config().hidden_size
+    # The checkpoint's own sampling settings (Qwen2-Audio-Instruct ships a repetition penalty and top_k) would be
+    # merged into every generate() call by transformers but never into the log-probs: avrl samples only with the
+    # config's algorithm/eval settings, as both papers' trainers do with a fresh GenerationConfig.
+    model.generation_config = _special_tokens_only(model.generation_config)
     positions = getattr(audio_encoder(model), "embed_positions", None)
     if positions is not None:
         # Qwen2-Audio's sinusoidal position table is frozen when the model is built, but from_pretrained
@@ -67,6 +71,17 @@ def load_model(cfg: DictConfig, path: str | None = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _special_tokens_only(config):
+    from transformers import GenerationConfig
+
+    keep = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    dropped = {k: v for k, v in config.to_diff_dict().items()
+               if k not in keep and k not in ("transformers_version", "_from_model_config", "use_cache")}
+    if dropped:
+        log.info("the checkpoint's generation_config %s is not used (sampling comes from the config)", dropped)
+    return GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
 
 
 def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:

@@ -1,0 +1,42 @@
+"""Evaluation protocols: how a completion becomes a prediction, and when it counts as correct (`eval.protocol`).
+
+- `strict` (avrl's): the last answer block; a letter prompt's letter is mapped to its choice; no block, no answer.
+  Correct by MMAU's token rule (letter prompts: the named option is the gold one).
+- `r1_aqa`: R1-AQA's src/test_mmau.py: the first `<answer>(.*?)</answer>` (no DOTALL), or the whole output when
+  there is none, stripped; scored by MMAU's token rule (MMAU's evaluation.py).
+- `echoink`: EchoInk-R1's src/omniInstruct-v1_eval_valid.py: `<answer>\\s*([A-D])\\s*</answer>` (any case), else
+  the first isolated letter A-D anywhere in the output (the article "a" counts as A), else "?"; correct when it is
+  the gold letter.
+"""
+
+from __future__ import annotations
+
+import re
+
+from avrl.data.items import QAItem
+from avrl.prompts import LETTERS, PromptSpec, predicted_text
+from avrl.rewards import is_correct
+from avrl.scoring import mmau_match
+
+PROTOCOLS = ("strict", "r1_aqa", "echoink")
+_R1_AQA_ANSWER = re.compile(r"<answer>(.*?)</answer>")
+_ECHOINK_TAGGED = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.I)
+_ECHOINK_LOOSE = re.compile(r"\b([A-D])\b", re.I)
+
+
+def prediction(protocol: str, prompt: PromptSpec, completion: str, item: QAItem) -> tuple[str, bool]:
+    """(model_output, correct): the prediction as MMAU's predictions file holds it (the choice's text; a letter
+    protocol's letter is mapped to its choice, or kept when it names none) and whether it is right."""
+    if protocol == "strict":
+        return predicted_text(prompt, completion, item.choices), is_correct(completion, item, prompt)
+    if protocol == "r1_aqa":
+        found = _R1_AQA_ANSWER.search(completion)
+        answer = (found.group(1) if found else completion).strip()
+        return answer, mmau_match(answer, item.answer, item.choices)
+    if protocol == "echoink":
+        found = _ECHOINK_TAGGED.search(completion) or _ECHOINK_LOOSE.search(completion)
+        letter = found.group(1).upper() if found else "?"
+        index = LETTERS.index(letter) if found else None
+        text = item.choices[index] if index is not None and index < len(item.choices) else letter
+        return text, index == item.answer_index
+    raise ValueError(f"eval.protocol must be one of {PROTOCOLS}, got {protocol!r}")
