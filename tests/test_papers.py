@@ -203,6 +203,7 @@ def test_presets_pin_every_value_of_the_papers_recipe(experiment, table):
 def test_presets_carry_the_papers_deepspeed_configs():
     r1 = json.loads(open(compose(["experiment=r1_aqa"]).trainer.strategy.config).read())
     echo = json.loads(open(compose(["experiment=echoink_r1"]).trainer.strategy.config).read())
+    assert compose(["experiment=r1_aqa", "trainer=gpu"]).trainer.strategy == "auto"  # one GPU without DeepSpeed
     assert r1["zero_optimization"]["stage"] == echo["zero_optimization"]["stage"] == 3
     # R1-AQA's conf/ds_zero3.json offloads parameters and optimizer to CPU; EchoInk's zero3.json does not.
     assert [r1["zero_optimization"][k]["device"] for k in ("offload_optimizer", "offload_param")] == ["cpu", "cpu"]
