@@ -81,13 +81,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 texts.append(module.decode(ids, mask))
             for i, item in enumerate(batch["items"]):
                 raw = texts[0][i]
-                for k in range(samples):
-                    per_sample_accuracy[k].append(float(prediction(protocol, prompt, texts[k][i], item)[1]))
+                parsed = [prediction(protocol, prompt, texts[k][i], item) for k in range(samples)]  # each once
+                for k, (_, correct) in enumerate(parsed):
+                    per_sample_accuracy[k].append(float(correct))
                 record = dict(item.meta) if item.meta else {
                     "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
                     "task": item.category}
                 # model_prediction: the key R1-AQA's test script writes; the same value.
-                output = prediction(protocol, prompt, raw, item)[0]
+                output = parsed[0][0]
                 record.update(model_output=output, model_prediction=output, model_raw_output=raw)
                 if samples > 1:
                     record["model_raw_outputs"] = [t[i] for t in texts]

@@ -15,11 +15,10 @@ import re
 
 from avrl.data.items import QAItem
 from avrl.prompts import LETTERS, PromptSpec, predicted_text
-from avrl.rewards import is_correct
+from avrl.rewards import R1_AQA_ANSWER, is_correct
 from avrl.scoring import mmau_match
 
 PROTOCOLS = ("strict", "r1_aqa", "echoink")
-_R1_AQA_ANSWER = re.compile(r"<answer>(.*?)</answer>")
 _ECHOINK_TAGGED = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.I)
 _ECHOINK_LOOSE = re.compile(r"\b([A-D])\b", re.I)
 
@@ -30,7 +29,7 @@ def prediction(protocol: str, prompt: PromptSpec, completion: str, item: QAItem)
     if protocol == "strict":
         return predicted_text(prompt, completion, item.choices), is_correct(completion, item, prompt)
     if protocol == "r1_aqa":
-        found = _R1_AQA_ANSWER.search(completion)
+        found = R1_AQA_ANSWER.search(completion)
         answer = (found.group(1) if found else completion).strip()
         return answer, mmau_match(answer, item.answer, item.choices)
     if protocol == "echoink":

@@ -42,7 +42,7 @@ def format_reward(completions: Sequence[str], items: Sequence[QAItem], prompt: P
 
 
 # ------------------------------------------------------------------------------------------------ R1-AQA
-_R1_AQA_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # the first block; no DOTALL: a block spanning lines is none
+R1_AQA_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # the first block; no DOTALL: a block spanning lines is none
 
 
 def r1_aqa_accuracy(completions: Sequence[str], items: Sequence[QAItem], prompt: PromptSpec) -> list[float]:
@@ -62,7 +62,7 @@ def r1_aqa_accuracy(completions: Sequence[str], items: Sequence[QAItem], prompt:
         except Exception:  # as in the released code: any math_verify failure falls through to the string rule
             pass
         if reward == 0.0:
-            found = _R1_AQA_ANSWER.search(completion)
+            found = R1_AQA_ANSWER.search(completion)
             student = found.group(1).strip() if found else completion.strip()
             reward = float(student == gold.strip())
         rewards.append(reward)
