@@ -84,6 +84,15 @@ def step_timer():
 
 
 # ------------------------------------------------------------------------------------------------ avrl, text
+def _register_text_family() -> None:
+    """A text-only Qwen2 as a model family of the registry: the benchmark's own, so library code knows none."""
+    from avrl.models.families import Family, register
+
+    register(Family(name="text", model_class="Qwen2ForCausalLM", chat_template="", special_tokens=(),
+                    audio_token="", image_token=None, audio_token_count=None, encode_audio=None,
+                    checkpoint_renames=(), build_tiny=None, forward_takes_input_ids=False))
+
+
 class _TextProcessor:
     """The little of AudioTextProcessor that GRPOModule uses, for a text-only model. Its stop token is one the
     model cannot emit, so every completion has the full length (TRL gets min_new_tokens for the same effect)."""
@@ -114,6 +123,7 @@ def run_avrl(size: str, prompts: int, G: int, length: int, steps: int, beta: flo
         log_completions_rows=0, sampling_seed=0, lora=None))
     optim = OmegaConf.create(dict(lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999], scheduler="constant",
                                   warmup_ratio=0.0, max_grad_norm=1.0))
+    _register_text_family()
     model_cfg = OmegaConf.create(dict(family="text", name_or_path="random"))
     prompt = PromptSpec(name="bench", template="{question}")
     module = GRPOModule(model_cfg=model_cfg, algorithm=algo, optim=optim, processor=_TextProcessor(tokenizer),

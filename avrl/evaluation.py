@@ -17,36 +17,38 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from avrl import tracking
-from avrl.algorithms.base import AudioLMModule, accuracy_metrics
 from avrl.data.datamodule import AudioQADataModule
-from avrl.models import load_model, load_processor
-from avrl.protocols import prediction
-from avrl.train import prompt_spec, reward_functions
+from avrl.models import families, load_model, load_processor
+from avrl.policy import Policy
+from avrl.sampling import rollout_keys
+from avrl.scoring import accuracy_metrics, score_batch
+from avrl.train import prompt_spec
 
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(cfg: DictConfig, processor, prompt) -> AudioLMModule:
-    """The weights to evaluate: the base model; a transformers folder or LoRA adapters (`ckpt_path=<folder>`);
-    or a Lightning checkpoint (`ckpt_path=<file>.ckpt`). No reference model is loaded."""
+def load_for_eval(cfg: DictConfig, processor) -> Policy:
+    """The policy to evaluate: the base model; a transformers folder or LoRA adapters (`ckpt_path=<folder>`); or a
+    Lightning checkpoint (`ckpt_path=<file>.ckpt`, its `model.*` weights). No reference model, no trainer."""
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else None
-    model = None
-    if ckpt is not None and ckpt.is_dir():
-        if (ckpt / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
-        else:
-            model = load_model(cfg.model, path=str(ckpt))
-    elif ckpt is not None and not ckpt.is_file():
+    if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    functions, weights = reward_functions(cfg)
-    module = AudioLMModule(cfg.model, cfg.algorithm, cfg.optim, processor, prompt, functions, weights, model=model)
-    module.configure_model()
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    return module
+    if ckpt is not None and ckpt.is_dir() and (ckpt / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
+    elif ckpt is not None and ckpt.is_dir():
+        model = load_model(cfg.model, path=str(ckpt))
+    else:
+        model = load_model(cfg.model)
+        if cfg.algorithm.get("lora"):  # a LoRA run's checkpoint holds the PEFT-wrapped model's names
+            from avrl.models.lora import apply_lora
+
+            model = apply_lora(model, cfg.algorithm.lora)
+        if ckpt is not None:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return Policy(model.eval(), processor, families.get(cfg.model.family))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -58,48 +60,31 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()
     datamodule.write_skipped(out)
     logger = tracking.make_logger(cfg)
-    module = load_for_eval(cfg, processor, prompt)
-    module.eval()
+    policy = load_for_eval(cfg, processor)
 
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
     settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    seed = cfg.algorithm.get("sampling_seed", 0)
     version = cfg.data.get("version")
     log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens", cfg.data.name,
              f" (version {version})" if version else "", protocol,
              "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"])
-    rows, results, per_sample_accuracy = [], [], [[] for _ in range(samples)]
+    rows, results = [], []
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
             datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
             if not batch["items"]:
                 continue
-            media = module.encode(batch)
-            texts = []
-            for k in range(samples):
-                ids, mask = module.generate(batch, media, 1, sample=bool(cfg.eval.do_sample), draw=k,
-                                            settings=settings)
-                texts.append(module.decode(ids, mask))
-            for i, item in enumerate(batch["items"]):
-                raw = texts[0][i]
-                parsed = [prediction(protocol, prompt, texts[k][i], item) for k in range(samples)]  # each once
-                for k, (_, correct) in enumerate(parsed):
-                    per_sample_accuracy[k].append(float(correct))
-                record = dict(item.meta) if item.meta else {
-                    "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
-                    "task": item.category}
-                # model_prediction: the key R1-AQA's test script writes; the same value.
-                output = parsed[0][0]
-                record.update(model_output=output, model_prediction=output, model_raw_output=raw)
-                if samples > 1:
-                    record["model_raw_outputs"] = [t[i] for t in texts]
-                rows.append(record)
-                results.append({"category": item.category, "difficulty": item.difficulty,
-                                "correct": per_sample_accuracy[0][-1], "format": float("nan")})
+            keys = (lambda k, items=batch["items"]: rollout_keys(seed, 0, items, 1, draw=k)) if cfg.eval.do_sample \
+                else None
+            scored = score_batch(policy, batch, prompt, settings, protocol=protocol, samples=samples, keys=keys)
+            for item, result in zip(batch["items"], scored):
+                rows.append(prediction_record(item, result, samples))
+            results += scored
 
     metrics = accuracy_metrics(results, "eval")
-    metrics.pop("eval/format", None)
     if samples > 1:
-        means = [sum(a) / len(a) for a in per_sample_accuracy]
+        means = [statistics.mean(r["correct_per_sample"][k] for r in results) for k in range(samples)]
         metrics["eval/accuracy_mean"] = statistics.mean(means)
         metrics["eval/accuracy_std"] = statistics.stdev(means)
     path = out / "predictions.json"
@@ -115,6 +100,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     print(table(results, metrics))
     print(f"\npredictions: {path}")
     return metrics
+
+
+def prediction_record(item, result: dict, samples: int) -> dict:
+    """The input record (MMAU's, when the item came from a file) with the model's answer added."""
+    record = dict(item.meta) if item.meta else {
+        "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
+        "task": item.category}
+    # model_prediction: the key R1-AQA's test script writes; the same value.
+    record.update(model_output=result["prediction"], model_prediction=result["prediction"],
+                  model_raw_output=result["completion"])
+    if samples > 1:
+        record["model_raw_outputs"] = result["completions"]
+    return record
 
 
 def table(results: list[dict], metrics: dict[str, float]) -> str:

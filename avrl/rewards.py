@@ -16,7 +16,7 @@ import torch
 
 from avrl.data.items import QAItem
 from avrl.prompts import PromptSpec, extract_answer, parse_letter, target_answer
-from avrl.scoring import mmau_match
+from avrl.mmau import mmau_match
 
 RewardFn = Callable[[Sequence[str], Sequence[QAItem], PromptSpec], list[float]]
 

@@ -35,6 +35,12 @@ def row_key(seed: int, step: int, item_id: str, index: int) -> int:
     return int.from_bytes(digest, "little") % PRIME
 
 
+def rollout_keys(seed: int, step: int, items, num_generations: int, draw: int = 0) -> list[int]:
+    """The streams of the G completions of each item at `step`, grouped by item; `draw` tells repeated draws of
+    the same step apart (task=eval's eval.num_samples)."""
+    return [row_key(seed, step, item.id, draw * num_generations + g) for item in items for g in range(num_generations)]
+
+
 def uniforms(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
     """(rows, vocab) uniforms in (0, 1) for token `position` of each row's stream."""
     per_row = mix(keys ^ int(mix(torch.tensor(position + 1)).item()))

@@ -8,11 +8,16 @@
   Lightning's `clip_gradients` does nothing, so the norm has to be in DeepSpeed's config.
 - `trainer.accelerator=cpu` runs DeepSpeed on CPU processes over gloo (Lightning allows CUDA only). Nothing a GPU
   run does changes; it lets a DeepSpeed configuration be debugged, and tested, without a GPU.
+
+The end of this file holds every other strategy mechanic the algorithms need, so that they ask here instead of
+testing strategy types themselves: where fp32 master weights live, clipping, DeepSpeed's accumulation boundaries,
+the cross-rank finite check, and gathering the full weights (ZeRO-3) to save them.
 """
 
 from __future__ import annotations
 
 import logging
+import contextlib
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,9 +88,9 @@ def _auto_paths(value: Any, prefix: str = ""):
 
 def text_hidden_size(model_cfg) -> int:
     """The language model's hidden size, read from the checkpoint's config (no weights are loaded)."""
-    from avrl.models.loading import model_class
+    from avrl.models import families
 
-    config = model_class(model_cfg.family).config_class.from_pretrained(
+    config = families.get(model_cfg.family).transformers_class().config_class.from_pretrained(
         str(model_cfg.name_or_path), revision=model_cfg.get("revision"))
     return config.get_text_config().hidden_size
 
@@ -139,8 +144,7 @@ class DeepSpeed(DeepSpeedStrategy):
         The saved model's weight names are set right."""
         import deepspeed
 
-        from avrl.models.loading import audio_encoder
-        from avrl.models.multimodal import unwrap
+        from avrl.models.multimodal import audio_encoder, unwrap
 
         # transformers' ZeRO-3 load path records extra key renamings whose reverse, on save, writes the language
         # model as language_model.model.model.*; with none recorded it reverts the default mapping, which is what
@@ -197,3 +201,55 @@ class DeepSpeed(DeepSpeedStrategy):
         if self.on_cpu:
             return torch.device("cpu", self.local_rank)  # DeepSpeed's engine wants a device index
         return super().root_device
+
+
+# ------------------------------------------------------------------------------------ mechanics for the algorithms
+def fp32_master_weights(trainer) -> bool:
+    """Whether the module itself keeps its trained weights in float32: training outside DeepSpeed (which keeps
+    its own fp32 master copy) under a precision meant to keep float32 weights ("32-true", "*-mixed")."""
+    return (trainer is not None and str(trainer.precision) in ("32-true", "bf16-mixed", "16-mixed")
+            and not isinstance(trainer.strategy, DeepSpeedStrategy))
+
+
+def shards_parameters(strategy) -> bool:
+    """ZeRO-3: every model, the frozen reference included, is partitioned by an engine of its own."""
+    return bool(getattr(strategy, "zero_stage_3", False))
+
+
+def all_finite(strategy, tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor (the loss, the gradients) is finite on every rank: sharded gradients (ZeRO, FSDP)
+    differ between ranks, and all ranks must take the same decision to step or to skip."""
+    checks = [t.isfinite().all() for t in tensors]
+    finite = not checks or bool(torch.stack(checks).all())
+    return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
+
+
+def clip_gradient_norm(module, optimizer, max_norm: float) -> None:
+    """Clip to `max_norm` in the way the strategy allows."""
+    strategy = module.trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return  # the engine clips inside its step: gradient_clipping is set from optim.max_grad_norm (build())
+    if isinstance(strategy, FSDPStrategy):
+        # Lightning refuses norm clipping under FSDP: sharded gradients need the root module's clip_grad_norm_.
+        strategy.model.clip_grad_norm_(max_norm)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def accumulation_boundary(strategy, last: bool) -> None:
+    """Start a micro-batch: say whether its backward pass is the last before the optimizer step. DeepSpeed's engine,
+    configured with gradient_accumulation_steps=1 (one optimizer step per Lightning step), otherwise takes every
+    backward for a boundary, and ZeRO-2 then replaces the previous micro-batch's gradients."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        engine = strategy.deepspeed_engine
+        # What engine.forward does first. All micro-batches run inside one Lightning forward, so each starts its
+        # micro-step here; otherwise ZeRO-3 copies a micro-batch's gradients over the previous one's.
+        if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+            engine.optimizer.clear_backward_seen_flag()
+        engine.set_gradient_accumulation_boundary(last)
+
+
+def full_weights(strategy, model):
+    """A context inside which `model` holds its full weights on every rank (a no-op but under ZeRO-3)."""
+    gather = getattr(strategy, "full_weights", None)
+    return gather(model) if gather is not None else contextlib.nullcontext()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -130,8 +129,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
 def save_model(trainer: L.Trainer, module, processor, path: Path) -> None:
     """The trained weights (or LoRA adapters) as a transformers folder that `model.name_or_path=` can load.
     Called on every rank: under ZeRO-3 the ranks gather the partitioned weights together; rank 0 writes."""
-    full_weights = getattr(trainer.strategy, "full_weights", None) or (lambda model: contextlib.nullcontext())
-    with full_weights(module.model):
+    with strategies.full_weights(trainer.strategy, module.model):
         if not trainer.is_global_zero:
             return
         module.model.save_pretrained(path)  # adapters only, for a LoRA model

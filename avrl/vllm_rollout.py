@@ -21,36 +21,20 @@ from collections.abc import Iterator
 
 import torch
 
-# transformers 5 keeps the submodules under `model.` in memory and saves them under the original checkpoint
-# names (tests/test_vllm_rollout.py checks these tables against save_pretrained); vLLM loads checkpoint names.
-_RENAMES = {
-    "qwen2_audio": (
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-        ("model.audio_tower.", "audio_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ),
-    "qwen2_5_omni": (  # avrl loads the thinker alone; the hub checkpoint holds it under "thinker."
-        ("model.language_model.", "thinker.model."),
-        ("lm_head.", "thinker.lm_head."),
-        ("model.audio_tower.", "thinker.audio_tower."),
-        ("model.visual.", "thinker.visual."),
-    ),
-}
+from avrl.models import families
+from avrl.models.families import Family
 
-
-def checkpoint_name(name: str, family: str) -> str:
-    """The hub checkpoint name of a parameter of avrl's in-memory model (PEFT wrapper names included)."""
-    if family not in _RENAMES:
-        raise ValueError(f"no vLLM weight mapping for model family {family!r}")
+def checkpoint_name(name: str, family: Family) -> str:
+    """The hub checkpoint name of a parameter of avrl's in-memory model (PEFT wrapper names included), by the
+    family's `checkpoint_renames`."""
     name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-    for memory, checkpoint in _RENAMES[family]:
+    for memory, checkpoint in family.checkpoint_renames:
         if name.startswith(memory):
             return checkpoint + name[len(memory):]
-    raise ValueError(f"parameter {name!r} of a {family} model has no checkpoint name")
+    raise ValueError(f"parameter {name!r} of a {family.name} model has no checkpoint name")
 
 
-def weights_for_sync(model, family: str) -> Iterator[tuple[str, torch.Tensor]]:
+def weights_for_sync(model, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights under checkpoint names. With LoRA each adapted weight is yielded as base + delta,
     computed out of place: merging into the model and unmerging after would leave float drift in the base
     weights at every sync."""
@@ -61,8 +45,10 @@ def weights_for_sync(model, family: str) -> Iterator[tuple[str, torch.Tensor]]:
                 key = f"{name}.base_layer.weight"
                 deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter)
     for name, tensor in model.state_dict().items():
-        if "lora_" not in name:
-            yield checkpoint_name(name, family), (tensor + deltas[name]) if name in deltas else tensor
+        if "lora_" in name:
+            continue
+        name, tensor = checkpoint_name(name, family), (tensor + deltas[name]) if name in deltas else tensor
+        yield from family.checkpoint_tensors(name, tensor) if family.checkpoint_tensors else ((name, tensor),)
 
 
 def importance_weights(train_logps: torch.Tensor, sampling_logps: torch.Tensor, cap: float) -> torch.Tensor:
@@ -81,7 +67,7 @@ class VLLMRollout:
             from vllm import LLM
         except ImportError as e:
             raise ImportError('rollout=vllm needs vLLM: pip install -e ".[vllm]"') from e
-        self.family, self.algo, self.cfg = model_cfg.family, algo, rollout_cfg
+        self.family, self.algo, self.cfg = families.get(model_cfg.family), algo, rollout_cfg
         self.stop_token_ids, self.pad_token_id = stop_token_ids, pad_token_id
         self.llm = LLM(
             model=str(model_cfg.name_or_path), dtype=model_cfg.dtype, seed=int(rollout_cfg.seed),
@@ -93,8 +79,18 @@ class VLLMRollout:
             trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
         )
 
-    def generate(self, prompts: list[str], audios: list, images: list, keys: list[int], G: int, sampling_rate: int):
-        """(ids, mask, sampling log-probs) of G completions per prompt, grouped contiguously, right-padded."""
+    def generate(self, policy, batch: dict, media: dict, G: int, keys: list[int]):
+        """G completions per prompt, grouped contiguously, right-padded, with vLLM's sampling log-probs (the
+        encoder outputs in `media` are not used: vLLM encodes the audio itself)."""
+        from avrl.rollout import Rollout
+
+        ids, mask, logps = self._sample(batch["prompts"], [it.waveform for it in batch["items"]], batch.get("images"),
+                                        keys, G, policy.processor.sampling_rate)
+        device = batch["input_ids"].device
+        ids, mask, logps = ids.to(device), mask.to(device), logps.to(device)
+        return Rollout(ids, mask, policy.decode(ids, mask), ~policy.stopped(ids), logps)
+
+    def _sample(self, prompts: list[str], audios: list, images: list, keys: list[int], G: int, sampling_rate: int):
         from vllm import SamplingParams
 
         requests, params = [], []
@@ -122,7 +118,7 @@ class VLLMRollout:
         return ids, mask, logps
 
     @torch.no_grad()
-    def sync_weights(self, model) -> None:
+    def sync(self, model) -> None:
         engine_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         engine_model.load_weights(weights_for_sync(model, self.family))
         self.llm.reset_prefix_cache()

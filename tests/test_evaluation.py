@@ -7,7 +7,7 @@ import torch
 
 from avrl.evaluation import evaluate
 from tests.conftest import SHARED, write_wav
-from tests.test_scoring import reference as mmau_string_match
+from tests.test_mmau import reference as mmau_string_match
 
 
 def mmau_subset(tmp_path, n=12):
@@ -67,17 +67,17 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
 
     from avrl.evaluation import load_for_eval
     from avrl.models import load_model, load_processor
-    from avrl.train import prompt_spec, train
+    from avrl.train import train
 
     common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "eval.max_new_tokens=10", "logger=none",
               "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
     train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2"))
     (ckpt,) = (tmp_path / "out/checkpoints").glob("best*.ckpt")  # step 2 = the final weights
     cfg = cfg_factory(*common, "task=eval", f"ckpt_path={ckpt}")
-    module = load_for_eval(cfg, load_processor(cfg.model), prompt_spec(cfg))
+    policy = load_for_eval(cfg, load_processor(cfg.model))
     final = load_model(cfg.model, path=str(tmp_path / "out/final_model")).state_dict()
     base = load_model(cfg.model).state_dict()
-    loaded = module.model.state_dict()
+    loaded = policy.model.state_dict()
     assert all(torch.equal(loaded[k], final[k]) for k in final)
     assert any(not torch.equal(loaded[k], base[k]) for k in base)
 

@@ -1,4 +1,4 @@
-"""Tiny models of both families: config -> processor -> forward pass on a real audio file, offline."""
+"""Tiny models of every family: config -> processor -> forward pass on a real audio file, offline."""
 
 import numpy as np
 import pytest
@@ -6,16 +6,21 @@ import torch
 
 from avrl.data.items import QAItem
 from avrl.data.media import with_media
-from avrl.models import load_model, load_processor
+from avrl.models import families, load_model, load_processor
 from avrl.models import multimodal as mm
 from tests.conftest import compose, write_wav
 
 
-@pytest.mark.parametrize("model_name", ["tiny_qwen2_audio", "tiny_qwen2_5_omni"])
-def test_forward_on_real_audio_file_and_encoder_once_matches_transformers(tmp_path, model_name):
+# Audio tokens of a 1 s and a 1.5 s clip (100 mel frames per second): Qwen2-Audio's and Qwen2.5-Omni's rule is
+# (frames - 1) // 2 + 1, then (x - 2) // 2 + 1; Qwen3-Omni's is 13 per 100-frame window plus three stride-2 convs
+# on the rest (50 -> 25 -> 13 -> 7).
+@pytest.mark.parametrize("model_name, audio_tokens", [
+    ("tiny_qwen2_audio", [25, 37]), ("tiny_qwen2_5_omni", [25, 37]), ("tiny_qwen3_omni", [13, 20])])
+def test_forward_on_real_audio_file_and_encoder_once_matches_transformers(tmp_path, model_name, audio_tokens):
     cfg = compose([f"model={model_name}"])
     model, processor = load_model(cfg.model).eval(), load_processor(cfg.model)
-    omni = cfg.model.family == "qwen2_5_omni"
+    family = families.get(cfg.model.family)
+    omni = cfg.model.images  # the Omni families that avrl feeds images to
     image = None
     if omni:
         from PIL import Image
@@ -28,13 +33,12 @@ def test_forward_on_real_audio_file_and_encoder_once_matches_transformers(tmp_pa
     loaded = [with_media(it, processor.sampling_rate, 30) for it in items]
     prompts = [processor.render(it.question, True, omni) for it, _ in loaded]
     batch = processor(prompts, [it.waveform for it, _ in loaded], [im for _, im in loaded] if omni else None)
-    # audio tokens: (frames - 1) // 2 + 1, then (x - 2) // 2 + 1; 100 frames per second
     n_audio = (batch["input_ids"] == processor.audio_token_id).sum(-1).tolist()
-    assert n_audio == [25, 37]
+    assert n_audio == audio_tokens
     with torch.no_grad():
         reference = model(**batch).logits
-        embeds = mm.embed(model, batch["input_ids"], mm.encode_media(model, cfg.model.family, batch))
-        ours = mm.forward_logits(model, cfg.model.family, batch["input_ids"], batch["attention_mask"], embeds, batch)
+        embeds = mm.embed(model, batch["input_ids"], mm.encode_media(model, family, batch))
+        ours = mm.forward_logits(model, family, batch["input_ids"], batch["attention_mask"], embeds, batch)
     valid = batch["attention_mask"].bool()
     assert torch.isfinite(reference).all()
     assert torch.allclose(ours[valid], reference[valid], atol=1e-5)

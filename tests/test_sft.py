@@ -1,4 +1,4 @@
-"""SFT (and LoRA SFT) on the tiny models of both families: the loss on a fixed batch goes down."""
+"""SFT (and LoRA SFT) on the tiny models of every family: the loss on a fixed batch goes down."""
 
 import pytest
 import torch
@@ -14,7 +14,10 @@ RANDOM_INIT = "model.name_or_path='${avrl_tiny_init:${model.family}}'"  # not ye
 
 @pytest.mark.parametrize("overrides", [["algorithm=sft", RANDOM_INIT],
                                        ["algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink", RANDOM_INIT],
-                                       ["algorithm=lora", RANDOM_INIT]], ids=["qwen2_audio", "omni", "lora"])
+                                       ["algorithm=sft", "model=tiny_qwen3_omni", RANDOM_INIT],
+                                       ["algorithm=lora", RANDOM_INIT],
+                                       ["algorithm=lora", "model=tiny_qwen3_omni", RANDOM_INIT]],
+                         ids=["qwen2_audio", "omni", "qwen3_omni", "lora", "lora_qwen3_omni"])
 def test_sft_lowers_loss_on_a_fixed_batch(overrides):
     cfg = compose([*overrides, "data.label_mode=gold"])
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from avrl.algorithms.grpo import grpo_loss
-from avrl.models import load_model
+from avrl.models import families, load_model
 from avrl.models.lora import apply_lora
 from avrl.vllm_rollout import checkpoint_name, importance_weights, weights_for_sync
 from tests.conftest import ROOT, compose
@@ -16,13 +16,19 @@ def saved_names(asset):
         return set(f.keys())
 
 
-@pytest.mark.parametrize("model, prefix", [("tiny_qwen2_audio", ""), ("tiny_qwen2_5_omni", "thinker.")])
-def test_synced_names_are_the_checkpoint_names(model, prefix):
-    """transformers' own save_pretrained writes the checkpoint names (the tiny assets were saved by it); the
-    hub's Omni checkpoint, which vLLM loads, holds the thinker under "thinker."."""
+@pytest.mark.parametrize("model, prefix", [
+    ("tiny_qwen2_audio", ""), ("tiny_qwen2_5_omni", "thinker."), ("tiny_qwen3_omni", "thinker.")])
+def test_synced_weights_are_the_checkpoint_names_and_values(model, prefix):
+    """transformers' own save_pretrained wrote the tiny assets in checkpoint layout (names; Qwen3-Omni's experts one
+    by one); the hub's Omni checkpoints, which vLLM loads, hold the thinker under "thinker."."""
+    from safetensors.torch import load_file
+
     cfg = compose([f"model={model}"])
-    names = {name for name, _ in weights_for_sync(load_model(cfg.model), cfg.model.family)}
-    assert names == {prefix + n for n in saved_names(model)}
+    synced = dict(weights_for_sync(load_model(cfg.model), families.get(cfg.model.family)))
+    saved = {prefix + n: t for n, t in load_file(ROOT / "avrl/assets" / model / "model.safetensors").items()}
+    assert set(synced) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(synced[name], tensor), name
 
 
 def test_lora_weights_are_merged_into_the_copy_and_the_model_is_left_as_it_was():
@@ -32,7 +38,7 @@ def test_lora_weights_are_merged_into_the_copy_and_the_model_is_left_as_it_was()
         if "lora_B" in name:
             p.data.fill_(0.01)  # fresh adapters are zero: make them count
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    synced = dict(weights_for_sync(model, "qwen2_audio"))
+    synced = dict(weights_for_sync(model, families.get("qwen2_audio")))
     assert set(synced) == saved_names("tiny_qwen2_audio")
     q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
     base = before["base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight"]
@@ -43,9 +49,11 @@ def test_lora_weights_are_merged_into_the_copy_and_the_model_is_left_as_it_was()
     assert all(torch.equal(after[n], before[n]) for n in before)  # and the model is bit-for-bit unchanged
 
 
-def test_checkpoint_name_rejects_unknown_families():
-    with pytest.raises(ValueError, match="no vLLM weight mapping"):
-        checkpoint_name("lm_head.weight", "llama")
+def test_unknown_families_and_unmapped_names_are_refused():
+    with pytest.raises(ValueError, match="unknown model.family 'llama'; expected one of"):
+        families.get("llama")
+    with pytest.raises(ValueError, match="has no checkpoint name"):
+        checkpoint_name("talker.lm_head.weight", families.get("qwen3_omni"))
 
 
 def test_truncated_importance_weights():

@@ -11,10 +11,12 @@ import time
 
 import torch
 
+from avrl import strategies
 from avrl.algorithms.base import AudioLMModule
 from avrl.models import load_model
-from avrl.models import multimodal as mm
+from avrl.policy import prompt_slice
 from avrl.rewards import score
+from avrl.rollout import Rollout, build_rollout
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -110,9 +112,10 @@ class GRPOModule(AudioLMModule):
             raise ValueError(f"algorithm.num_generations must be >= 2 (a group needs a spread), got "
                              f"{self.algo.num_generations}")
         self.automatic_optimization = False
-        # Held in a list so that it is not a registered submodule: the frozen reference never enters checkpoints.
+        # Held in lists so that they are not registered submodules: the frozen reference never enters checkpoints,
+        # and the rollout backend (a vLLM engine with rollout=vllm) is built once the model exists.
         self._ref: list = [None]
-        self._vllm: list = [None]  # the vLLM engine with rollout=vllm (not a submodule either)
+        self._rollout: list = [None]
         self._sample_rows: list[dict] = []
 
     @property
@@ -121,22 +124,19 @@ class GRPOModule(AudioLMModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.rollout_cfg.get("backend", "hf") == "vllm" and self._vllm[0] is None:
-            from avrl.vllm_rollout import VLLMRollout
-
-            self._vllm[0] = VLLMRollout(self.model_cfg, self.algo, self.rollout_cfg,
-                                        self.processor.stop_token_ids, self.processor.tokenizer.pad_token_id)
+        if self._rollout[0] is None:
+            self._rollout[0] = build_rollout(self.rollout_cfg, self.model_cfg, self.algo, self.processor)
         # A frozen reference only when the KL term is on. LoRA needs none: the reference is the base model with
         # the adapters switched off (see ref_context).
         if self.algo.beta != 0.0 and self.ref_model is None and not self.is_peft:
             self._ref[0] = load_model(self.model_cfg).eval().requires_grad_(False)
 
     def on_fit_start(self) -> None:
-        if self.ref_model is not None and not getattr(self.trainer.strategy, "zero_stage_3", False):
+        if self.ref_model is not None and not strategies.shards_parameters(self.trainer.strategy):
             # The reference is not a submodule, so the precision plugin (bf16-true) did not convert it: it follows
             # the policy's dtype here. With fp32 master weights it stays as loaded (model.dtype): only the trained
             # parameters need fp32 copies. (Under ZeRO-3 its own engine holds it, partitioned.)
-            dtype = None if self.fp32_master_weights else next(self.model.parameters()).dtype
+            dtype = None if strategies.fp32_master_weights(self.trainer) else next(self.model.parameters()).dtype
             self.ref_model.to(device=self.device, dtype=dtype)
 
     @property
@@ -150,61 +150,62 @@ class GRPOModule(AudioLMModule):
         if not batch["items"]:  # every item's media was unreadable (data.on_error=skip): nothing to learn from
             return
         start = time.perf_counter()
-        G, algo = self.algo.num_generations, self.algo
-        num_prompts = batch["input_ids"].shape[0]
+        G, algo, policy = self.algo.num_generations, self.algo, self.policy
 
-        # 1. Rollout: the encoders run once per prompt; the G completions share their outputs. With vLLM the engine
-        #    samples and reports each token's log-probability under its own kernels.
-        media = self.encode(batch)
-        sampling_logps = None
-        if self._vllm[0] is not None:
-            ids, mask, sampling_logps = self._vllm[0].generate(
-                batch["prompts"], [it.waveform for it in batch["items"]], batch.get("images"),
-                self.rollout_keys(batch["items"], G), G, self.processor.sampling_rate)
-            ids, mask, sampling_logps = ids.to(self.device), mask.to(self.device), sampling_logps.to(self.device)
-        else:
-            ids, mask = self.generate(batch, media, G, sample=True)
-        texts = self.decode(ids, mask)
-        items = [item for item in batch["items"] for _ in range(G)]
-        truncated = ~torch.isin(ids, torch.tensor(self.processor.stop_token_ids, device=ids.device)).any(dim=1)
+        # 1. Rollout: the encoders run once per prompt; the G completions share their outputs.
+        media = policy.encode(batch)
+        rollout = self._rollout[0].generate(policy, batch, media, G, self.rollout_keys(batch["items"], G))
         if algo.mask_truncated_completions:
-            mask = mask * (~truncated).unsqueeze(1).long()
+            rollout.mask = rollout.mask * (~rollout.truncated).unsqueeze(1).long()
 
-        # 2. Rewards and group-normalised advantages.
-        rewards, per_function = score(self.reward_functions, self.reward_weights, texts, items, self.prompt)
+        # 2. Score: rewards and group-normalised advantages.
+        items = [item for item in batch["items"] for _ in range(G)]
+        rewards, per_function = score(self.reward_functions, self.reward_weights, rollout.texts, items, self.prompt)
         advantages = group_advantages(rewards, G, algo.scale_rewards).to(self.device)
 
-        # 3. Log-probs of the rollout policy (only needed when it differs from the policy being updated) and of
-        #    the reference. With a frozen audio encoder the rollout's encoder outputs are reused (they cannot
-        #    change); otherwise the loss forward re-encodes each prompt once, with gradients.
-        reuse_media = not any(p.requires_grad for p in self.audio_parameters())
+        # 3. Update: num_iterations optimizer steps on this rollout.
+        stats = self.update(batch, media, rollout, advantages)
+        self._rollout[0].sync(self.model)  # the next rollout samples from the updated policy (vLLM)
+        self.log_step(rollout, rewards, per_function, advantages, items, stats, time.perf_counter() - start)
+
+    def update(self, batch: dict, media: dict, rollout: Rollout, advantages: torch.Tensor) -> list:
+        """The log-probs the loss compares against (the rollout policy's when it differs from the trained one, and
+        the reference's), then `num_iterations` optimizer steps, gradients accumulated over micro-batches of whole
+        groups. With a frozen audio encoder the rollout's encoder outputs are reused (they cannot change);
+        otherwise each micro-batch re-encodes its prompts once, with gradients."""
+        G, algo, policy = self.algo.num_generations, self.algo, self.policy
+        ids, mask, temperature = rollout.ids, rollout.mask, algo.temperature
+        num_prompts = batch["input_ids"].shape[0]
+        reuse_media = not policy.audio_encoder_trains()
         with torch.no_grad():
-            need_old = algo.num_iterations > 1 or sampling_logps is not None
-            old_logps = self.completion_logps(batch, media, ids, mask, G)[0] if need_old else None
+            need_old = algo.num_iterations > 1 or rollout.sampling_logps is not None
+            old_logps = policy.completion_logps(batch, media, ids, mask, G, temperature)[0] if need_old else None
             weights = None
-            if sampling_logps is not None and self.rollout_cfg.importance_sampling_correction:
+            if rollout.sampling_logps is not None and self.rollout_cfg.importance_sampling_correction:
                 from avrl.vllm_rollout import importance_weights
 
-                weights = importance_weights(old_logps, sampling_logps, self.rollout_cfg.importance_sampling_cap)
+                weights = importance_weights(old_logps, rollout.sampling_logps,
+                                             self.rollout_cfg.importance_sampling_cap)
             ref_logps = None
             if algo.beta != 0.0:
                 with self.ref_context():
                     ref_model = self.ref_model if not self.is_peft else None
-                    ref_media = media if (reuse_media and ref_model is None) else self.encode(batch, ref_model)
-                    ref_logps = self.completion_logps(batch, ref_media, ids, mask, G, model=ref_model)[0]
+                    ref_media = media if (reuse_media and ref_model is None) else policy.encode(batch, ref_model)
+                    ref_logps = policy.completion_logps(batch, ref_media, ids, mask, G, temperature,
+                                                        model=ref_model)[0]
 
-        # 4. num_iterations updates on this rollout, gradients accumulated over micro-batches of whole groups.
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         chunk = algo.micro_batch_prompts or num_prompts
         for _ in range(algo.num_iterations):
             optimizer.zero_grad()
             stats = []
             for lo in range(0, num_prompts, chunk):
-                self.accumulation_boundary(last=lo + chunk >= num_prompts)
+                strategies.accumulation_boundary(self.trainer.strategy, last=lo + chunk >= num_prompts)
                 p, s = slice(lo, lo + chunk), slice(lo * G, (lo + chunk) * G)
-                part = {k: (v[p] if torch.is_tensor(v) else v) for k, v in batch.items() if k not in MEDIA_KEYS}
-                part_media = self._slice_media(media, batch, p) if reuse_media else self.encode(_prompt_slice(batch, p))
-                logps, entropy = self.completion_logps(part, part_media, ids[s], mask[s], G, with_entropy=True)
+                part = prompt_slice(batch, p, with_media=False)
+                part_media = policy.slice_media(media, batch, p) if reuse_media else policy.encode(prompt_slice(batch, p))
+                logps, entropy = policy.completion_logps(part, part_media, ids[s], mask[s], G, temperature,
+                                                         with_entropy=True)
                 old = old_logps[s] if old_logps is not None else logps.detach()
                 loss, metrics = grpo_loss(
                     logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
@@ -221,11 +222,12 @@ class GRPOModule(AudioLMModule):
                 self.clip_gradient_norm(optimizer)
                 optimizer.step()
                 scheduler.step()
-        if self._vllm[0] is not None:
-            self._vllm[0].sync_weights(self.model)  # the next rollout samples from the updated policy
+        return stats
 
-        # 5. Metrics under TRL's names.
-        lengths = mask.sum(1).float()
+    def log_step(self, rollout: Rollout, rewards, per_function, advantages, items, stats, seconds: float) -> None:
+        """Metrics under TRL's names, and the completions table's rows."""
+        G = self.algo.num_generations
+        lengths = rollout.mask.sum(1).float()
         grouped = rewards.view(-1, G)
         logs = {
             "train/loss": sum(m["loss"] for _, m in stats),
@@ -233,9 +235,9 @@ class GRPOModule(AudioLMModule):
             "train/reward_std": grouped.std(dim=1).mean(),
             "train/frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
             "train/completions/mean_length": lengths.mean(),
-            "train/completions/clipped_ratio": truncated.float().mean(),
-            "train/learning_rate": torch.tensor(scheduler.get_last_lr()[0]),
-            "train/step_time": torch.tensor(time.perf_counter() - start),
+            "train/completions/clipped_ratio": rollout.truncated.float().mean(),
+            "train/learning_rate": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
+            "train/step_time": torch.tensor(seconds),
             "train/skipped_steps": torch.tensor(self.skipped_steps),
         }
         for key in ("clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy"):
@@ -246,48 +248,13 @@ class GRPOModule(AudioLMModule):
             logs[f"train/rewards/{name}/std"] = values.std()
         self.log_dict({k: v.float().cpu() for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("reward", logs["train/reward"].float(), prog_bar=True, logger=False)
+        texts = rollout.texts
         self._sample_rows = [
             {"prompt": items[i].question, "choices": items[i].choices, "answer": items[i].answer,
              "completion": texts[i], "reward": float(rewards[i]), "advantage": float(advantages[i]),
              **{name: float(v[i]) for name, v in per_function.items()}}
             for i in range(min(len(texts), self.algo.log_completions_rows))
         ]
-
-    def audio_parameters(self):
-        from avrl.models.loading import audio_encoder
-
-        encoder = audio_encoder(mm.unwrap(self.model))
-        return encoder.parameters() if encoder is not None else iter(())
-
-    def _slice_media(self, media: dict, batch: dict, prompts: slice) -> dict:
-        """The encoder outputs of a slice of prompts (features are flat, in prompt order)."""
-        from avrl.models.processing import audio_token_count
-
-        out = {}
-        if "audio" in media:
-            counts = audio_token_count(batch["feature_attention_mask"].sum(-1)).tolist()
-            start = sum(counts[: prompts.start])
-            stop = start + sum(counts[prompts])
-            out["audio"] = media["audio"][start:stop]
-        if "image" in media:
-            merge = mm.unwrap(self.model).config.vision_config.spatial_merge_size ** 2
-            counts = (batch["image_grid_thw"].prod(-1) // merge).tolist()
-            start = sum(counts[: prompts.start])
-            out["image"] = media["image"][start : start + sum(counts[prompts])]
-        return out
-
-
-MEDIA_KEYS = ("input_features", "pixel_values")
-
-
-def _prompt_slice(batch: dict, prompts: slice) -> dict:
-    """A batch restricted to some prompts, media inputs included (one audio and at most one image per prompt)."""
-    out = {k: (v[prompts] if torch.is_tensor(v) and k != "pixel_values" else v) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        patches = batch["image_grid_thw"].prod(-1).tolist()
-        start = sum(patches[: prompts.start])
-        out["pixel_values"] = batch["pixel_values"][start : start + sum(patches[prompts])]
-    return out
 
 
 def _micro_batch_weight(loss_type: str, mask: torch.Tensor, rows: slice) -> float:

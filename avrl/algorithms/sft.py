@@ -30,7 +30,9 @@ class SFTModule(AudioLMModule):
 
     def sft_loss(self, batch: dict) -> torch.Tensor:
         ids, mask = self.targets(batch["items"])
-        logps, _ = self.completion_logps(batch, self.encode(batch), ids, mask, num_generations=1)
+        policy = self.policy
+        # Temperature 1: the likelihood of the targets, whatever algorithm.temperature validation samples with.
+        logps, _ = policy.completion_logps(batch, policy.encode(batch), ids, mask, num_generations=1)
         return -(logps * mask).sum() / mask.sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:

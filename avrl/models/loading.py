@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from avrl.models import families
+from avrl.models.multimodal import audio_encoder, vision_encoder
 from avrl.models.processing import AudioTextProcessor
 
 log = logging.getLogger(__name__)
@@ -15,34 +17,17 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_class(family: str):
-    if family == "qwen2_audio":
-        from transformers import Qwen2AudioForConditionalGeneration
-
-        return Qwen2AudioForConditionalGeneration
-    if family == "qwen2_5_omni":
-        # The thinker only: the talker and token2wav weights in an Omni checkpoint are never loaded.
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-        return Qwen2_5OmniThinkerForConditionalGeneration
-    raise ValueError(f"model.family must be 'qwen2_audio' or 'qwen2_5_omni', got {family!r}")
-
-
-def audio_encoder(model):
-    return getattr(model.model, "audio_tower", None)  # None for a text-only LM (the TRL benchmark)
-
-
-def vision_encoder(model):
-    return getattr(model.model, "visual", None)
-
-
 def load_model(cfg: DictConfig, path: str | None = None):
     """The model described by a `model` config group entry; `path` overrides `cfg.name_or_path`."""
     source = str(path or cfg.name_or_path)
+    family = families.get(cfg.family)
+    if cfg.get("images", False) and family.image_token is None:
+        raise ValueError(f"model.images=true, but avrl feeds no images to the {family.name} family "
+                         f"(see avrl/models/families/{family.name}.py)")
     hub = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     if not Path(source).exists():
         log.info("loading %s from the hub (or its local cache)", source)
-    model = model_class(cfg.family).from_pretrained(
+    model = family.transformers_class().from_pretrained(
         source, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **hub
     )
     # Tools that size things from config.hidden_size (the HF Trainer's DeepSpeed "auto" values) find it only in
@@ -87,5 +72,5 @@ def _special_tokens_only(config):
 def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:
     source = str(path or cfg.get("processor_path") or cfg.name_or_path)
     return AudioTextProcessor.from_pretrained(
-        source, family=cfg.family, with_images=bool(cfg.get("images", False)), revision=cfg.get("revision")
+        source, family=families.get(cfg.family), with_images=bool(cfg.get("images", False)), revision=cfg.get("revision")
     )

@@ -1,13 +1,16 @@
 """Forward passes with the audio (and image) encoders run once per prompt.
 
 The published GRPO trainers repeat each prompt's audio features G times and run the encoder on every copy.
-Here `encode_media` runs the encoders once per prompt, `prompt_embeddings` writes their outputs into the prompt's
-placeholder positions, and those embeddings are repeated G times (a cheap copy) for generation and for the loss.
+Here `encode_media` runs the encoders once per prompt, `embed` writes their outputs into the prompt's placeholder
+positions, and those embeddings are repeated G times (a cheap copy) for generation and for the loss. What differs
+between model families (the audio encoder's call, rope inputs) is asked of the family (avrl/models/families).
 """
 
 from __future__ import annotations
 
 import torch
+
+from avrl.models.families import Family
 
 # Keys of a prompt batch that hold per-prompt tensors (repeated G times with the prompt) and media inputs.
 PER_PROMPT_KEYS = ("input_ids", "attention_mask", "feature_attention_mask", "image_grid_thw")
@@ -18,38 +21,24 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def encode_media(model, family: str, batch: dict) -> dict[str, torch.Tensor]:
+def audio_encoder(model):
+    return getattr(unwrap(model).model, "audio_tower", None)  # None for a text-only LM (the TRL benchmark)
+
+
+def vision_encoder(model):
+    return getattr(unwrap(model).model, "visual", None)
+
+
+def encode_media(model, family: Family, batch: dict) -> dict[str, torch.Tensor]:
     """Encoder outputs, flattened in placeholder order: {"audio": (n_audio_tokens, d), "image": (...)}."""
     model = unwrap(model)
     media = {}
     if "input_features" in batch:
-        media["audio"] = _audio_features(model, family, batch["input_features"], batch["feature_attention_mask"])
+        media["audio"] = family.encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
     if "pixel_values" in batch:
         image = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         media["image"] = torch.cat(image.pooler_output, dim=0)
     return media
-
-
-def _audio_features(model, family: str, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
-    if family == "qwen2_5_omni":
-        return model.model.get_audio_features(features, feature_mask, return_dict=True).last_hidden_state
-    # Qwen2-Audio, as Qwen2AudioModel.forward does it: encode the padded window, keep each clip's valid outputs.
-    # The projector into the LM is applied in `embed`, so that a frozen encoder's outputs can be reused while the
-    # projector trains.
-    from transformers.masking_utils import create_bidirectional_mask
-
-    tower = model.model.audio_tower
-    after_conv, out_lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
-    steps = (features.shape[-1] - 2) // 2 + 1
-    valid = torch.arange(steps, device=features.device)[None, :] < after_conv[:, None]
-    attention = create_bidirectional_mask(
-        config=tower.config,
-        inputs_embeds=torch.zeros(features.shape[0], steps, 1, dtype=tower.conv1.weight.dtype, device=features.device),
-        attention_mask=valid.long(),
-    )
-    hidden = tower(features, attention_mask=attention).last_hidden_state
-    keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < out_lengths[:, None]
-    return hidden[keep]
 
 
 def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,41 +54,25 @@ def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> tor
         features = media[kind]
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(f"{int(mask.sum())} {kind} placeholder tokens but {features.shape[0]} {kind} features")
-        if kind == "audio" and hasattr(model.model, "multi_modal_projector"):
+        if kind == "audio" and hasattr(model.model, "multi_modal_projector"):  # Qwen2-Audio's projector
             features = model.model.multi_modal_projector(features)
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
     return embeds
 
 
-def position_ids(family: str, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Qwen2-Audio: positions count real tokens only (left padding), as generate() numbers them.
-    Omni computes its 3-D rope positions itself from input_ids and the media sizes."""
-    if family == "qwen2_5_omni":
-        return None
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)
-
-
-def forward_logits(model, family: str, input_ids, attention_mask, inputs_embeds, extra: dict, keep: int = 0):
+def forward_logits(model, family: Family, input_ids, attention_mask, inputs_embeds, extra: dict, keep: int = 0):
     """Logits for already-merged embeddings; only the last `keep` positions when keep > 0 (the completion), which
-    spares a (batch, prompt length, vocabulary) tensor. `extra` holds the media sizes Omni needs for positions."""
+    spares a (batch, prompt length, vocabulary) tensor. `extra` holds the media sizes a 3-D rope needs."""
     model = unwrap(model)
     hidden = model.model(
-        input_ids=None if family == "text" else input_ids,  # a text-only LM (benchmarks) takes one of the two
+        input_ids=input_ids if family.forward_takes_input_ids else None,
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,
-        position_ids=position_ids(family, attention_mask),
+        position_ids=family.position_ids(attention_mask),
         use_cache=False,
-        **rope_inputs(family, extra),
+        **family.rope_inputs(extra),
     ).last_hidden_state
     return model.lm_head(hidden[:, -keep:] if keep else hidden)
-
-
-def rope_inputs(family: str, batch: dict) -> dict:
-    """The media sizes Omni's 3-D rope positions are computed from (Qwen2-Audio needs none)."""
-    if family != "qwen2_5_omni":
-        return {}
-    return {k: batch[k] for k in ("feature_attention_mask", "image_grid_thw") if k in batch}
 
 
 def repeat_prompts(batch: dict, repeats: int) -> dict:

@@ -1,8 +1,9 @@
-"""Turns rendered chat prompts plus audio (and images) into model inputs, for both model families.
+"""Turns rendered chat prompts plus audio (and images) into model inputs, for every model family.
 
-One small processor instead of `Qwen2AudioProcessor` / `Qwen2_5OmniProcessor`: both expand each audio placeholder
-into as many `<|AUDIO|>` tokens as the encoder will output, and Omni's processor also needs a video processor (and
-so torchvision) even for audio+image questions. The token-count rules below are the ones those processors use.
+One small processor instead of `Qwen2AudioProcessor` / `Qwen2_5OmniProcessor` / `Qwen3OmniMoeProcessor`: each
+expands the audio placeholder into as many placeholder tokens as the encoder will output, and the Omni processors
+also need a video processor (and so torchvision) even for audio+image questions. The family supplies the chat
+template, the placeholder tokens and the token-count rule those processors use (avrl/models/families).
 """
 
 from __future__ import annotations
@@ -14,34 +15,23 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-from avrl.models.templates import BY_FAMILY
-
-AUDIO_TOKEN = "<|AUDIO|>"
-IMAGE_TOKEN = "<|IMAGE|>"
-
-
-def audio_token_count(num_mel_frames: torch.Tensor) -> torch.Tensor:
-    """Encoder output length for a clip of `num_mel_frames` (conv stride 2, then average pooling by 2)."""
-    after_conv = (num_mel_frames - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
+from avrl.models.families import Family
 
 
 class AudioTextProcessor:
-    def __init__(self, tokenizer, feature_extractor, image_processor=None, family: str = "qwen2_audio"):
-        if family not in BY_FAMILY:
-            raise ValueError(f"unknown model family {family!r}; expected one of {sorted(BY_FAMILY)}")
+    def __init__(self, tokenizer, feature_extractor, image_processor, family: Family):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # generation appends on the right
         self.feature_extractor = feature_extractor
         self.image_processor = image_processor
         self.family = family
-        self.chat_template = BY_FAMILY[family]
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.chat_template = family.chat_template
+        self.audio_token, self.image_token = family.audio_token, family.image_token
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(family.audio_token)
         self.sampling_rate = feature_extractor.sampling_rate
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, family: str, with_images: bool = False, **hub_kwargs):
+    def from_pretrained(cls, path: str | Path, family: Family, with_images: bool = False, **hub_kwargs):
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(path, **hub_kwargs)
         image_processor = None
@@ -98,9 +88,9 @@ class AudioTextProcessor:
             )
             out["input_features"] = feats["input_features"]
             out["feature_attention_mask"] = feats["attention_mask"]
-            counts = iter(audio_token_count(feats["attention_mask"].sum(-1)).tolist())
+            counts = iter(self.family.audio_token_count(feats["attention_mask"].sum(-1)).tolist())
             texts = [
-                t.replace(AUDIO_TOKEN, AUDIO_TOKEN * next(counts), 1) if a is not None else t
+                t.replace(self.audio_token, self.audio_token * next(counts), 1) if a is not None else t
                 for t, a in zip(texts, audios)
             ]
         pictures = [im for im in images if im is not None]
@@ -113,7 +103,7 @@ class AudioTextProcessor:
             merge = self.image_processor.merge_size**2
             counts = iter((vis["image_grid_thw"].prod(-1) // merge).tolist())
             texts = [
-                t.replace(IMAGE_TOKEN, IMAGE_TOKEN * next(counts), 1) if im is not None else t
+                t.replace(self.image_token, self.image_token * next(counts), 1) if im is not None else t
                 for t, im in zip(texts, images)
             ]
         tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)

@@ -1,4 +1,4 @@
-"""Chat templates of the two model families, verbatim from the published checkpoints.
+"""Chat templates of the model families: Qwen2-Audio's and Qwen2.5-Omni's verbatim from the published checkpoints.
 
 avrl renders prompts with these strings instead of the checkpoint's processor so that one code path serves the
 real 7B checkpoints and the offline tiny ones, and so that Qwen2.5-Omni needs no video processor (which would pull
@@ -67,4 +67,28 @@ QWEN2_5_OMNI = (
     "{% endif %}"
 )
 
-BY_FAMILY = {"qwen2_audio": QWEN2_AUDIO, "qwen2_5_omni": QWEN2_5_OMNI}
+# Qwen3-Omni: the user-turn layout of Qwen3-Omni-30B-A3B-Instruct as its model card, transformers' processor docs and
+# vLLM's examples write it (no default system turn; media before the text). It was written offline and not compared
+# byte for byte with the checkpoint's chat_template.json, whose tool-call and thinking branches avrl does not use.
+QWEN3_OMNI = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif 'text' in content %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)

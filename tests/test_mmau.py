@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from avrl.scoring import mmau_match
+from avrl.mmau import mmau_match
 
 
 def reference(prediction, answer, choices):
