@@ -151,10 +151,8 @@ def run_avrl(size: str, prompts: int, G: int, length: int, steps: int, beta: flo
 # ------------------------------------------------------------------------------------------------ TRL, text
 def run_trl(size: str, prompts: int, G: int, length: int, steps: int, beta: float, loss_type: str) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import Qwen2ForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from transformers import Qwen2ForCausalLM
 
     model, tokenizer = text_model(size)
     times, lengths = [], []
@@ -262,7 +260,8 @@ def bench_audio(smoke: bool) -> dict:
             r = _child("audio", dict(seconds=seconds, G=G, prompts=1, smoke=smoke))
             rows.append({"audio_seconds": seconds, "G": G, **r})
             print(f"  {seconds:>2} s, G={G:<2}: once per prompt {r['once_per_prompt']['seconds']:.3f} s "
-                  f"({r['once_per_prompt']['peak_memory_mb']:.0f} MB) vs repeated {r['repeated_G_times']['seconds']:.3f} s "
+                  f"({r['once_per_prompt']['peak_memory_mb']:.0f} MB) vs repeated "
+                  f"{r['repeated_G_times']['seconds']:.3f} s "
                   f"({r['repeated_G_times']['peak_memory_mb']:.0f} MB)", flush=True)
     return {"rows": rows, "note": "peak memory is the process peak after both variants on CPU (RSS)"}
 

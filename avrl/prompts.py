@@ -29,7 +29,8 @@ class PromptSpec:
 
     def __post_init__(self):
         if self.answer_style not in ("text", "letter"):
-            raise ValueError(f"prompt {self.name!r}: answer_style must be 'text' or 'letter', got {self.answer_style!r}")
+            raise ValueError(f"prompt {self.name!r}: answer_style must be 'text' or 'letter', "
+                             f"got {self.answer_style!r}")
 
 
 def render_question(spec: PromptSpec, item: QAItem, for_eval: bool = False) -> str:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from avrl.data.items import QAItem
-from avrl.prompts import PromptSpec, extract_answer, parse_letter, target_answer
 from avrl.mmau import mmau_match
+from avrl.prompts import PromptSpec, extract_answer, parse_letter, target_answer
 
 RewardFn = Callable[[Sequence[str], Sequence[QAItem], PromptSpec], list[float]]
 

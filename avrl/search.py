@@ -88,7 +88,8 @@ def as_override(key: str, value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the study
-def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None) -> optuna.storages.BaseStorage:
+def storage(url: str, heartbeat_interval: int | None = 60,
+            grace_period: int | None = None) -> optuna.storages.BaseStorage:
     """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL). With heartbeats, a trial whose worker
     was killed is marked FAIL by the next worker after `grace_period` seconds instead of staying RUNNING forever."""
     if heartbeat_interval:

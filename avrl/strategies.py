@@ -16,8 +16,8 @@ the cross-rank finite check, and gathering the full weights (ZeRO-3) to save the
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 from contextlib import contextmanager
 from typing import Any
 

@@ -24,6 +24,7 @@ import torch
 from avrl.models import families
 from avrl.models.families import Family
 
+
 def checkpoint_name(name: str, family: Family) -> str:
     """The hub checkpoint name of a parameter of avrl's in-memory model (PEFT wrapper names included), by the
     family's `checkpoint_renames`."""

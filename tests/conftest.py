@@ -15,19 +15,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 HANG_GUARD = 1800
 
 
-def final_weights_of_cli_run(run_dir: Path, *overrides, pythonpath: Path | None = None) -> dict:
-    """`python run.py` into run_dir (a fresh process, as a user runs it); the saved final model's weights."""
+def run_cli(*args: str, tmp_path: Path | None = None, pythonpath: Path | None = None, check: bool = True,
+            env: dict | None = None, module: str | None = None):
+    """`python run.py ARGS` (or `python -m MODULE ARGS`) in a fresh process, as a user runs it (offline). With
+    `tmp_path` its MLflow store is tmp_path/mlruns.db; `env` adds variables; with `check` a non-zero exit fails the
+    test with the end of the run's console."""
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    extra, env = env or {}, dict(os.environ, HF_HUB_OFFLINE="1")
+    if tmp_path is not None:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlruns.db"
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=HANG_GUARD)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    env.update(extra)
+    command = ["-m", module] if module else ["run.py"]
+    out = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=HANG_GUARD)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def mlflow_runs(store: Path | str):
+    """(client, runs) of the "avrl" experiment in an MLflow store: a tracking URI, or a folder holding mlruns.db."""
+    import mlflow
+
+    uri = f"sqlite:///{store}/mlruns.db" if isinstance(store, Path) else store
+    client = mlflow.tracking.MlflowClient(uri)
+    return client, client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+
+
+def final_weights_of_cli_run(run_dir: Path, *overrides, pythonpath: Path | None = None) -> dict:
+    """`python run.py` into run_dir (a fresh process, as a user runs it); the saved final model's weights."""
+    from safetensors.torch import load_file
+
+    run_cli(f"hydra.run.dir={run_dir}", *overrides, pythonpath=pythonpath)
     return load_file(run_dir / "final_model/model.safetensors")
 
 

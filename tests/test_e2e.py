@@ -1,36 +1,21 @@
 """End-to-end runs of the CLI, as a user runs them (slow: minutes)."""
 
 import json
-import os
-import subprocess
-import sys
 
-import mlflow
 import pytest
 
-from tests.conftest import HANG_GUARD, ROOT, mlflow_server
-
-
-def run_cli(tmp_path, *overrides, timeout=HANG_GUARD):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
-    out = subprocess.run(
-        [sys.executable, "run.py", f"hydra.run.dir={tmp_path}/out", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+from tests.conftest import mlflow_runs, mlflow_server, run_cli
 
 
 def only_run(tmp_path):
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(tmp_path)
     return client, run
 
 
 @pytest.mark.slow
 def test_default_run_learns_to_listen(tmp_path):
     """`python run.py` with no arguments: val/accuracy at the end is well above step 0's."""
-    out = run_cli(tmp_path)
+    out = run_cli(f"hydra.run.dir={tmp_path}/out", tmp_path=tmp_path)
     assert "outputs:" in out.stdout and "MLflow: run" in out.stdout
     client, run = only_run(tmp_path)
     history = sorted(client.get_metric_history(run.info.run_id, "val/accuracy"), key=lambda m: m.step)
@@ -44,8 +29,9 @@ def test_default_run_learns_to_listen(tmp_path):
 
 @pytest.mark.slow
 def test_sft_and_omni_run_through_the_cli(tmp_path):
-    run_cli(tmp_path, "algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink", "trainer.max_steps=3",
-            "trainer.val_check_interval=3", "data.val_size=4", "data.batch_size=2")
+    run_cli(f"hydra.run.dir={tmp_path}/out", "algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink",
+            "trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "data.batch_size=2",
+            tmp_path=tmp_path)
     client, run = only_run(tmp_path)
     assert run.data.tags["algorithm"] == "sft" and run.data.tags["model"] == "tiny_qwen2_5_omni"
     assert "train/loss" in run.data.metrics and "val/accuracy" in run.data.metrics
@@ -53,16 +39,10 @@ def test_sft_and_omni_run_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
-    out = subprocess.run(
-        [sys.executable, "run.py", "-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=10",
-         "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
-    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=10",
+            "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
+    client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
@@ -72,9 +52,7 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
     assert parents[0].info.status == "FINISHED"
 
     # The ablation report: one row per child with the children's own numbers, and valid PNG plots.
-    report = subprocess.run([sys.executable, "-m", "avrl.report", str(tmp_path / "sweep")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=HANG_GUARD)
-    assert report.returncode == 0, report.stderr[-3000:]
+    run_cli(str(tmp_path / "sweep"), module="avrl.report", tmp_path=tmp_path)
     rows = [line for line in (tmp_path / "sweep/report.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 2
     for child in children:
@@ -97,17 +75,10 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
 def test_sweep_against_a_real_mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store; the runs are read back over REST."""
     with mlflow_server(tmp_path) as uri:
-        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1")
-        out = subprocess.run(
-            [sys.executable, "run.py", "-m", "algorithm=grpo,sft", "trainer.max_steps=1",
-             "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2",
-             "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
-             f"hydra.sweep.dir={tmp_path}/sweep"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        client = mlflow.tracking.MlflowClient(uri)  # REST
-        runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+        run_cli("-m", "algorithm=grpo,sft", "trainer.max_steps=1", "trainer.val_check_interval=1", "data.val_size=2",
+                "data.batch_size=2", "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
+                f"hydra.sweep.dir={tmp_path}/sweep", env={"MLFLOW_TRACKING_URI": uri})
+        client, runs = mlflow_runs(uri)  # REST
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         assert len(runs) == 3 and len(children) == 2
         assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"config.yaml"}
@@ -117,13 +88,10 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
 def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     """One cell of a multirun raises (a loss type GRPO does not know): the other job still completes, the failed
     job's MLflow run is FAILED with the traceback as error.txt, the sweep prints a summary and exits non-zero."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
-    out = subprocess.run(
-        [sys.executable, "run.py", "-m", "algorithm.loss_type=no_such_loss,grpo", "trainer.max_steps=1",
-         "trainer.val_check_interval=1", "data.val_size=2", "data.batch_size=2", "algorithm.max_completion_length=8",
-         "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
-    )
+    out = run_cli("-m", "algorithm.loss_type=no_such_loss,grpo", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                  "data.val_size=2", "data.batch_size=2", "algorithm.max_completion_length=8",
+                  "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep",
+                  tmp_path=tmp_path, check=False)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "1 of 2 jobs failed" in out.stderr
     summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())
@@ -131,8 +99,7 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     assert "no_such_loss" in summary["jobs"][0]["error"] and summary["jobs"][1]["value"] is not None
     assert "sweep summary: 1 of 2 jobs completed" in out.stdout
 
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
-    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, runs = mlflow_runs(tmp_path)
     by_loss = {r.data.params.get("algorithm.loss_type"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert by_loss["no_such_loss"].info.status == "FAILED" and by_loss["grpo"].info.status == "FINISHED"
     assert "error.txt" in {a.path for a in client.list_artifacts(by_loss["no_such_loss"].info.run_id)}
@@ -144,9 +111,7 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
 def test_benchmark_smoke_writes_its_figures(tmp_path):
     """`python -m avrl.bench --smoke`: one short step of avrl and of TRL, the audio and scaling rows, as JSON."""
     pytest.importorskip("trl")
-    out = subprocess.run([sys.executable, "-m", "avrl.bench", "--smoke", "--out", str(tmp_path / "bench.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_cli("--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
     report = json.loads((tmp_path / "bench.json").read_text())
     for framework in ("avrl", "trl"):
         assert report["trl"][framework]["median_step_seconds"] > 0 and report["trl"][framework]["peak_memory_mb"] > 0

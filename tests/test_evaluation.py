@@ -7,7 +7,7 @@ import torch
 
 from avrl.evaluation import evaluate
 from tests.conftest import SHARED, write_wav
-from tests.test_mmau import reference as mmau_string_match
+from tests.helpers import mmau_reference as mmau_string_match
 
 
 def mmau_subset(tmp_path, n=12):
@@ -69,7 +69,8 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
     from avrl.models import load_model, load_processor
     from avrl.train import train
 
-    common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "eval.max_new_tokens=10", "logger=none",
+    common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "eval.max_new_tokens=10",
+              "logger=none",
               "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
     train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2"))
     (ckpt,) = (tmp_path / "out/checkpoints").glob("best*.ckpt")  # step 2 = the final weights

@@ -1,11 +1,10 @@
 """The GRPO module on the tiny model: encoder calls, weight updates, logged metrics and artifacts."""
 
-import mlflow
 import pytest
 import torch
 
 from avrl.train import train
-from tests.conftest import compose
+from tests.conftest import compose, mlflow_runs
 
 TRAIN_METRICS = [
     "train/loss", "train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/accuracy/std",
@@ -70,8 +69,7 @@ def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
     metrics = train(cfg)
     assert "val/accuracy" in metrics
 
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     logged = run.data.metrics
     for name in TRAIN_METRICS + ["val/accuracy", "val/format"]:
         assert name in logged, name

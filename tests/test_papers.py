@@ -10,8 +10,8 @@ import pytest
 from avrl.data.readers import read_avqa, read_avqa_r1
 from avrl.protocols import prediction
 from avrl.rewards import echoink_accuracy, echoink_format, r1_aqa_accuracy, r1_aqa_format
-from tests.conftest import ROOT, compose
-from tests.test_prompts import ITEM, spec
+from tests.conftest import compose
+from tests.helpers import ITEM, spec
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
@@ -97,7 +97,8 @@ def test_r1_aqa_prompt_is_the_released_text_for_a_real_avqa_record(tmp_path):
     (item,), _ = read_avqa(tmp_path / "train.jsonl")
     # src/dataset/dataset.py, _handle_avqa: a plain str.replace ("videos" -> "audios") and the list's repr.
     choice_str = f"Please choose the answer from the following options: {record['multi_choice']}."
-    expected = f"{record['question_text'].replace('video', 'audio')} {choice_str} Output the final answer in <answer> </answer>."
+    question = record['question_text'].replace('video', 'audio')
+    expected = f"{question} {choice_str} Output the final answer in <answer> </answer>."
     from avrl.models import load_processor
     from avrl.prompts import render_question
 

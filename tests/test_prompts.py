@@ -1,17 +1,7 @@
 import pytest
 
-from avrl.data.items import QAItem
 from avrl.prompts import PromptSpec, extract_answer, parse_letter, predicted_text, render_question, target_answer
-from tests.conftest import compose
-
-ITEM = QAItem(id="1", question="What is making the sound in the audio?", choices=["dog", "car horn", "rain"],
-              answer_index=1)
-
-
-def spec(name):
-    from avrl.train import prompt_spec
-
-    return prompt_spec(compose([f"prompt={name}"]))
+from tests.helpers import ITEM, spec
 
 
 def test_r1_aqa_no_think_wording():

@@ -7,17 +7,7 @@ import pytest
 from avrl.data.items import DataError
 from avrl.data.readers import read_avqa, read_avqa_r1, read_mmau
 from tests.conftest import SHARED, write_wav
-
-
-def avqa_record(i, audio="audio/1.wav", **extra):
-    return {"id": i, "video_name": f"v{i}", "video_id": i, "question_text": "What is the man in the video playing?",
-            "multi_choice": ["guitar", "piano", "drum", "flute"], "answer": 1, "question_relation": "View",
-            "question_type": "Come From", "dataset_name": "AVQA", "audio_path": audio, **extra}
-
-
-def write_jsonl(path, records):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
-    return path
+from tests.helpers import avqa_record, write_jsonl
 
 
 def test_avqa(tmp_path):
@@ -44,7 +34,8 @@ def test_avqa_bad_input_names_file_and_line(tmp_path, bad, message):
         read_avqa(path)
     items, skipped = read_avqa(path, on_error="skip")
     assert [it.id for it in items] == ["1", "2"]
-    assert len(skipped) == 1 and skipped[0]["source"].endswith("train.jsonl:2") and message.split(": ", 1)[1][:12] in skipped[0]["reason"]
+    assert len(skipped) == 1 and skipped[0]["source"].endswith("train.jsonl:2")
+    assert message.split(": ", 1)[1][:12] in skipped[0]["reason"]
 
 
 def test_avqa_r1(tmp_path):

@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 
-import mlflow
 import pytest
 import torch
 
@@ -15,10 +14,9 @@ from avrl.data.datamodule import PromptCollator
 from avrl.data.items import DataError
 from avrl.data.readers import read_avqa, read_avqa_r1
 from avrl.models import load_processor
-from avrl.prompts import PromptSpec
 from avrl.train import prompt_spec, train
-from tests.conftest import compose, write_wav
-from tests.test_readers import avqa_record, write_jsonl
+from tests.conftest import compose, mlflow_runs, write_wav
+from tests.helpers import avqa_record, write_jsonl
 
 FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=2", "data.batch_size=2",
         "algorithm.num_generations=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",
@@ -83,8 +81,7 @@ def test_a_run_skips_undecodable_items_lists_and_counts_them(cfg_factory, tmp_pa
     train(cfg)
     listed = json.loads((tmp_path / "out/skipped_items.json").read_text())
     assert sorted(r["source"].rsplit(":", 1)[1] for r in listed) == ["5", "6", "7"]
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     assert run.data.metrics["data/skipped"] == 3
 
 
@@ -139,8 +136,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, st
     # The NaN batch (the second) left every weight as it was; the skip did not count as a step: 4 batches for 3
     # updates, and the updates moved the weights.
     assert len(seen) == 4 and seen[1] and not all(seen)
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     history = client.get_metric_history(run.info.run_id, "train/skipped_steps")
     assert max(m.value for m in history) == 1 and run.info.status == "FINISHED"
 
@@ -171,8 +167,7 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_clear_message(cfg_factory, monk
     cfg = cfg_factory(*FAST, "optim.max_skipped_in_row=2")
     with pytest.raises(FloatingPointError, match="2 updates in a row had a non-finite loss or gradient"):
         train(cfg)
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     assert run.info.status == "FAILED" and "FloatingPointError" in run.data.tags["error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -192,7 +187,8 @@ def test_an_unreachable_tracking_server_is_reported_before_the_model_loads(cfg_f
     monkeypatch.setattr(avrl.train, "load_processor", no_model)
     uri = f"http://alice:hunter2@127.0.0.1:{free_port()}"
     cfg = cfg_factory(f"logger.tracking_uri={uri}")
-    with pytest.raises(ConnectionError, match=r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable") as e:
+    unreachable = r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable"
+    with pytest.raises(ConnectionError, match=unreachable) as e:
         train(cfg)
     assert "hunter2" not in str(e.value)  # (no clock here: load_processor above fails the test if reached)
 
@@ -218,10 +214,9 @@ def test_a_server_that_answers_with_an_error_status_counts_as_reachable():
 
 def test_secrets_never_reach_params_or_the_config_artifact(cfg_factory, tmp_path):
     cfg = cfg_factory(*FAST, "+hub_token=hf_abcdef", "+db.password=pw123",
-                      f"+notes=see postgresql://bob:pw456@db.example/optuna")
+                      "+notes=see postgresql://bob:pw456@db.example/optuna")
     train(cfg)
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     assert run.data.params["hub_token"] == "***" and run.data.params["db.password"] == "***"
     assert run.data.params["notes"] == "see postgresql://bob:***@db.example/optuna"
     config = (tmp_path / "config.yaml")

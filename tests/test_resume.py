@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
-from tests.conftest import HANG_GUARD, ROOT
+from tests.conftest import HANG_GUARD, ROOT, mlflow_runs
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
@@ -74,7 +74,8 @@ def histories(db, run_id):
     out = {}
     for key in client.get_run(run_id).data.metrics:
         if key != "train/step_time":
-            out[key] = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+            out[key] = {m.step: m.value for m in history}
     return out
 
 
@@ -105,18 +106,18 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
     out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
 
-    want, got = load_file(tmp_path / "ref/final_model/model.safetensors"), load_file(tmp_path / "run/final_model/model.safetensors")
+    want = load_file(tmp_path / "ref/final_model/model.safetensors")
+    got = load_file(tmp_path / "run/final_model/model.safetensors")
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
     # One MLflow run for the killed and the resumed attempt, with the uninterrupted run's metrics.
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
-    (run_info,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, (run_info,) = mlflow_runs(tmp_path)
     assert run_info.info.status == "FINISHED" and run_info.data.tags["resumed_from"] == "last"
-    ref_client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/ref.db")
-    (ref_info,) = ref_client.search_runs([ref_client.get_experiment_by_name("avrl").experiment_id])
-    expected, actual = histories(tmp_path / "ref.db", ref_info.info.run_id), histories(tmp_path / "mlruns.db", run_info.info.run_id)
+    _, (ref_info,) = mlflow_runs(f"sqlite:///{tmp_path}/ref.db")
+    expected = histories(tmp_path / "ref.db", ref_info.info.run_id)
+    actual = histories(tmp_path / "mlruns.db", run_info.info.run_id)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert expected[key].keys() == actual[key].keys(), key

@@ -5,7 +5,7 @@ import torch
 
 from avrl.data.items import QAItem
 from avrl.rewards import accuracy_reward, format_reward, score
-from tests.test_prompts import ITEM, spec
+from tests.helpers import ITEM, spec
 
 
 @pytest.mark.parametrize("completion,expected", [

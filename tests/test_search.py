@@ -3,11 +3,7 @@ study through the CLI (slow): pruning, a crashing trial, resume, MLflow parent a
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-import mlflow
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -15,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from avrl import search
-from tests.conftest import HANG_GUARD, ROOT
+from tests.conftest import mlflow_runs, run_cli
 
 
 def test_sweep_syntax_maps_to_optuna_distributions():
@@ -113,13 +109,10 @@ hydra:
 
 
 def run_study(tmp_path, *overrides):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "run.py", "-m", "search=test_study", f"hydra.searchpath=[file://{tmp_path}/conf]",
-         "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=8", "data.batch_size=2",
-         "algorithm.num_generations=2", "trainer.enable_progress_bar=false", "save_final_model=false", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD,
-    )
+    return run_cli("-m", "search=test_study", f"hydra.searchpath=[file://{tmp_path}/conf]", "trainer.max_steps=2",
+                   "trainer.val_check_interval=2", "data.val_size=8", "data.batch_size=2",
+                   "algorithm.num_generations=2", "trainer.enable_progress_bar=false", "save_final_model=false",
+                   *overrides, tmp_path=tmp_path, check=False)
 
 
 @pytest.mark.slow
@@ -139,10 +132,10 @@ def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
     assert [j["status"] for j in summary["jobs"]] == [s.name for s in states]
 
     # MLflow: one parent for the study, one child per trial, the trial's number as a param and its state as a tag.
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
-    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("optuna_study") == "test"]
-    children = {int(r.data.params["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {int(r.data.params["trial"]): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == [0, 1, 2, 3] and len(runs) == 5
     for trial in study.trials:
         child = children[trial.number]
@@ -163,6 +156,6 @@ def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
     assert len(study.trials) == 6 and [t.state for t in study.trials[:4]] == states
     old, new = [t.params["optim.lr"] for t in study.trials[:4]], [t.params["optim.lr"] for t in study.trials[4:]]
     assert len(set(new)) == 2 and not set(new) & set(old)
-    runs = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+    _, runs = mlflow_runs(tmp_path)
     assert len([r for r in runs if r.data.tags.get("optuna_study") == "test"]) == 1  # still one parent
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6

@@ -8,7 +8,6 @@ from avrl.models import load_processor
 from avrl.train import build_module, prompt_spec
 from tests.conftest import compose
 
-
 RANDOM_INIT = "model.name_or_path='${avrl_tiny_init:${model.family}}'"  # not yet taught the answer format
 
 

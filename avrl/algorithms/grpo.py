@@ -203,7 +203,8 @@ class GRPOModule(AudioLMModule):
                 strategies.accumulation_boundary(self.trainer.strategy, last=lo + chunk >= num_prompts)
                 p, s = slice(lo, lo + chunk), slice(lo * G, (lo + chunk) * G)
                 part = prompt_slice(batch, p, with_media=False)
-                part_media = policy.slice_media(media, batch, p) if reuse_media else policy.encode(prompt_slice(batch, p))
+                part_media = (policy.slice_media(media, batch, p) if reuse_media
+                              else policy.encode(prompt_slice(batch, p)))
                 logps, entropy = policy.completion_logps(part, part_media, ids[s], mask[s], G, temperature,
                                                          with_entropy=True)
                 old = old_logps[s] if old_logps is not None else logps.detach()

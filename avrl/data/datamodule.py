@@ -133,7 +133,8 @@ class AudioQADataModule(L.LightningDataModule):
         exactly on resume (avrl/resume.py)."""
         trainer = self.trainer
         sampler = EpochSampler(len(self.datasets["train"]), self.cfg.batch_size, self.shuffle_seed,
-                               rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+                               rank=trainer.global_rank if trainer else 0,
+                               world_size=trainer.world_size if trainer else 1)
         return self._loader("train", self.cfg.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -72,5 +72,6 @@ def _special_tokens_only(config):
 def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:
     source = str(path or cfg.get("processor_path") or cfg.name_or_path)
     return AudioTextProcessor.from_pretrained(
-        source, family=families.get(cfg.family), with_images=bool(cfg.get("images", False)), revision=cfg.get("revision")
+        source, family=families.get(cfg.family), with_images=bool(cfg.get("images", False)),
+        revision=cfg.get("revision")
     )

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
 
 from avrl.data.synthetic import QUESTIONS
-from avrl.models.processing import AudioTextProcessor
 from avrl.models import families
+from avrl.models.processing import AudioTextProcessor
 
 WINDOW_SECONDS = 2
 MEL_BINS = 128

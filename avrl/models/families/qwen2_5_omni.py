@@ -24,8 +24,11 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
 
 
 def build_tiny(tokenizer, hidden: int = 64):
-    from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
-                              Qwen2VLImageProcessorPil)
+    from transformers import (
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     from avrl.models.tiny import MEL_BINS
 

@@ -1,0 +1,46 @@
+"""Shared test data and independent references (test modules import these, never each other)."""
+
+import json
+import re
+
+from avrl.data.items import QAItem
+from tests.conftest import compose
+
+ITEM = QAItem(id="1", question="What is making the sound in the audio?", choices=["dog", "car horn", "rain"],
+              answer_index=1)
+
+
+def spec(name):
+    from avrl.train import prompt_spec
+
+    return prompt_spec(compose([f"prompt={name}"]))
+
+
+def avqa_record(i, audio="audio/1.wav", **extra):
+    return {"id": i, "video_name": f"v{i}", "video_id": i, "question_text": "What is the man in the video playing?",
+            "multi_choice": ["guitar", "piano", "drum", "flute"], "answer": 1, "question_relation": "View",
+            "question_type": "Come From", "dataset_name": "AVQA", "audio_path": audio, **extra}
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def mmau_reference(prediction, answer, choices):
+    # Written from the rule: tokens are the set of \b\w+\b in lower case; correct iff the prediction holds every
+    # answer token and none of the tokens of other choices that the answer lacks; empty is wrong.
+    def toks(s):
+        return {w.lower() for w in re.findall(r"\b\w+\b", s)}
+
+    p = toks(prediction)
+    if len(p) == 0:
+        return False
+    a = toks(answer)
+    for c in choices:
+        if toks(c) == a:
+            continue
+        for t in toks(c):
+            if t not in a and t in p:
+                return False
+    return all(t in p for t in a)
