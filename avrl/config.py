@@ -48,6 +48,9 @@ def mmau_file(version: str) -> str:
 
 
 def register_resolvers() -> None:
+    from avrl import schemas
+
+    schemas.register()  # the typed schemas the group YAMLs extend (avrl/schemas.py)
     if not OmegaConf.has_resolver("avrl_conf"):
         OmegaConf.register_new_resolver("avrl_conf", conf_path)
     if not OmegaConf.has_resolver("avrl_mmau_file"):
@@ -69,6 +72,13 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+def hydra_config():
+    """The running job's Hydra config; None when not under @hydra.main (tests that compose configs)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 register_resolvers()

@@ -12,10 +12,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import resume, search, strategies, tracking
+from avrl import resume, strategies, tracking
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
+from avrl.redaction import redact
+from avrl.sweeps import optuna_search
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         logger.log_metrics({"data/skipped": len(datamodule.skipped)}, step=0)
         tracking.log_file(logger, out / "skipped_items.json")
 
-    trial = search.job_trial(cfg.get("trial"))  # set when the Optuna sweeper launched this job
-    pruning = [search.pruning_callback(trial, cfg.objective)] if trial else []
+    trial = optuna_search.job_trial(cfg.get("trial"))  # set when the Optuna sweeper launched this job
+    pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []
     if trial and logger is not None:
         trial.set_user_attr("mlflow_run_id", logger.run_id)
 
@@ -120,7 +122,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     if trainer.is_global_zero:
         print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
     if logger is not None:
-        uri = tracking.redact(cfg.logger.tracking_uri)
+        uri = redact(cfg.logger.tracking_uri)
         print(f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"
               f"  view with: mlflow ui --backend-store-uri {uri}")
     return metrics

@@ -113,3 +113,27 @@ def test_slurm_launcher_preset_composes():
         cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == launcher.gpus_per_node
+
+
+def test_typed_schemas_refuse_misspelt_keys_and_wrong_types(tmp_path):
+    """model, optim and the LoRA block extend typed schemas (avrl/schemas.py): a misspelt key fails at compose time
+    with its name, on the command line and in a YAML file, and a value of the wrong type is refused."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    for override, name in (("model.dtipe=bfloat16", "dtipe"), ("optim.lrr=1e-4", "lrr"),
+                           ("algorithm.lora.rank=4", "rank")):
+        with pytest.raises(ConfigCompositionException) as e:
+            compose(["algorithm=grpo_lora", override])
+        assert f"Key '{name}' not in" in str(e.value.__cause__ or e.value)
+    with pytest.raises(ConfigCompositionException):
+        compose(["optim.lr=fast"])
+    # A YAML option of the user's own with a typo (found through hydra.searchpath, as a user adds models).
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/my_model.yaml").write_text("defaults:\n  - _qwen2_audio\n  - _self_\nname: mine\n"
+                                                  "name_or_path: /models/mine\nfreeze_audio_encodr: true\n")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as e:
+            hydra_compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "model=my_model"])
+    assert "freeze_audio_encodr" in str(e.value) + str(e.value.__cause__)

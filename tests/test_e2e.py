@@ -52,7 +52,7 @@ def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
     assert parents[0].info.status == "FINISHED"
 
     # The ablation report: one row per child with the children's own numbers, and valid PNG plots.
-    run_cli(str(tmp_path / "sweep"), module="avrl.report", tmp_path=tmp_path)
+    run_cli(str(tmp_path / "sweep"), module="avrl.sweeps.report", tmp_path=tmp_path)
     rows = [line for line in (tmp_path / "sweep/report.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 2
     for child in children:

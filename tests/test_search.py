@@ -10,7 +10,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from avrl import search
+from avrl.sweeps import optuna_search as search
 from tests.conftest import mlflow_runs, run_cli
 
 

@@ -1,4 +1,5 @@
-"""`hydra/sweeper=avrl_basic` (the default in conf/config.yaml)."""
+"""avrl's basic sweeper: conf/hydra/sweeper/basic.yaml shadows Hydra's own `hydra/sweeper=basic` with it, so every
+`python run.py -m` uses it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
-from avrl import sweep, tracking
+from avrl.sweeps import parent_run
+from avrl.sweeps import summary as sweep
 
 
 class AvrlBasicSweeper(BasicSweeper):
@@ -41,9 +43,10 @@ class AvrlBasicSweeper(BasicSweeper):
         sweep.write_summary(sweep_dir, rows, self.config.objective)
         failed = [r for r in rows if r["status"] != "COMPLETED"]
         if failed:
-            tracking.end_sweep_run(self.config, "FAILED")
+            parent_run.end_sweep_run(self.config, "FAILED")
             raise sweep.SweepFailed(f"{len(failed)} of {len(rows)} jobs failed (jobs "
-                                    f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / sweep.SUMMARY_FILE}")
+                                    f"{', '.join(str(r['job']) for r in failed)}); "
+                                    f"see {sweep_dir / sweep.SUMMARY_FILE}")
         return returns
 
 

@@ -16,7 +16,10 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import search, sweep, tracking
+from avrl.redaction import redact
+from avrl.sweeps import optuna_search as search
+from avrl.sweeps import parent_run
+from avrl.sweeps import summary as sweep
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("Optuna study %r in %s: %d of %d trials done", self.study_name, tracking.redact(self.storage_url),
+        log.info("Optuna study %r in %s: %d of %d trials done", self.study_name, redact(self.storage_url),
                  search.counted_trials(study), self.n_trials)
 
         rows = []
@@ -75,12 +78,12 @@ class OptunaSweeper(Sweeper):
                 error = e
         state, value, reason = search.outcome(value, error)
         if reason:
-            trial.set_user_attr("reason", tracking.redact(reason)[:2000])
+            trial.set_user_attr("reason", redact(reason)[:2000])
             log.warning("trial %d %s: %s", trial.number, state.name, reason)
         study.tell(trial, value, state)
         run_id = store.get_trial(trial_id).user_attrs.get("mlflow_run_id")  # set by the job (avrl/train.py)
         if run_id and self.config.logger.enabled:
-            tracking.mark_trial(self.config.logger.tracking_uri, run_id, state.name, reason)
+            parent_run.mark_trial(self.config.logger.tracking_uri, run_id, state.name, reason)
         return sweep.job_row(trial.number, state.name, overrides, value, reason or None, mlflow_run_id=run_id)
 
     def _finish(self, study, rows: list[dict], sweep_dir: Path) -> None:
@@ -89,10 +92,10 @@ class OptunaSweeper(Sweeper):
         if completed:
             best = study.best_trial
             print(f"best trial #{best.number}: {self.config.objective} = {best.value:.4f} with {best.params}")
-            parent = tracking.parent_run_id(sweep_dir)
+            parent = parent_run.parent_run_id(sweep_dir)
             if parent and self.config.logger.enabled:
-                tracking.log_best_trial(self.config.logger.tracking_uri, parent, self.config.objective, best)
-        print(f"dashboard: optuna-dashboard {tracking.redact(self.storage_url)}")
+                parent_run.log_best_trial(self.config.logger.tracking_uri, parent, self.config.objective, best)
+        print(f"dashboard: optuna-dashboard {redact(self.storage_url)}")
         if rows and not any(r["status"] in ("COMPLETE", "PRUNED") for r in rows):
-            tracking.end_sweep_run(self.config, "FAILED")
+            parent_run.end_sweep_run(self.config, "FAILED")
             raise sweep.SweepFailed(f"all {len(rows)} trials of this invocation failed; see the summary above")

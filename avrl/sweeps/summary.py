@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from avrl.tracking import redact
+from avrl.redaction import redact
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "sweep_summary.json"

@@ -1,4 +1,4 @@
-"""The ablation report of a sweep: `python -m avrl.report SWEEP_DIR` (the folder of a `python run.py -m ...`).
+"""The ablation report of a sweep: `python -m avrl.sweeps.report SWEEP_DIR` (the folder of a `python run.py -m ...`).
 
 Reads the sweep's parent MLflow run and its children and writes, into the sweep folder and as artifacts of the
 parent run, `report.md` — one row per run in the shape of R1-AQA's table (method, prompt, accuracy per category,
@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 
-from avrl.tracking import PARENT_RUN_FILE  # noqa: E402
+from avrl.sweeps.parent_run import PARENT_RUN_FILE  # noqa: E402
 
 CURVES = {
     "accuracy_reward.png": ("train/rewards/accuracy/mean", "accuracy reward"),

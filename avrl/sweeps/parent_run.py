@@ -1,0 +1,106 @@
+"""The MLflow side of a sweep: one parent run per multirun or Optuna study (created before the jobs start, closed at the
+end, FAILED if a job failed), each job a nested child; Optuna trial states and the best trial on the runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from avrl.config import hydra_config
+from avrl.redaction import redact
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: at the start of a multirun, create the sweep's parent MLflow run (and so the store and the
+    experiment, once, before jobs could race on a fresh SQLite file); each job reads its id from the sweep folder
+    and becomes a nested child (tag mlflow.parentRunId). At the end the parent is marked finished."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.logger.enabled:
+            return
+        client = _client(config.logger.tracking_uri)
+        name = config.logger.experiment_name
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            name, artifact_location=config.logger.artifact_location)
+        study = study_tags(config)
+        run = _find_study_run(client, experiment_id, study) if study else None
+        if run is not None:  # a resumed Optuna study keeps its parent run
+            client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            overrides = " ".join(config.hydra.overrides.task)
+            default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
+            run = client.create_run(experiment_id, run_name=config.run_name or default_name,
+                                    tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {})})
+        folder = Path(config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        end_sweep_run(config, "FINISHED")
+
+
+def end_sweep_run(config: DictConfig, status: str) -> None:
+    """Close the sweep's parent run (FINISHED, or FAILED when a job failed)."""
+    parent = parent_run_id(config.hydra.sweep.dir)
+    if config.logger.enabled and parent:
+        _client(config.logger.tracking_uri).set_terminated(parent, status)
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(tracking_uri)
+
+
+def study_tags(config: DictConfig) -> dict[str, str] | None:
+    """The tags that name an Optuna study's parent run (None for sweeps that are not Optuna studies)."""
+    sweeper = config.hydra.sweeper
+    if "study_name" not in sweeper:
+        return None
+    return {"optuna_study": str(sweeper.study_name), "optuna_storage": str(redact(sweeper.storage))}
+
+
+def _find_study_run(client, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def parent_run_id(sweep_dir: str | Path | None = None) -> str | None:
+    """The sweep's parent run, when this job is part of a multirun (or of the sweep in `sweep_dir`)."""
+    from hydra.types import RunMode
+
+    if sweep_dir is None:
+        hydra_cfg = hydra_config()
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        sweep_dir = hydra_cfg.sweep.dir
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def mark_trial(tracking_uri: str, run_id: str, state: str, reason: str = "") -> None:
+    """The Optuna trial's final state on its MLflow run: tag optuna_state; a pruned run is KILLED, a failed
+    one FAILED (a NaN objective fails a run that itself finished)."""
+    client = _client(tracking_uri)
+    client.set_tag(run_id, "optuna_state", state)
+    if reason:
+        client.set_tag(run_id, "optuna_reason", redact(reason)[:5000])
+    if state in ("PRUNED", "FAIL"):
+        client.set_terminated(run_id, "KILLED" if state == "PRUNED" else "FAILED")
+
+
+def log_best_trial(tracking_uri: str, parent_id: str, metric: str, best) -> None:
+    """The best trial so far on the study's parent run: its value as the metric `best/<metric>`, its number and
+    params as tags `best_trial` and `best/<param>` (tags, not params: a resumed study can change its best)."""
+    client = _client(tracking_uri)
+    client.log_metric(parent_id, f"best/{metric}", best.value, step=best.number)
+    client.set_tag(parent_id, "best_trial", str(best.number))
+    for key, value in best.params.items():
+        client.set_tag(parent_id, f"best/{key}", str(value))
