@@ -13,9 +13,11 @@ def only_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_learns_to_listen(tmp_path):
-    """`python run.py` with no arguments: val/accuracy at the end is well above step 0's."""
-    out = run_cli(f"hydra.run.dir={tmp_path}/out", tmp_path=tmp_path)
+@pytest.mark.parametrize("model", [[], ["model=tiny_qwen3_omni"]], ids=["default", "qwen3_omni"])
+def test_default_run_learns_to_listen(tmp_path, model):
+    """`python run.py` with no arguments, and the same with the third model family: val/accuracy at the end is well
+    above step 0's."""
+    out = run_cli(f"hydra.run.dir={tmp_path}/out", *model, tmp_path=tmp_path)
     assert "outputs:" in out.stdout and "MLflow: run" in out.stdout
     client, run = only_run(tmp_path)
     history = sorted(client.get_metric_history(run.info.run_id, "val/accuracy"), key=lambda m: m.step)
