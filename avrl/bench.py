@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m avrl.bench [trl|audio|scaling|all] [--smoke] [--out bench.json]`.
+"""Benchmarks: `python -m avrl.bench [trl|audio|scaling|all|gpu] [--smoke] [--out bench.json]`.
 
 - trl: avrl's GRPO step against TRL's GRPOTrainer on the same randomly initialised text-only Qwen2 model, same G,
   prompts per step, completion length, beta, loss type, fp32, no gradient checkpointing; each framework runs in
@@ -7,6 +7,8 @@
 - audio: one GRPO loss forward+backward through a trainable Qwen2-Audio encoder (small, 30 s window) with the
   encoder run once per prompt (avrl) versus on G copies of the features (the published trainers).
 - scaling: avrl's step time as G and the completion length grow.
+- gpu (not part of `all`; a CUDA device): one R1-AQA GRPO step on Qwen2-Audio-7B's real sizes, by phase, with the
+  projection to GPU-hours per 1,000 steps (avrl/bench_gpu.py). Write it to experiments/bench_gpu.json.
 
 Figures are printed and written as JSON; nothing here is asserted (the tests run `--smoke`, one short step).
 """
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(fn(**params)))
         return {}
     parser = argparse.ArgumentParser(prog="python -m avrl.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["all", "trl", "audio", "scaling"])
+    parser.add_argument("which", nargs="?", default="all", choices=["all", "trl", "audio", "scaling", "gpu"])
     parser.add_argument("--smoke", action="store_true", help="one short step of each, tiny sizes (CI)")
     parser.add_argument("--out", default="bench.json", help="where the figures are written (JSON)")
     args = parser.parse_args(argv)
@@ -306,6 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.which in ("all", name):
             print(f"{name}:", flush=True)
             report[name] = fn(args.smoke)
+    if args.which == "gpu":
+        from avrl import bench_gpu
+
+        print("gpu:", flush=True)
+        report["gpu"] = bench_gpu.run(args.smoke)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
     return report

@@ -1,0 +1,78 @@
+"""GPU checks (`pytest -m gpu` on any CUDA machine; skipped with the reason elsewhere), and the CPU half of them:
+the 7B-shaped configuration the GPU benchmark builds has the published checkpoint's size.
+
+Written without a GPU to run them on (no GPU was lent to the session that wrote them): the first GPU run is
+their first run."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
+
+SHAPES = ROOT / "avrl/assets/shapes"
+# The DeepSpeed equivalence run of tests/test_strategies.py, on one GPU in fp32 (bf16 rollouts would sample different
+# tokens on different strategies, so equality is checked where it is defined).
+EQUIVALENCE = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "data.batch_size=4",
+               "algorithm.num_generations=4", "algorithm.max_completion_length=8", "algorithm.beta=0.04",
+               "algorithm.temperature=1.5", "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false",
+               "logger=none", "optim.max_grad_norm=0.001", "algorithm.num_iterations=2",
+               "algorithm.micro_batch_prompts=2", "trainer.accelerator=gpu", "trainer.devices=1",
+               "trainer.precision=32-true"]
+
+
+def test_qwen2_audio_7b_shape_has_the_published_parameter_count():
+    """avrl/assets/shapes/qwen2_audio_7b holds Qwen2-Audio-7B-Instruct's published sizes; built on the meta device
+    (no memory), it has the checkpoint's 8.4B parameters (the model card's figure)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    config = Qwen2AudioConfig.from_pretrained(SHAPES / "qwen2_audio_7b")
+    with torch.device("meta"):
+        model = Qwen2AudioForConditionalGeneration(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == pytest.approx(8.4e9, rel=0.005), count
+    assert config.text_config.hidden_size == 4096 and config.audio_config.d_model == 1280
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_on_one_cuda_gpu_equals_the_plain_strategy(tmp_path, stage):
+    """Micro-batches, a binding clipping norm and beta > 0: DeepSpeed over NCCL on one GPU trains the same weights as
+    Lightning's plain single-device strategy."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    plain = final_weights_of_cli_run(tmp_path / "plain", *EQUIVALENCE, "trainer.strategy=auto")
+    engine = final_weights_of_cli_run(tmp_path / stage, *EQUIVALENCE, f"trainer={stage}", "trainer.accelerator=gpu",
+                                      "trainer.devices=1", "trainer.precision=32-true")
+    assert_same_trained_weights(engine, plain)
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_on_cuda_moves_the_weights_at_the_papers_lr(tmp_path):
+    """trainer=gpu (bf16-mixed, fp32 master weights) on CUDA: one GRPO step at lr 1e-6 on bfloat16-loaded weights
+    changes most of them (bf16-true would round the update away)."""
+    trained = final_weights_of_cli_run(tmp_path / "run", "trainer=gpu", "model.dtype=bfloat16", "optim.lr=1e-6",
+                                       "optim.scheduler=constant", "optim.warmup_ratio=0", "trainer.max_steps=1",
+                                       "trainer.val_check_interval=1", "data.val_size=4", "algorithm.beta=0.04",
+                                       "algorithm.temperature=1.5", "logger=none", "trainer.enable_progress_bar=false")
+    # The run loaded the asset rounded to bfloat16 and copied it to fp32 masters: unmoved weights equal that exactly.
+    base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
+    moved = sum(not torch.equal(trained[n].float(), base[n].to(torch.bfloat16).float()) for n in trained)
+    assert moved > len(trained) // 2
+
+
+def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_a_gpu(tmp_path):
+    """`python -m avrl.bench gpu --smoke` runs the same step on the tiny sizes (here on CPU): every phase is timed and
+    the projection is written; without --smoke and without CUDA it refuses, saying why."""
+    import json
+
+    from tests.conftest import run_cli
+
+    run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
+    gpu = json.loads((tmp_path / "bench.json").read_text())["gpu"]
+    assert set(gpu["seconds_by_phase"]) == {"rollout", "old_and_ref_logps", "update"}
+    assert all(s > 0 for s in gpu["seconds_by_phase"].values())
+    assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
+    assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
+    if not torch.cuda.is_available():
+        out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="avrl.bench", check=False)
+        assert out.returncode != 0 and "needs a CUDA device" in out.stderr
