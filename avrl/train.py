@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import optuna
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,7 +16,6 @@ from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
 from avrl.redaction import redact
-from avrl.sweeps import optuna_search
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +78,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resume.save_run_info(out, logger.run_id)
     try:
         return _train(cfg, out, logger, ckpt_path)
-    except optuna.TrialPruned:
+    except _trial_pruned():
         raise  # not a failure: the run finished cleanly and the sweeper records the trial as pruned
     except BaseException as error:
         tracking.record_failure(logger, error)
         raise
+
+
+def _trial_pruned() -> type[BaseException] | tuple:
+    """optuna.TrialPruned, or nothing to catch where optuna is not installed (a run outside a study needs none)."""
+    try:
+        import optuna
+    except ImportError:
+        return ()
+    return optuna.TrialPruned
 
 
 def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[str, float]:
@@ -100,8 +107,12 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         logger.log_metrics({"data/skipped": len(datamodule.skipped)}, step=0)
         tracking.log_file(logger, out / "skipped_items.json")
 
-    trial = optuna_search.job_trial(cfg.get("trial"))  # set when the Optuna sweeper launched this job
-    pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []
+    trial, pruning = None, []
+    if cfg.get("trial") is not None:  # set when the Optuna sweeper launched this job (optuna is needed only then)
+        from avrl.sweeps import optuna_search
+
+        trial = optuna_search.job_trial(cfg.trial)
+        pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []
     if trial and logger is not None:
         trial.set_user_attr("mlflow_run_id", logger.run_id)
 
@@ -110,7 +121,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:
-        raise optuna.TrialPruned(f"pruned at step {pruning[0].pruned_at}")
+        raise _trial_pruned()(f"pruned at step {pruning[0].pruned_at}")
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.save_final_model:

@@ -10,14 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.redaction import redact
-from avrl.sweeps import optuna_search as search
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
 
@@ -40,6 +38,8 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[dict]:
+        from avrl.sweeps import optuna_search as search  # optuna is needed by this sweeper only
+
         space, fixed = search.search_space(OmegaConf.to_container(self.params), arguments)
         if not space:
             raise ValueError("nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
@@ -62,6 +62,8 @@ class OptunaSweeper(Sweeper):
         return rows
 
     def _run_trial(self, study, store, space, fixed) -> dict:
+        from avrl.sweeps import optuna_search as search
+
         trial = study.ask(space)
         overrides = fixed + [search.as_override(k, v) for k, v in trial.params.items()] + [f"trial={trial.number}"]
         trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(self.study_name),
@@ -87,6 +89,9 @@ class OptunaSweeper(Sweeper):
         return sweep.job_row(trial.number, state.name, overrides, value, reason or None, mlflow_run_id=run_id)
 
     def _finish(self, study, rows: list[dict], sweep_dir: Path) -> None:
+        import optuna
+
+
         sweep.write_summary(sweep_dir, rows, self.config.objective)
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if completed:
