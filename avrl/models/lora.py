@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters on the language model (and optionally the audio encoder) of either family."""
+"""PEFT LoRA adapters on the language model (and optionally the audio encoder) of any family."""
 
 from __future__ import annotations
 
