@@ -75,18 +75,16 @@ def test_a_tiny_random_encoder_hears_the_difference_between_two_tones(family):
     audio features that differ by a sizeable fraction of their norm. Measured: Qwen2-Audio 0.63, Qwen2.5-Omni 0.029,
     Qwen3-Omni 0.42 (2e-4 at transformers' own init, with which GRPO never learned to listen)."""
     import numpy as np
-    from transformers import WhisperFeatureExtractor
 
     from avrl.models import multimodal as mm
     from avrl.models.processing import AudioTextProcessor
-    from avrl.models.tiny import MEL_BINS, WINDOW_SECONDS, build_tokenizer
+    from avrl.models.tiny import build_tokenizer, feature_extractor
 
     spec = families.get(family)
     tokenizer = build_tokenizer(spec.special_tokens)
     torch.manual_seed(0)
     model, _ = spec.build_tiny(tokenizer)
-    processor = AudioTextProcessor(tokenizer, WhisperFeatureExtractor(feature_size=MEL_BINS,
-                                                                      chunk_length=WINDOW_SECONDS), None, spec)
+    processor = AudioTextProcessor(tokenizer, feature_extractor(), None, spec)
     t = np.arange(16000) / 16000
     tones = [(0.3 * np.sin(2 * np.pi * f * t)).astype("float32") for f in (200, 2000)]
     batch = processor([processor.render("Is it high?")] * 2, tones)

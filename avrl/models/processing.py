@@ -25,8 +25,6 @@ class AudioTextProcessor:
         self.feature_extractor = feature_extractor
         self.image_processor = image_processor
         self.family = family
-        self.chat_template = family.chat_template
-        self.audio_token, self.image_token = family.audio_token, family.image_token
         self.audio_token_id = tokenizer.convert_tokens_to_ids(family.audio_token)
         self.sampling_rate = feature_extractor.sampling_rate
 
@@ -42,7 +40,7 @@ class AudioTextProcessor:
         return cls(tokenizer, feature_extractor, image_processor, family)
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.chat_template = self.family.chat_template
         self.tokenizer.save_pretrained(path)
         # As in the published Omni checkpoints, audio and image settings share preprocessor_config.json.
         settings = self.feature_extractor.to_dict()
@@ -66,7 +64,7 @@ class AudioTextProcessor:
         content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            messages, chat_template=self.family.chat_template, tokenize=False, add_generation_prompt=True
         )
 
     def __call__(self, prompts: list[str], audios: list[np.ndarray | None], images: list | None = None) -> dict:
@@ -90,7 +88,7 @@ class AudioTextProcessor:
             out["feature_attention_mask"] = feats["attention_mask"]
             counts = iter(self.family.audio_token_count(feats["attention_mask"].sum(-1)).tolist())
             texts = [
-                t.replace(self.audio_token, self.audio_token * next(counts), 1) if a is not None else t
+                t.replace(self.family.audio_token, self.family.audio_token * next(counts), 1) if a is not None else t
                 for t, a in zip(texts, audios)
             ]
         pictures = [im for im in images if im is not None]
@@ -103,7 +101,7 @@ class AudioTextProcessor:
             merge = self.image_processor.merge_size**2
             counts = iter((vis["image_grid_thw"].prod(-1) // merge).tolist())
             texts = [
-                t.replace(self.image_token, self.image_token * next(counts), 1) if im is not None else t
+                t.replace(self.family.image_token, self.family.image_token * next(counts), 1) if im is not None else t
                 for t, im in zip(texts, images)
             ]
         tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)

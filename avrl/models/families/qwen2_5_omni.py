@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from avrl.models.families.base import Family
-from avrl.models.families.qwen2_audio import SPECIAL_TOKENS, audio_token_count, text_config
+from avrl.models.families.qwen2_audio import SPECIAL_TOKENS, audio_token_count
 from avrl.models.templates import QWEN2_5_OMNI
 
 # avrl loads the thinker alone; the hub checkpoint holds it under "thinker." (Qwen3-Omni's too).
@@ -30,14 +30,11 @@ def build_tiny(tokenizer, hidden: int = 64):
         Qwen2VLImageProcessorPil,
     )
 
-    from avrl.models.tiny import MEL_BINS
+    from avrl.models.tiny import audio_config, text_config
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5OmniThinkerConfig(
-        audio_config=dict(
-            d_model=hidden, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=4 * hidden,
-            num_mel_bins=MEL_BINS, output_dim=hidden, n_window=50, max_source_positions=1500,
-        ),
+        audio_config=audio_config(hidden, output_dim=hidden, n_window=50, max_source_positions=1500),
         vision_config=dict(
             depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0],

@@ -38,26 +38,13 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
     return hidden[keep]
 
 
-def text_config(tokenizer, hidden: int, **extra) -> dict:
-    """The tiny language model's settings, shared by the tiny builders of every family."""
-    return dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra,
-    )
-
-
 def build_tiny(tokenizer, hidden: int = 64):
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    from avrl.models.tiny import MEL_BINS, WINDOW_SECONDS
+    from avrl.models.tiny import WINDOW_SECONDS, audio_config, text_config
 
     config = Qwen2AudioConfig(
-        audio_config=dict(
-            d_model=hidden, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=4 * hidden,
-            num_mel_bins=MEL_BINS, max_source_positions=WINDOW_SECONDS * 50,  # 100 frames/s, conv stride 2
-        ),
+        audio_config=audio_config(hidden, max_source_positions=WINDOW_SECONDS * 50),  # 100 frames/s, conv stride 2
         text_config=dict(model_type="qwen2", **text_config(tokenizer, hidden)),
         audio_token_id=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
     )

@@ -12,7 +12,6 @@ import torch
 
 from avrl.models.families.base import Family
 from avrl.models.families.qwen2_5_omni import THINKER_RENAMES, encode_audio
-from avrl.models.families.qwen2_audio import text_config
 from avrl.models.templates import QWEN3_OMNI
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_pad|>", "<|audio_start|>",
@@ -48,15 +47,12 @@ def split_experts(name: str, tensor: torch.Tensor):
 def build_tiny(tokenizer, hidden: int = 64):
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from avrl.models.tiny import MEL_BINS
+    from avrl.models.tiny import audio_config, text_config
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3OmniMoeThinkerConfig(
-        audio_config=dict(
-            d_model=hidden, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=4 * hidden,
-            num_mel_bins=MEL_BINS, output_dim=hidden, n_window=WINDOW_FRAMES // 2, n_window_infer=400,
-            downsample_hidden_size=16, max_source_positions=1500,
-        ),
+        audio_config=audio_config(hidden, output_dim=hidden, n_window=WINDOW_FRAMES // 2, n_window_infer=400,
+                                  downsample_hidden_size=16, max_source_positions=1500),
         vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden,
                            patch_size=16, deepstack_visual_indexes=[0], num_position_embeddings=64),
         text_config=text_config(
