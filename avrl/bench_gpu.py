@@ -3,9 +3,10 @@
 
 R1-AQA's per-device batch: 2 prompts x G = 8 completions, 10 s of audio per prompt, 256 completion tokens (the stop
 token is one the model cannot emit, so every completion has the full length and the figure is stable). Reported:
-seconds per step split into rollout / old + reference log-probs / update, peak GPU memory, completion tokens per
-second, and GPU-hours per 1,000 steps on 8 GPUs (each GPU runs its own per-device batch; communication not
-counted) next to the paper's 4-5 h on 8 H800 (32-40 GPU-hours).
+seconds per step split into rollout / reference log-probs / update (at num_iterations 1 avrl computes no separate
+old log-probs, so neither does this step), peak GPU memory, completion tokens per second, and GPU-hours per 1,000
+steps on 8 GPUs (each GPU runs its own per-device batch; communication not counted) next to the paper's 4-5 h on
+8 H800 (32-40 GPU-hours).
 
 `--smoke` runs the same code on the tiny Qwen2-Audio's sizes (on CPU when there is no GPU): the tests check that
 the code path works; its timings mean nothing. Not yet measured here: full fine-tuning with an offloaded optimizer
@@ -103,7 +104,7 @@ def run(smoke: bool) -> dict:
     settings = {"max_new_tokens": length, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    phases = {"rollout": [], "old_and_ref_logps": [], "update": []}
+    phases = {"rollout": [], "reference_logps": [], "update": []}
     for step in range(steps):
         media = policy.encode(batch)
         keys = list(range(step * prompts * G, (step + 1) * prompts * G))
@@ -111,20 +112,19 @@ def run(smoke: bool) -> dict:
         phases["rollout"].append(seconds)
 
         def reference():
-            with torch.no_grad():
-                old = policy.completion_logps(batch, media, ids, mask, G)[0]
-                with model.disable_adapter():
-                    ref = policy.completion_logps(batch, media, ids, mask, G)[0]
-            return old, ref
+            with torch.no_grad(), model.disable_adapter():  # LoRA: the reference is the base, adapters off
+                return policy.completion_logps(batch, media, ids, mask, G)[0]
 
-        (old, ref), seconds = _timed(reference, device)
-        phases["old_and_ref_logps"].append(seconds)
+        ref, seconds = _timed(reference, device)
+        phases["reference_logps"].append(seconds)
         advantages = torch.randn(prompts * G, device=device)
 
+        # As GRPOModule.update does it at num_iterations 1: no separate old log-probs (the update's own, detached),
+        # and the rollout's encoder outputs reused (LoRA leaves the audio encoder frozen).
         def update():
             optimizer.zero_grad()
-            logps, _ = policy.completion_logps(batch, policy.encode(batch), ids, mask, G)
-            loss, _ = grpo_loss(logps, old, ref, advantages, mask, beta=0.04, epsilon=0.2)
+            logps, _ = policy.completion_logps(batch, media, ids, mask, G)
+            loss, _ = grpo_loss(logps, logps.detach(), ref, advantages, mask, beta=0.04, epsilon=0.2)
             loss.backward()
             optimizer.step()
 
@@ -142,8 +142,8 @@ def run(smoke: bool) -> dict:
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "gpu_hours_per_1000_steps_on_8_gpus": gpu_hours, "paper_gpu_hours": PAPER_GPU_HOURS,
     }
-    print(f"  {result['shape']}: {step_seconds:.2f} s/step (rollout {median['rollout']:.2f}, old+ref "
-          f"{median['old_and_ref_logps']:.2f}, update {median['update']:.2f}); "
+    print(f"  {result['shape']}: {step_seconds:.2f} s/step (rollout {median['rollout']:.2f}, reference "
+          f"{median['reference_logps']:.2f}, update {median['update']:.2f}); "
           f"{result['completion_tokens_per_second']:.0f} completion tokens/s; "
           f"~{gpu_hours:.0f} GPU-hours per 1,000 steps on 8 GPUs (paper: {PAPER_GPU_HOURS[0]}-{PAPER_GPU_HOURS[1]})",
           flush=True)

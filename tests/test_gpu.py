@@ -69,7 +69,7 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
 
     run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
     gpu = json.loads((tmp_path / "bench.json").read_text())["gpu"]
-    assert set(gpu["seconds_by_phase"]) == {"rollout", "old_and_ref_logps", "update"}
+    assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
     assert all(s > 0 for s in gpu["seconds_by_phase"].values())
     assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
     assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
