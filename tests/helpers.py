@@ -6,6 +6,14 @@ import re
 from avrl.data.items import QAItem
 from tests.conftest import compose
 
+# The short GRPO run whose final weights the equivalence tests compare across strategies (DDP, ZeRO, GPU).
+EQUIVALENCE_RUN = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4",
+                   "algorithm.num_generations=4", "algorithm.max_completion_length=8", "algorithm.beta=0.04",
+                   "algorithm.temperature=1.5", "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false",
+                   "logger=none"]
+# The same with a clipping norm that binds (DeepSpeed clips in its engine) and two updates per rollout.
+STRATEGY_RUN = [*EQUIVALENCE_RUN, "optim.max_grad_norm=0.001", "algorithm.num_iterations=2"]
+
 ITEM = QAItem(id="1", question="What is making the sound in the audio?", choices=["dog", "car horn", "rain"],
               answer_index=1)
 

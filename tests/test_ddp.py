@@ -3,10 +3,7 @@
 import pytest
 
 from tests.conftest import assert_same_trained_weights, final_weights_of_cli_run
-
-COMMON = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "algorithm.num_generations=4",
-          "algorithm.max_completion_length=8", "algorithm.beta=0.04", "algorithm.temperature=1.5",
-          "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false", "logger=none"]
+from tests.helpers import EQUIVALENCE_RUN as COMMON
 
 
 def run(run_dir, *overrides):

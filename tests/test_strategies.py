@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from avrl.strategies import bucket_sizes, resolve_auto, text_hidden_size
 from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
+from tests.helpers import STRATEGY_RUN
 
 PAPER_ZERO3 = ROOT / "conf/deepspeed/echoink_zero3.json"
 
@@ -81,11 +82,7 @@ def test_the_strategy_gets_the_clipping_norm_and_hidden_size_from_the_run_config
     assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny Omni text config's
 
 
-COMMON = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "algorithm.num_generations=4",
-          "algorithm.max_completion_length=8", "algorithm.beta=0.04", "algorithm.temperature=1.5",
-          "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false", "logger=none",
-          # A clipping norm that binds (DeepSpeed clips in its engine) and two updates per rollout.
-          "optim.max_grad_norm=0.001", "algorithm.num_iterations=2"]
+COMMON = STRATEGY_RUN
 CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "data.batch_size=2"]
 
 
