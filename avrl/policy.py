@@ -13,6 +13,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from avrl.models import multimodal as mm
+from avrl.models import shared_prefix
 from avrl.models.families import Family
 from avrl.sampling import KeyedSampler
 
@@ -24,6 +25,8 @@ class Policy:
     model: torch.nn.Module
     processor: object  # AudioTextProcessor (or the benchmark's text-only stand-in)
     family: Family
+    # Each prompt through the language model once per group (avrl/models/shared_prefix.py) instead of G times.
+    shared_prefix: bool = False
 
     # ------------------------------------------------------------------------------------------- encode
     def encode(self, batch: dict, model=None) -> dict[str, torch.Tensor]:
@@ -40,12 +43,19 @@ class Policy:
         model = mm.unwrap(self.model)
         was_training = model.training
         model.eval()
+        sampler = None
+        if keys is not None:
+            sampler = KeyedSampler(keys, batch["input_ids"].shape[1], settings["temperature"], settings["top_p"],
+                                   settings.get("top_k", 0))
+        if self.shared_prefix:
+            ids = shared_prefix.generate(
+                model, self.family, batch, mm.embed(model, batch["input_ids"], media), num_generations,
+                settings["max_new_tokens"], self.processor.stop_token_ids, self.processor.tokenizer.pad_token_id,
+                choose=sampler.draw if sampler is not None else None)
+            model.train(was_training)
+            return ids, completion_mask(ids, self.processor.stop_token_ids)
         prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
         rep = mm.repeat_prompts(batch, num_generations)
-        processors = []
-        if keys is not None:
-            processors.append(KeyedSampler(keys, rep["input_ids"].shape[1], settings["temperature"],
-                                           settings["top_p"], settings.get("top_k", 0)))
         out = model.generate(
             input_ids=rep["input_ids"],
             inputs_embeds=prompt_embeds,
@@ -55,7 +65,7 @@ class Policy:
             pad_token_id=self.processor.tokenizer.pad_token_id,
             use_cache=True,
             do_sample=False,  # greedy, or greedy over the keyed sampler's one-hot scores
-            logits_processor=LogitsProcessorList(processors),
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
             **self.family.rope_inputs(rep),
         )
         model.train(was_training)
@@ -66,22 +76,20 @@ class Policy:
     def completion_logps(self, batch, media, ids, mask, num_generations, temperature: float = 1.0, model=None,
                          with_entropy: bool = False):
         """Per-token log-probs of the completions (B*G, T) under `model` (the policy's by default), logits divided
-        by the sampling temperature as in TRL. The prompt embeddings are built once per prompt and repeated."""
+        by the sampling temperature as in TRL. With `shared_prefix` each prompt runs once with its G completions
+        packed after it; otherwise its embeddings (built once) are repeated G times."""
         model = model or self.model
+        if self.shared_prefix:
+            prompt_embeds = mm.embed(model, batch["input_ids"], media)
+            logits = shared_prefix.completion_logits(model, self.family, batch, prompt_embeds, ids, num_generations)
+            return _logps(logits, ids, temperature, with_entropy)
         prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
         rep = mm.repeat_prompts(batch, num_generations)
         embeds = torch.cat([prompt_embeds, mm.unwrap(model).get_input_embeddings()(ids)], dim=1)
         input_ids = torch.cat([rep["input_ids"], ids], dim=1)
         attention = torch.cat([rep["attention_mask"], mask.to(rep["attention_mask"].dtype)], dim=1)
         logits = mm.forward_logits(model, self.family, input_ids, attention, embeds, rep, keep=ids.shape[1] + 1)
-        logits = logits[:, :-1].float() / temperature
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logps, None
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-        return logps, entropy
+        return _logps(logits[:, :-1], ids, temperature, with_entropy)
 
     # ------------------------------------------------------------------------------------------- decode
     def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -124,6 +132,18 @@ def prompt_slice(batch: dict, prompts: slice, with_media: bool = True) -> dict:
         start = sum(patches[: prompts.start])
         out["pixel_values"] = batch["pixel_values"][start:start + sum(patches[prompts])]
     return out
+
+
+def _logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool):
+    """Log-probs of `ids` under logits / temperature, and (without gradient) the entropy of each position."""
+    logits = logits.float() / temperature
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return logps, entropy
 
 
 def completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

@@ -60,17 +60,21 @@ class KeyedSampler:
         self.prompt_length, self.temperature, self.top_p, self.top_k = prompt_length, temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        choice = self.draw(scores, input_ids.shape[1] - self.prompt_length)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, choice[:, None], 0.0)
+
+    def draw(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """The token each row draws at completion `position` from `scores` (rows, vocab)."""
         logits = scores.float() / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
             logits = top_p_filter(logits, self.top_p)
-        u = uniforms(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length, scores.shape[-1])
+        u = uniforms(self.keys.to(scores.device), position, scores.shape[-1])
         gumbel = -torch.log(-torch.log(u)).to(logits.dtype)
-        choice = (logits + gumbel).argmax(dim=-1, keepdim=True)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, choice, 0.0)
+        return (logits + gumbel).argmax(dim=-1)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -70,7 +70,7 @@ class AudioLMModule(L.LightningModule):
     @property
     def policy(self) -> Policy:
         """The model being trained, with its processor and family (a light view: the model stays this module's)."""
-        return Policy(self.model, self.processor, self.family)
+        return Policy(self.model, self.processor, self.family, shared_prefix=self.algo.get("shared_prefix", False))
 
     def rollout_keys(self, items, num_generations: int) -> list[int]:
         """The random stream of each completion at this step: (sampling seed, step, item, completion index)."""
