@@ -65,11 +65,13 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
     from tests.conftest import run_cli
 
     run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
-    gpu = json.loads((tmp_path / "bench.json").read_text())["gpu"]
-    assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
-    assert all(s > 0 for s in gpu["seconds_by_phase"].values())
-    assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
-    assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
+    report = json.loads((tmp_path / "bench.json").read_text())["gpu"]
+    for path in ("shared_prefix", "repeated_prefix"):
+        gpu = report[path]
+        assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
+        assert all(s > 0 for s in gpu["seconds_by_phase"].values())
+        assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
+        assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
     if not torch.cuda.is_available():
         out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="avrl.bench", check=False)
         assert out.returncode != 0 and "needs a CUDA device" in out.stderr
