@@ -14,6 +14,9 @@ warnings.filterwarnings("ignore", message="\n'hydra/sweeper/basic' is validated 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from avrl.console import quiet
+
+    quiet()
     if cfg.task == "train":
         from avrl.train import train
 

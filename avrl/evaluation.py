@@ -56,7 +56,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
-    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",))
+    audio = cfg.eval.get("audio", "real")
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)
     datamodule.setup()
     datamodule.write_skipped(out)
     logger = tracking.make_logger(cfg)
@@ -66,9 +67,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
     seed = cfg.algorithm.get("sampling_seed", 0)
     version = cfg.data.get("version")
-    log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens", cfg.data.name,
+    log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens%s", cfg.data.name,
              f" (version {version})" if version else "", protocol,
-             "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"])
+             "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"],
+             "" if audio == "real" else f", audio {audio}")
     rows, results = [], []
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
@@ -95,8 +97,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
+    if logger is not None:
+        logger.experiment.set_tag(logger.run_id, "eval_audio", audio)
     if version:
         print(f"{cfg.data.name} version {version}, protocol {protocol}")
+    if audio != "real":
+        print(f"audio: {audio} (avrl/data/audio_controls.py)")
     print(table(results, metrics))
     print(f"\npredictions: {path}")
     return metrics

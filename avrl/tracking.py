@@ -15,12 +15,31 @@ from avrl.redaction import redact, redact_param, redacted
 from avrl.sweeps.parent_run import parent_run_id
 
 TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")
+# MLflow 3's UI opens an experiment by its kind; unset, it files training runs under its GenAI pages.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def mark_training_experiment(client, experiment_id: str) -> None:
+    """Tag the experiment as a model-training one, unless its kind was chosen already (by the user, in the UI)."""
+    key, value = EXPERIMENT_KIND
+    if key not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def hydra_choices() -> dict[str, str]:
     hydra_cfg = hydra_config()
     if hydra_cfg is None:
         return {}
     choices = hydra_cfg.runtime.choices
     return {g: str(choices.get(g)) for g in TAG_GROUPS if choices.get(g) not in (None, "null")}
+
+
+def sweep_arm() -> str:
+    """What sets this sweep job apart from the others but the seed: its overrides without seed=/seeds= (the report
+    pools the runs of one arm over seeds)."""
+    hydra_cfg = hydra_config()
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    return " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seeds")) or "default"
 
 
 def record_failure(logger, error: BaseException) -> None:
@@ -61,6 +80,8 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent
+        tags["arm"] = sweep_arm()
+    _experiment(cfg)  # created here, quietly (Lightning would warn that it did not exist)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         tracking_uri=cfg.logger.tracking_uri,
@@ -68,6 +89,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         tags=tags,
         artifact_location=cfg.logger.artifact_location,
     )
+    mark_training_experiment(logger.experiment, logger.experiment_id)
     params = {k: redact_param(k, v) for k, v in flatten(cfg).items()}
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +97,20 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         path.write_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
+
+
+def _experiment(cfg: DictConfig) -> str:
+    """The id of the logger's experiment, created (and marked as a training experiment) if it does not exist."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    experiment_id = client.create_experiment(cfg.logger.experiment_name,
+                                             artifact_location=cfg.logger.artifact_location)
+    mark_training_experiment(client, experiment_id)
+    return experiment_id
 
 
 def _default_run_name(cfg: DictConfig, tags: dict) -> str:

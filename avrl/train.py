@@ -11,11 +11,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import resume, strategies, tracking
+from avrl import console, final_eval, resume, strategies, tracking
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
 from avrl.redaction import redact
+from avrl.scoring import accuracy_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
         *extra_callbacks,
         *(instantiate(c) for c in cfg.get("callbacks", {}).values()),  # the user's own (config key `callbacks`)
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(console.progress_bar())
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
         trainer_args["strategy"] = strategies.build(trainer_args["strategy"], cfg)
@@ -122,14 +125,22 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:
         raise _trial_pruned()(f"pruned at step {pruning[0].pruned_at}")
+    if module.last_validated_step != trainer.global_step and trainer.limit_val_batches != 0:
+        # The last step was not a validation step (max_steps not a multiple of val_check_interval): validate the
+        # trained model once more, so that val/* (the run's result, a sweep's objective) is the final model's.
+        module.validate_now()
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    # The final model's val/* from its scored items (exact; the callback metrics are float32 copies).
+    metrics = accuracy_metrics(module.last_val_results, "val") if module.last_val_results else {}
+    metrics.update(final_eval.run(cfg, trainer, module, datamodule, out, metrics.get("val/accuracy")))
     if cfg.save_final_model:
         save_model(trainer, module, processor, out / "final_model")
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if logger is not None:
         logger.experiment.set_tag(logger.run_id, "best_checkpoint", best)
         logger.experiment.set_tag(logger.run_id, "final_model", str(out / "final_model"))
+        if (out / final_eval.FILE).exists():
+            tracking.log_file(logger, out / final_eval.FILE)
     if trainer.is_global_zero:
         print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
     if logger is not None:

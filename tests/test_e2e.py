@@ -1,10 +1,22 @@
 """End-to-end runs of the CLI, as a user runs them (slow: minutes)."""
 
 import json
+import math
 
 import pytest
 
 from tests.conftest import mlflow_runs, mlflow_server, run_cli
+
+
+def assert_quiet_console(console: str) -> None:
+    """Each log message once, no warning, none of the libraries' tips, a progress bar counted in steps."""
+    import re
+
+    messages = [m.group(1) for m in re.finditer(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - (.*)$", console, re.M)]
+    assert len(messages) > 5 and len(messages) == len(set(messages)), messages
+    assert not re.search(r"warn", console, re.I), console[-3000:]
+    for noise in ("litlogger", "Epoch 0/-2", "v_num", "available: False", "Creating initial MLflow"):
+        assert noise not in console, noise
 
 
 def only_run(tmp_path):
@@ -19,6 +31,7 @@ def test_default_run_learns_to_listen(tmp_path, model):
     above step 0's."""
     out = run_cli(f"hydra.run.dir={tmp_path}/out", *model, tmp_path=tmp_path)
     assert "outputs:" in out.stdout and "MLflow: run" in out.stdout
+    assert_quiet_console(out.stdout + out.stderr)
     client, run = only_run(tmp_path)
     history = sorted(client.get_metric_history(run.info.run_id, "val/accuracy"), key=lambda m: m.step)
     first, last = history[0], history[-1]
@@ -40,37 +53,54 @@ def test_sft_and_omni_run_through_the_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_job_sweep_is_one_parent_with_two_children(tmp_path):
-    run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=10",
-            "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
+def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_path):
+    """`seeds=2` on a two-arm sweep: four children under one parent, each arm's two runs differing only by seed;
+    the report is written when the sweep ends (arms pooled over seeds with intervals, paired comparisons, one row
+    per run, the plots) and rewritten by `python -m avrl.sweeps.report DIR` with no tracking URI given."""
+    run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2",
+            "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert sorted(c.data.tags["algorithm"] for c in children) == ["grpo", "sft"]
+    by_arm = {}
+    for c in children:
+        by_arm.setdefault(c.data.tags["arm"], []).append(c)
+    assert sorted(len(v) for v in by_arm.values()) == [2, 2]
+    assert all(sorted(int(c.data.params["seed"]) for c in v) == [42, 43] for v in by_arm.values())
+    assert sorted(v[0].data.tags["algorithm"] for v in by_arm.values()) == ["grpo", "sft"]
     assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
     assert parents[0].info.status == "FINISHED"
 
-    # The ablation report: one row per child with the children's own numbers, and valid PNG plots.
-    run_cli(str(tmp_path / "sweep"), module="avrl.sweeps.report", tmp_path=tmp_path)
-    rows = [line for line in (tmp_path / "sweep/report.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 2
-    for child in children:
-        (row,) = [r for r in rows if r.startswith(f"| {child.info.run_name} |")]
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] == child.data.tags["algorithm"] and cells[2] == "no_think"
-        assert cells[-1] == f"{100 * child.data.metrics['val/accuracy']:.2f}"
-        assert cells[3] == f"{100 * child.data.metrics['val/accuracy/pitch']:.2f}"
+    from scipy.stats import t
+
+    sweep = tmp_path / "sweep"
+    for rerun in (False, True):
+        if rerun:  # the CLI, without MLFLOW_TRACKING_URI: the sweep recorded where it logged
+            (sweep / "report.md").unlink()
+            run_cli(str(sweep), module="avrl.sweeps.report", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/nowhere.db"})
+        text = (sweep / "report.md").read_text()
+        tables = [[line for line in block.splitlines() if line.startswith("| ")][1:] for block in text.split("##")]
+        arms, runs_table = tables[0], tables[-1]
+        assert len(arms) == 2 and len(runs_table) == 4
+        for arm, members in by_arm.items():
+            (row,) = [r for r in arms if r.startswith(f"| {arm} |")]
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            values = [m.data.metrics["val/accuracy"] for m in members]
+            mean, sd = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+            assert cells[3] == "2" and cells[4] == f"{100 * mean:.2f} ± {100 * t.ppf(0.975, 1) * sd / math.sqrt(2):.2f}"
+        assert "Paired comparisons" in text
     from PIL import Image
 
-    for name in ("accuracy_reward.png", "format_reward.png", "completion_length.png"):
-        with Image.open(tmp_path / "sweep" / name) as im:
+    for name in ("val_accuracy.png", "accuracy_reward.png", "completion_length.png"):
+        with Image.open(sweep / name) as im:
             im.verify()
             assert im.format == "PNG"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert "report/report.md" in artifacts and "report/accuracy_reward.png" in artifacts
+    assert {"report/report.md", "report/val_accuracy.png", "report/report.json"} <= artifacts
 
 
 @pytest.mark.slow

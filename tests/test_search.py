@@ -159,3 +159,34 @@ def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
     _, runs = mlflow_runs(tmp_path)
     assert len([r for r in runs if r.data.tags.get("optuna_study") == "test"]) == 1  # still one parent
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6
+
+
+def test_seeds_expand_into_a_seed_sweep():
+    """`seeds=3`: seeds seed..seed+2 for every job; a hand-set seed is the base; a seed swept by hand is kept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.avrl_sweepers.basic_sweeper import seed_sweep
+
+    parser = OverridesParser.create()
+    config = OmegaConf.create({"seed": 7, "seeds": 3})
+    assert seed_sweep(config, parser, ["algorithm=grpo,sft", "seed=7"]) == ["algorithm=grpo,sft", "seed=7,8,9"]
+    assert seed_sweep(config, parser, ["seed=1,2"]) == ["seed=1,2"]
+    assert seed_sweep(OmegaConf.create({"seed": 7, "seeds": 1}), parser, ["a=1"]) == ["a=1"]
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        seed_sweep(OmegaConf.create({"seed": 7, "seeds": 0}), parser, [])
+
+
+@pytest.mark.slow
+def test_a_quick_search_shorter_than_the_validation_interval_completes(tmp_path):
+    """max_steps below trainer.val_check_interval: every trial still returns the final model's val/accuracy (a
+    validation runs at the end of training), so the study completes its trials."""
+    out = run_cli("-m", "search=grpo_optuna", "trainer.max_steps=2", "hydra.sweeper.n_trials=2",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", "data.val_size=4", "data.batch_size=2",
+                  "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
+                  f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (study_name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert all(0 <= t.value <= 1 for t in study.trials)

@@ -49,6 +49,8 @@ class AudioLMModule(L.LightningModule):
         self.rollout_cfg = rollout if rollout is not None else DictConfig({"backend": "hf"})
         self._val_results: list[dict] = []
         self.skipped_steps, self.nonfinite_in_row = 0, 0
+        self.last_validated_step: int | None = None  # the optimizer step of the latest validation
+        self.last_val_results: list[dict] = []  # its scored items
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -89,26 +91,41 @@ class AudioLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = accuracy_metrics(self._val_results, "val")
-        self._val_results = []
-        log.info("step %d: %s", self.global_step, _summary(metrics))
-        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True)
-        self.log_dict(metrics, sync_dist=True)
+        self.last_val_results, self._val_results = self._val_results, []
+        if self.trainer.is_global_zero:
+            log.info("step %d: %s", self.global_step, _summary(metrics))
+        self.last_validated_step = self.global_step
+        # Logged at the number of updates the validated model has had (0 = the base, before training), the same
+        # step as the console line and the checkpoint's name; self.log feeds the callbacks (checkpoint, pruning).
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True, logger=False)
+        self.log_dict(metrics, sync_dist=True, logger=False)
 
     def on_train_start(self) -> None:
         if self.algo.validate_at_start and self.global_step == 0:  # not again when resuming
-            self.validate_before_training()
+            self.validate_now()
 
-    def validate_before_training(self) -> None:
-        """val/accuracy at step 0, through the same code as every later validation."""
-        loader = self.trainer.datamodule.val_dataloader()
+    def validate_now(self) -> dict[str, float]:
+        """val/* of the model as it is now (step 0 before training, the final model after it), scored through the
+        same code as every validation but outside Lightning's loops: every rank scores every item (ZeRO-3 needs all
+        ranks in generate), and a strategy is never set up again (DeepSpeed cannot be, after fit)."""
+        self.last_val_results = self.score_loader(self.trainer.datamodule.val_dataloader())
+        metrics = accuracy_metrics(self.last_val_results, "val")
+        self.last_validated_step = self.global_step
+        if self.trainer.is_global_zero:
+            log.info("step %d: %s", self.global_step, _summary(metrics))
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        return metrics
+
+    def score_loader(self, loader) -> list[dict]:
+        """Every item of a loader scored greedily, outside Lightning's loops (each rank scores all of them)."""
         results = []
         for batch in loader:
             if batch["items"]:
                 results += self.score_greedy(self.transfer_batch_to_device(batch, self.device, 0))
-        metrics = accuracy_metrics(results, "val")
-        log.info("step 0: %s", _summary(metrics))
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=0)
+        return results
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

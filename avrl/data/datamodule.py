@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from avrl.data import audio_controls
 from avrl.data.items import DataError, QAItem
 from avrl.data.media import with_media
 from avrl.data.readers import READERS
@@ -37,9 +38,10 @@ class ItemList(Dataset):
 
 
 def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
-    """The dataset of one split and the records skipped while reading it."""
+    """The dataset of one split and the records skipped while reading it. Split "ood" is the out-of-distribution
+    one (data.ood_size synthetic items, or data.ood_path), evaluated after training when it exists."""
     if cfg.format == "synthetic":
-        size = cfg[f"{split}_size"]
+        size = cfg.get(f"{split}_size", 0)
         dataset = SyntheticAudioQA(split, size, seed=cfg.seed, tasks=list(cfg.tasks), seconds=cfg.seconds,
                                    label_mode=cfg.label_mode if split == "train" else "gold")
         return dataset, []
@@ -61,10 +63,11 @@ class PromptCollator:
     of the batch and listed in batch["skipped"] (counted by `SkippedItems`). A batch can end up with no items."""
 
     def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float,
-                 on_error: str = "raise", keep_media: bool = False, for_eval: bool = False):
+                 on_error: str = "raise", keep_media: bool = False, for_eval: bool = False, audio: str = "real"):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
         self.on_error, self.keep_media = on_error, keep_media
         self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
+        self.audio = audio_controls.check(audio)  # muted / noise replace the loaded signal (audio_controls.py)
 
     def __call__(self, items: list[QAItem]) -> dict:
         loaded, skipped = [], []
@@ -78,6 +81,9 @@ class PromptCollator:
         if not loaded:
             return {"items": [], "skipped": skipped}
         items = [it for it, _ in loaded]
+        for it in items:
+            if it.waveform is not None:
+                it.waveform = audio_controls.replace_signal(it.waveform, self.audio, it.id)
         images = [im for _, im in loaded]
         prompts = [
             self.processor.render(render_question(self.prompt, it, self.for_eval), it.has_audio, im is not None)
@@ -96,12 +102,13 @@ class PromptCollator:
 
 class AudioQADataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS,
-                 shuffle_seed: int = 0, keep_media: bool = False):
+                 shuffle_seed: int = 0, keep_media: bool = False, audio: str = "real"):
         super().__init__()
         self.shuffle_seed = shuffle_seed
         self.cfg = cfg
+        self.audio = audio  # an audio-contribution control for evaluation (avrl/data/audio_controls.py)
         self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"),
-                                      keep_media)
+                                      keep_media, audio=audio)
         self.splits = splits
         self.datasets: dict[str, Dataset] = {}
         self.skipped: list[dict] = []
@@ -111,6 +118,8 @@ class AudioQADataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split], skipped = build_split(self.cfg, split)
                 self.skipped += skipped
+                if self.audio == "shuffled":
+                    self.datasets[split] = audio_controls.ShuffledAudio(self.datasets[split], self.shuffle_seed)
         if self.skipped:
             log.warning("skipped %d bad records (data.on_error=skip); see skipped_items.json", len(self.skipped))
 
@@ -139,6 +148,26 @@ class AudioQADataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.cfg.eval_batch_size)
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data config defines this split (an "ood" one is optional)."""
+        if self.cfg.format == "synthetic":
+            return bool(self.cfg.get(f"{split}_size"))
+        return self.cfg.get(f"{split}_path") is not None
+
+    def control_loader(self, split: str, audio: str = "real") -> DataLoader:
+        """A split's evaluation loader under an audio-contribution control (avrl/data/audio_controls.py); the
+        split is read on first use."""
+        if split not in self.datasets:
+            self.datasets[split], skipped = build_split(self.cfg, split)
+            self.skipped += skipped
+        dataset = self.datasets[split]
+        if audio == "shuffled":
+            dataset = audio_controls.ShuffledAudio(dataset, self.shuffle_seed)
+        collate = copy.copy(self.collate)
+        collate.audio = audio_controls.check(audio)
+        return DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=collate,
+                          num_workers=self.cfg.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """task=eval's items, rendered with the prompt's eval_template (if it has one)."""

@@ -22,7 +22,16 @@ QUESTIONS = {
     "order": ("Which tone comes first in the audio?", ["the high tone", "the low tone"]),
 }
 TASKS = tuple(QUESTIONS)
-SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "ood": 3}
+# The out-of-distribution split ("ood", data.ood_size items): the same questions and answers about tones from
+# frequency bands no other split uses — an acoustic shift. The wording and the noise floor stay: on the tiny base
+# model a paraphrased question, or a noise floor only 2x louder, breaks the answer format before any training
+# (measured), so the split would measure format collapse, not what was learnt about pitch.
+# Per condition: noise floor; low and high tone bands (pitch, order); loudness tone band; beep band (count).
+CONDITIONS = {
+    "in": dict(noise=0.003, low=(200, 400), high=(1500, 3000), loudness=(300, 2000), beep=(500, 1500)),
+    "ood": dict(noise=0.003, low=(450, 650), high=(1000, 1400), loudness=(2200, 3200), beep=(1600, 2400)),
+}
 
 
 def _tone(rng: np.random.Generator, freq: float, seconds: float, amplitude: float) -> np.ndarray:
@@ -31,22 +40,23 @@ def _tone(rng: np.random.Generator, freq: float, seconds: float, amplitude: floa
     return amplitude * envelope * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
 
 
-def _clip(rng: np.random.Generator, task: str, answer: str, seconds: float) -> np.ndarray:
+def _clip(rng: np.random.Generator, task: str, answer: str, seconds: float, condition: str = "in") -> np.ndarray:
+    c = CONDITIONS[condition]
     n = int(seconds * SAMPLE_RATE)
-    audio = rng.normal(0.0, 0.003, n)  # a faint noise floor
-    low, high = rng.uniform(200, 400), rng.uniform(1500, 3000)
+    audio = rng.normal(0.0, c["noise"], n)  # a faint noise floor
+    low, high = rng.uniform(*c["low"]), rng.uniform(*c["high"])
     if task == "pitch":
         tone = _tone(rng, high if answer == "high" else low, seconds * 0.6, 0.5)
         start = rng.integers(0, n - len(tone))
         audio[start : start + len(tone)] += tone
     elif task == "loudness":
-        tone = _tone(rng, rng.uniform(300, 2000), seconds * 0.6, 0.8 if answer == "loud" else 0.02)
+        tone = _tone(rng, rng.uniform(*c["loudness"]), seconds * 0.6, 0.8 if answer == "loud" else 0.02)
         start = rng.integers(0, n - len(tone))
         audio[start : start + len(tone)] += tone
     elif task == "count":
         beeps = ["one", "two", "three"].index(answer) + 1
         slot = n // 3
-        freq = rng.uniform(500, 1500)
+        freq = rng.uniform(*c["beep"])
         for k in range(beeps):
             beep = _tone(rng, freq, 0.12, 0.5)
             start = k * slot + rng.integers(0, slot - len(beep))
@@ -72,7 +82,7 @@ def make_item(seed: int, split: str, index: int, tasks=TASKS, seconds: float = 1
     question, choices = QUESTIONS[task]
     answer = choices[rng.integers(len(choices))]
     shuffled = list(rng.permutation(choices))
-    audio = _clip(rng, task, answer, seconds)
+    audio = _clip(rng, task, answer, seconds, "ood" if split == "ood" else "in")
     answer_index = shuffled.index(answer)
     mode = label_mode if isinstance(label_mode, str) else label_mode.get(task, "gold")
     if mode == "random":

@@ -58,13 +58,20 @@ def load_model(cfg: DictConfig, path: str | None = None):
     return model
 
 
+_SAID: set[str] = set()
+
+
 def _special_tokens_only(config):
     from transformers import GenerationConfig
 
     keep = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     dropped = {k: v for k, v in config.to_diff_dict().items()
                if k not in keep and k not in ("transformers_version", "_from_model_config", "use_cache")}
-    if dropped:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # Once, on rank 0 (the reference model is the same checkpoint; every rank loads it).
+    if dropped and str(dropped) not in _SAID and rank_zero_only.rank == 0:
+        _SAID.add(str(dropped))
         log.info("the checkpoint's generation_config %s is not used (sampling comes from the config)", dropped)
     return GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
 

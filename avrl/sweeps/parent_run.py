@@ -12,6 +12,7 @@ from avrl.config import hydra_config
 from avrl.redaction import redact
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRACKING_URI_FILE = "mlflow_tracking_uri"  # the URI the sweep logged to (credentials removed): the report reads it
 
 
 class SweepParentRun(Callback):
@@ -27,6 +28,9 @@ class SweepParentRun(Callback):
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
             name, artifact_location=config.logger.artifact_location)
+        from avrl.tracking import mark_training_experiment  # (tracking imports this module)
+
+        mark_training_experiment(client, experiment_id)
         study = study_tags(config)
         run = _find_study_run(client, experiment_id, study) if study else None
         if run is not None:  # a resumed Optuna study keeps its parent run
@@ -39,9 +43,37 @@ class SweepParentRun(Callback):
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
+        (folder / TRACKING_URI_FILE).write_text(redact(absolute_sqlite(config.logger.tracking_uri)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if config.logger.enabled and parent_run_id(config.hydra.sweep.dir):
+            write_sweep_report(config)
         end_sweep_run(config, "FINISHED")
+
+
+def write_sweep_report(config: DictConfig) -> None:
+    """The ablation report (avrl/sweeps/report.py), written when a multirun ends; a report that cannot be written
+    is a warning, not a failed sweep (rerun it with python -m avrl.sweeps.report <sweep dir>)."""
+    import logging
+
+    from avrl.sweeps.report import write_report
+
+    log = logging.getLogger(__name__)
+    try:
+        written = write_report(config.hydra.sweep.dir, config.logger.tracking_uri)
+        log.info("ablation report: %s", written[0])
+    except Exception as error:  # noqa: BLE001 - the sweep's jobs are done; say why and go on
+        log.warning("the ablation report was not written (%s: %s); rerun: python -m avrl.sweeps.report %s",
+                    type(error).__name__, error, config.hydra.sweep.dir)
+
+
+def absolute_sqlite(uri: str) -> str:
+    """sqlite:///relative.db made absolute (relative to the directory the sweep ran in), so that the report can be
+    rerun from anywhere; every other URI unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def end_sweep_run(config: DictConfig, status: str) -> None:

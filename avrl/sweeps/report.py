@@ -1,15 +1,25 @@
-"""The ablation report of a sweep: `python -m avrl.sweeps.report SWEEP_DIR` (the folder of a `python run.py -m ...`).
+"""The ablation report of a sweep, written at the end of every multirun (avrl/sweeps/parent_run.py) and again with
+`python -m avrl.sweeps.report SWEEP_DIR` (the tracking URI is the one the sweep recorded in its folder).
 
-Reads the sweep's parent MLflow run and its children and writes, into the sweep folder and as artifacts of the
-parent run, `report.md` — one row per run in the shape of R1-AQA's table (method, prompt, accuracy per category,
-average) — and PNG plots of the training dynamics EchoInk-R1 shows (accuracy reward, format reward, completion
-length over steps, one line per run).
+Into the sweep folder and onto the parent MLflow run (artifacts under report/):
+- report.md: one row per arm — the runs that differ only by seed (`seeds=N`, or `seed=1,2,3`) — with the mean and a
+  95% t-interval over seeds of the final model's accuracy in distribution (val), out of distribution (val_ood),
+  with the audio muted (val_muted), the audio reliance (val - muted) and the accuracy per category; then paired
+  comparisons of every arm with the first on the same evaluation items (a paired bootstrap over items of the
+  seed-averaged correctness: a difference whose 95% interval holds 0 is reported as not significant); then one row
+  per run.
+- val_accuracy.png: val/accuracy against step for every run; accuracy_reward.png, format_reward.png,
+  completion_length.png: the RL runs' training curves (EchoInk-R1's figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import statistics
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,14 +27,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 
-from avrl.sweeps.parent_run import PARENT_RUN_FILE  # noqa: E402
+from avrl.sweeps.parent_run import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 
 CURVES = {
+    "val_accuracy.png": ("val/accuracy", "val/accuracy (greedy)"),
     "accuracy_reward.png": ("train/rewards/accuracy/mean", "accuracy reward"),
     "format_reward.png": ("train/rewards/format/mean", "format reward"),
     "completion_length.png": ("train/completions/mean_length", "completion length (tokens)"),
 }
+COLUMNS = (("val/accuracy", "in-distribution"), ("val_ood/accuracy", "out-of-distribution"),
+           ("val_muted/accuracy", "audio muted"), ("val/audio_reliance", "audio reliance"))
+BOOTSTRAP_SAMPLES = 10_000
 
 
 def child_runs(client, parent_id: str):
@@ -33,14 +48,54 @@ def child_runs(client, parent_id: str):
     return parent, sorted(runs, key=lambda r: r.info.start_time)
 
 
-def table(runs, prefix: str = "val") -> str:
+def arms(runs) -> dict[str, list]:
+    """Runs grouped by their `arm` tag (their overrides without the seed), in order of first appearance."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r.data.tags.get("arm") or r.info.run_name, []).append(r)
+    return groups
+
+
+def mean_interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for a single value)."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _cell(values: list[float], scale: float = 100) -> str:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return ""
+    mean, half = mean_interval(values)
+    return f"{scale * mean:.2f}" if half is None else f"{scale * mean:.2f} ± {scale * half:.2f}"
+
+
+def arm_table(groups: dict[str, list]) -> str:
+    runs = [r for rs in groups.values() for r in rs]
+    categories = sorted({k.split("/")[-1] for r in runs for k in r.data.metrics if k.startswith("val/accuracy/")})
+    header = ["arm", "method", "prompt", "seeds", *(label for _, label in COLUMNS), *categories]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, rs in groups.items():
+        tags = rs[0].data.tags
+        cells = [arm, tags.get("algorithm", ""), tags.get("prompt", ""), str(len(rs))]
+        cells += [_cell([r.data.metrics.get(key) for r in rs]) for key, _ in COLUMNS]
+        cells += [_cell([r.data.metrics.get(f"val/accuracy/{c}") for r in rs]) for c in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table(runs, prefix: str = "val") -> str:
     """Markdown: one row per run, accuracy per category (in %) and the average over all items."""
     categories = sorted({k.split("/")[-1] for r in runs for k in r.data.metrics if k.startswith(f"{prefix}/accuracy/")})
-    header = ["run", "method", "prompt", *categories, "average"]
+    header = ["run", "method", "prompt", "seed", *categories, "average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m, t = r.data.metrics, r.data.tags
-        cells = [r.info.run_name, t.get("algorithm", ""), t.get("prompt", "")]
+        cells = [r.info.run_name, t.get("algorithm", ""), t.get("prompt", ""), r.data.params.get("seed", "")]
         cells += [_pct(m.get(f"{prefix}/accuracy/{c}")) for c in categories]
         cells.append(_pct(m.get(f"{prefix}/accuracy")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -51,44 +106,122 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
-def plot(client, runs, metric: str, ylabel: str, path: Path) -> None:
+def paired_bootstrap(a: dict[str, float], b: dict[str, float], seed: int = 0) -> dict | None:
+    """b - a on the items both hold: the mean difference and its 95% percentile interval over resampled items."""
+    items = sorted(set(a) & set(b))
+    if len(items) < 2:
+        return None
+    diff = np.array([b[i] - a[i] for i in items])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"items": len(items), "difference": float(diff.mean()), "low": float(low), "high": float(high),
+            "significant": bool(low > 0 or high < 0)}
+
+
+def per_item(client, run) -> dict[str, dict[str, float]]:
+    """The run's final_eval.json (condition -> item id -> correct), or {} when it has none."""
+    from avrl.final_eval import FILE
+
+    local = Path(run.data.tags.get("output_dir", "")) / FILE
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(run.info.run_id, FILE, tmp)).read_text())
+    except Exception:  # an older run, or one that failed before its final evaluation
+        return {}
+
+
+def seed_averaged(client, runs, condition: str) -> dict[str, float]:
+    """Per item, its correctness averaged over the arm's seeds (items every seed scored)."""
+    tables = [per_item(client, r).get(condition, {}) for r in runs]
+    tables = [t for t in tables if t]
+    if not tables:
+        return {}
+    common = set.intersection(*(set(t) for t in tables))
+    return {i: statistics.fmean(t[i] for t in tables) for i in common}
+
+
+def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:
+    names = list(groups)
+    lines, rows = [], []
+    for condition, label in (("val", "in-distribution"), ("val_ood", "out-of-distribution")):
+        base = seed_averaged(client, groups[names[0]], condition)
+        for other in names[1:]:
+            result = paired_bootstrap(base, seed_averaged(client, groups[other], condition))
+            if result is None:
+                continue
+            rows.append({"condition": condition, "a": names[0], "b": other, **result})
+            verdict = "significant" if result["significant"] else "not significant"
+            lines.append(f"| {label} | {other} − {names[0]} | {result['items']} | {100 * result['difference']:+.2f} | "
+                         f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |")
+    if not lines:
+        return "", rows
+    head = ["| items | comparison | n | difference (points) | 95% interval (paired bootstrap) | at 5% |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n", rows
+
+
+def plot(client, runs, metric: str, ylabel: str, path: Path) -> bool:
+    """One line per run that logged `metric`; False (and no file) when none did."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
     for r in runs:
         history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda h: h.step)
         if history:
-            ax.plot([h.step for h in history], [h.value for h in history], label=r.info.run_name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            ax.plot([h.step for h in history], [h.value for h in history], label=r.info.run_name, marker=".")
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
     plt.close(fig)
+    return drawn
 
 
-def write_report(sweep_dir: str | Path, tracking_uri: str) -> list[Path]:
+def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list[Path]:
     sweep_dir = Path(sweep_dir)
     id_file = sweep_dir / PARENT_RUN_FILE
     if not id_file.exists():
         raise FileNotFoundError(f"{id_file} not found: is {sweep_dir} the folder of a multirun logged to MLflow?")
-    client = mlflow.tracking.MlflowClient(tracking_uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri or recorded_tracking_uri(sweep_dir))
     parent, runs = child_runs(client, id_file.read_text().strip())
     if not runs:
         raise ValueError(f"the sweep's parent run {parent.info.run_id} has no child runs")
+    groups = arms(runs)
+    paired, rows = comparisons(client, groups)
+    text = [f"# {parent.info.run_name}\n", "Final model of each run; mean ± 95% t-interval over seeds (%).\n",
+            arm_table(groups)]
+    if paired:
+        text += ["\n## Paired comparisons (same items)\n", paired]
+    text += ["\n## Runs\n", run_table(runs)]
     report = sweep_dir / "report.md"
-    report.write_text(f"# {parent.info.run_name}\n\n{table(runs)}")
-    written = [report]
+    report.write_text("\n".join(text))
+    (sweep_dir / "report.json").write_text(json.dumps({"comparisons": rows}, indent=2))
+    written = [report, sweep_dir / "report.json"]
     for name, (metric, label) in CURVES.items():
-        plot(client, runs, metric, label, sweep_dir / name)
-        written.append(sweep_dir / name)
+        if plot(client, runs, metric, label, sweep_dir / name):
+            written.append(sweep_dir / name)
     for path in written:
         client.log_artifact(parent.info.run_id, str(path), "report")
     return written
 
 
+def recorded_tracking_uri(sweep_dir: Path) -> str:
+    """The tracking URI the sweep logged to (recorded in its folder when it started); else the environment's."""
+    path = sweep_dir / TRACKING_URI_FILE
+    if path.exists():
+        return path.read_text().strip()
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
+    parser.add_argument("--tracking-uri", help="default: the one the sweep recorded in its folder")
     args = parser.parse_args()
     for path in write_report(args.sweep_dir, args.tracking_uri):
         print(path)

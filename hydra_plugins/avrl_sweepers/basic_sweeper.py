@@ -22,8 +22,8 @@ class AvrlBasicSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        self.overrides = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)),
-                                              self.max_batch_size)
+        arguments = seed_sweep(self.config, parser, self._parse_config() + list(arguments))
+        self.overrides = self.split_arguments(parser.parse_overrides(arguments), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -48,6 +48,19 @@ class AvrlBasicSweeper(BasicSweeper):
                                     f"{', '.join(str(r['job']) for r in failed)}); "
                                     f"see {sweep_dir / sweep.SUMMARY_FILE}")
         return returns
+
+
+def seed_sweep(config, parser, arguments: list[str]) -> list[str]:
+    """`seeds=N`: every job of the sweep with seeds seed, seed + 1, ..., seed + N - 1 (a seed swept by hand, e.g.
+    seed=1,2,3, is kept as given); the runs of one arm then differ only by seed, and the report pools them."""
+    count = int(config.get("seeds", 1))
+    if count < 1:
+        raise ValueError(f"seeds must be >= 1, got {count}")
+    parsed = parser.parse_overrides(arguments)
+    if count == 1 or any(o.key_or_group == "seed" and o.is_sweep_override() for o in parsed):
+        return arguments
+    kept = [a for a, o in zip(arguments, parsed, strict=True) if o.key_or_group != "seed"]  # seed=7: the base
+    return [*kept, "seed=" + ",".join(str(config.seed + k) for k in range(count))]
 
 
 def _number(value: Any) -> float | None:

@@ -1,0 +1,56 @@
+"""A console without noise: what `python run.py` prints is where outputs go, val/accuracy as it moves, the MLflow
+run, and real warnings. Each line once; the libraries' tips, deprecation notices about their own internals and
+CPU-only hardware notes are dropped here (and only here).
+
+`quiet()` runs at the start of every `python run.py` job (after Hydra has set up logging); `progress_bar()` is the
+training bar (steps, not "Epoch 0/-2", and no v_num).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Python warnings from libraries about their own code, not the user's (message regexes).
+LIBRARY_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # torch's pytree API, used by Lightning
+    r"You have overridden `transfer_batch_to_device`",  # avrl's module moves its batches (items are not tensors)
+    r"`is_gradient_checkpointing` is deprecated",  # PEFT reading a transformers attribute
+)
+# Log records dropped, by logger name and a substring of the message.
+NOISE = {
+    "lightning.pytorch.utilities.rank_zero": ("litlogger", "available: False"),  # a tip; "GPU available: False"
+    "DeepSpeed": ("Setting accelerator to CPU",),  # said on import on every CPU machine
+}
+
+
+def quiet() -> None:
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Lightning attaches its own stream handler when it is imported before logging is configured (it is, by
+    # Hydra's plugins): every Lightning line then came twice, once through Hydra's handler. One handler: Hydra's.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    for name, fragments in NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, f=fragments: not any(x in record.getMessage() for x in f))
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def progress_bar():
+    """Lightning's rich bar, described by step (max_epochs is -1: Lightning's "Epoch 0/-2"), without v_num."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "train" if current_epoch == 0 else f"train (epoch {current_epoch + 1})"
+
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+    return StepBar()
