@@ -16,6 +16,9 @@ LIBRARY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # torch's pytree API, used by Lightning
     r"You have overridden `transfer_batch_to_device`",  # avrl's module moves its batches (items are not tensors)
     r"`is_gradient_checkpointing` is deprecated",  # PEFT reading a transformers attribute
+    # GRPO steps its optimizer by hand and checkpoints the state after the step on purpose (what resume needs);
+    # Lightning said so with a code sample at every checkpoint.
+    r"Using ModelCheckpoint with manual optimization",
 )
 # Log records dropped, by logger name and a substring of the message.
 NOISE = {
@@ -24,7 +27,13 @@ NOISE = {
 }
 
 
+_QUIET = [False]
+
+
 def quiet() -> None:
+    if _QUIET[0]:  # a sweep runs its jobs in one process
+        return
+    _QUIET[0] = True
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     # Lightning attaches its own stream handler when it is imported before logging is configured (it is, by

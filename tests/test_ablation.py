@@ -123,14 +123,29 @@ def test_seed_interval_is_students_t():
 def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
     rng = np.random.default_rng(0)
     a = {str(i): float(v) for i, v in enumerate(rng.random(200) < 0.5)}
-    same = report.paired_bootstrap(a, dict(a))
+    same = report.paired_bootstrap([a], [dict(a)])
     assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0 and not same["significant"]
     better = {k: 1.0 for k in a}  # b right on every item
-    result = report.paired_bootstrap(a, better)
+    result = report.paired_bootstrap([a], [better])
     assert result["difference"] == pytest.approx(1 - np.mean(list(a.values()))) and result["significant"]
     noisy = {k: float(v) for k, v in zip(a, rng.random(200) < 0.5, strict=True)}  # unrelated coin flips
-    result = report.paired_bootstrap(a, noisy)
+    result = report.paired_bootstrap([a], [noisy])
     d = np.array([noisy[k] - a[k] for k in a])
     normal = 1.96 * d.std(ddof=1) / math.sqrt(len(d))  # the normal approximation's half-width
     assert result["items"] == 200 and result["difference"] == pytest.approx(d.mean())
     assert (result["high"] - result["low"]) / 2 == pytest.approx(normal, rel=0.1)
+
+
+def test_the_comparison_interval_holds_the_seed_to_seed_variation():
+    """Arm b learns on two seeds of three (the third stays at a's level): resampling seeds widens the interval
+    beyond what the items alone give for the same seed-averaged numbers."""
+    rng = np.random.default_rng(1)
+    a = {str(i): float(v) for i, v in enumerate(rng.random(100) < 0.5)}
+    learnt = {k: 1.0 for k in a}
+    b_runs = [learnt, learnt, dict(a)]
+    two_level = report.paired_bootstrap([a, a, a], b_runs)
+    averaged = {k: float(np.mean([r[k] for r in b_runs])) for k in a}
+    items_only = report.paired_bootstrap([a], [averaged])
+    assert two_level["difference"] == pytest.approx(items_only["difference"])
+    assert two_level["seeds"] == [3, 3]
+    assert (two_level["high"] - two_level["low"]) > 2 * (items_only["high"] - items_only["low"])

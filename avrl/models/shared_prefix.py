@@ -110,7 +110,7 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
     prompt_pos = prompt_positions(base, family, batch)
     out = base.model(input_ids=batch["input_ids"] if takes_ids else None, attention_mask=batch["attention_mask"],
                      inputs_embeds=prompt_embeds, position_ids=prompt_pos, use_cache=True)
-    cache = out.cache
+    cache = _cache_of(out)
     cache.batch_repeat_interleave(groups)
     logits = base.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(groups, dim=0)
     prompt_pos = prompt_pos.repeat_interleave(groups, dim=-2)  # the batch dimension of (B, P) and (3, B, P)
@@ -128,7 +128,20 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
         out = base.model(input_ids=step[:, None] if takes_ids else None,
                          inputs_embeds=base.get_input_embeddings()(step[:, None]), attention_mask=attention,
-                         position_ids=following_positions(prompt_pos, 1, offset=t), cache=cache, use_cache=True)
-        cache = out.cache
+                         position_ids=following_positions(prompt_pos, 1, offset=t), use_cache=True,
+                         **{_cache_argument(base.model): cache})
+        cache = _cache_of(out)
         logits = base.lm_head(out.last_hidden_state[:, -1]).float()
     return torch.stack(tokens, dim=1)
+
+
+def _cache_argument(module) -> str:
+    """transformers renamed `past_key_values` to `cache` within 5.x; whichever this version's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -5,9 +5,9 @@ Into the sweep folder and onto the parent MLflow run (artifacts under report/):
 - report.md: one row per arm — the runs that differ only by seed (`seeds=N`, or `seed=1,2,3`) — with the mean and a
   95% t-interval over seeds of the final model's accuracy in distribution (val), out of distribution (val_ood),
   with the audio muted (val_muted), the audio reliance (val - muted) and the accuracy per category; then paired
-  comparisons of every arm with the first on the same evaluation items (a paired bootstrap over items of the
-  seed-averaged correctness: a difference whose 95% interval holds 0 is reported as not significant); then one row
-  per run.
+  comparisons of every arm with the first on the same evaluation items (a bootstrap over seeds and items of the
+  difference in seed-averaged correctness: a difference whose 95% interval holds 0 is reported as not
+  significant); then one row per run.
 - val_accuracy.png: val/accuracy against step for every run; accuracy_reward.png, format_reward.png,
   completion_length.png: the RL runs' training curves (EchoInk-R1's figure).
 """
@@ -56,6 +56,13 @@ def arms(runs) -> dict[str, list]:
     return groups
 
 
+def arm_labels(groups: dict[str, list]) -> dict[str, str]:
+    """Each arm's overrides without those every arm shares (e.g. sweep=rl_vs_sft): what tells them apart."""
+    parts = {arm: arm.split() for arm in groups}
+    common = set.intersection(*(set(p) for p in parts.values())) if len(parts) > 1 else set()
+    return {arm: " ".join(p for p in parts[arm] if p not in common) or arm for arm in groups}
+
+
 def mean_interval(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% t-interval (None for a single value)."""
     from scipy.stats import t
@@ -79,9 +86,10 @@ def arm_table(groups: dict[str, list]) -> str:
     categories = sorted({k.split("/")[-1] for r in runs for k in r.data.metrics if k.startswith("val/accuracy/")})
     header = ["arm", "method", "prompt", "seeds", *(label for _, label in COLUMNS), *categories]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    labels = arm_labels(groups)
     for arm, rs in groups.items():
         tags = rs[0].data.tags
-        cells = [arm, tags.get("algorithm", ""), tags.get("prompt", ""), str(len(rs))]
+        cells = [labels[arm], tags.get("algorithm", ""), tags.get("prompt", ""), str(len(rs))]
         cells += [_cell([r.data.metrics.get(key) for r in rs]) for key, _ in COLUMNS]
         cells += [_cell([r.data.metrics.get(f"val/accuracy/{c}") for r in rs]) for c in categories]
         lines.append("| " + " | ".join(cells) + " |")
@@ -106,17 +114,27 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], seed: int = 0) -> dict | None:
-    """b - a on the items both hold: the mean difference and its 95% percentile interval over resampled items."""
-    items = sorted(set(a) & set(b))
+def paired_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], seed: int = 0) -> dict | None:
+    """Arm b minus arm a on the items every run of both scored, each arm given as its runs' {item: correct}.
+    The mean difference of the seed-averaged correctness, and its 95% percentile interval from a two-level
+    bootstrap: each resample draws every arm's seeds (with replacement) and the items (with replacement), so the
+    interval holds both the item sampling and the seed-to-seed variation. One seed per arm: items only."""
+    if not a or not b:
+        return None
+    items = sorted(set.intersection(*(set(run) for run in a + b)))
     if len(items) < 2:
         return None
-    diff = np.array([b[i] - a[i] for i in items])
+    A = np.array([[run[i] for i in items] for run in a])  # (seeds of a, items)
+    B = np.array([[run[i] for i in items] for run in b])
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    S, n = BOOTSTRAP_SAMPLES, len(items)
+    a_means = A[rng.integers(0, len(A), size=(S, len(A)))].mean(axis=1)  # (S, items): seeds resampled
+    b_means = B[rng.integers(0, len(B), size=(S, len(B)))].mean(axis=1)
+    pick = rng.integers(0, n, size=(S, n))
+    means = (np.take_along_axis(b_means, pick, 1) - np.take_along_axis(a_means, pick, 1)).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"items": len(items), "difference": float(diff.mean()), "low": float(low), "high": float(high),
-            "significant": bool(low > 0 or high < 0)}
+    return {"items": n, "seeds": [len(A), len(B)], "difference": float((B.mean(0) - A.mean(0)).mean()),
+            "low": float(low), "high": float(high), "significant": bool(low > 0 or high < 0)}
 
 
 def per_item(client, run) -> dict[str, dict[str, float]]:
@@ -133,33 +151,30 @@ def per_item(client, run) -> dict[str, dict[str, float]]:
         return {}
 
 
-def seed_averaged(client, runs, condition: str) -> dict[str, float]:
-    """Per item, its correctness averaged over the arm's seeds (items every seed scored)."""
+def per_run_items(client, runs, condition: str) -> list[dict[str, float]]:
+    """Each run's {item: correct} for a condition (runs without a final evaluation are left out)."""
     tables = [per_item(client, r).get(condition, {}) for r in runs]
-    tables = [t for t in tables if t]
-    if not tables:
-        return {}
-    common = set.intersection(*(set(t) for t in tables))
-    return {i: statistics.fmean(t[i] for t in tables) for i in common}
+    return [t for t in tables if t]
 
 
 def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:
-    names = list(groups)
+    names, labels = list(groups), arm_labels(groups)
     lines, rows = [], []
     for condition, label in (("val", "in-distribution"), ("val_ood", "out-of-distribution")):
-        base = seed_averaged(client, groups[names[0]], condition)
+        base = per_run_items(client, groups[names[0]], condition)
         for other in names[1:]:
-            result = paired_bootstrap(base, seed_averaged(client, groups[other], condition))
+            result = paired_bootstrap(base, per_run_items(client, groups[other], condition))
             if result is None:
                 continue
             rows.append({"condition": condition, "a": names[0], "b": other, **result})
             verdict = "significant" if result["significant"] else "not significant"
-            lines.append(f"| {label} | {other} − {names[0]} | {result['items']} | {100 * result['difference']:+.2f} | "
+            lines.append(f"| {label} | {labels[other]} − {labels[names[0]]} | {result['items']} | "
+                         f"{'/'.join(map(str, result['seeds']))} | {100 * result['difference']:+.2f} | "
                          f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |")
     if not lines:
         return "", rows
-    head = ["| items | comparison | n | difference (points) | 95% interval (paired bootstrap) | at 5% |",
-            "|---|---|---|---|---|---|"]
+    head = ["| items | comparison | n items | seeds | difference (points) | 95% interval (paired bootstrap over "
+            "seeds and items) | at 5% |", "|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines) + "\n", rows
 
 
