@@ -87,8 +87,9 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
         tables = [[line for line in block.splitlines() if line.startswith("| ")][1:] for block in text.split("##")]
         arms, runs_table = tables[0], tables[-1]
         assert len(arms) == 2 and len(runs_table) == 4
-        for arm, members in by_arm.items():
-            (row,) = [r for r in arms if r.startswith(f"| {arm} |")]
+        for members in by_arm.values():
+            method = members[0].data.tags["algorithm"]
+            (row,) = [r for r in arms if r.startswith(f"| algorithm={method} | {method} |")]  # shared overrides cut
             cells = [c.strip() for c in row.strip("|").split("|")]
             values = [m.data.metrics["val/accuracy"] for m in members]
             mean, sd = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
