@@ -36,8 +36,11 @@ def quiet() -> None:
     _QUIET[0] = True
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    # Lightning attaches its own stream handler when it is imported before logging is configured (it is, by
-    # Hydra's plugins): every Lightning line then came twice, once through Hydra's handler. One handler: Hydra's.
+    # Lightning attaches its own stream handlers on import (`lightning` always; `lightning.pytorch` when logging
+    # is not configured yet): every Lightning line then came twice, once through Hydra's handler. Imported here
+    # first, then one handler is left: Hydra's.
+    import lightning.pytorch  # noqa: F401
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):

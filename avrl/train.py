@@ -25,6 +25,14 @@ def prompt_spec(cfg: DictConfig) -> PromptSpec:
     return PromptSpec(**OmegaConf.to_container(cfg.prompt, resolve=True))
 
 
+def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
+    """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
+    from avrl.config import conf_path
+
+    return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
+            for name in cfg.data.get("prompt_mix") or []]
+
+
 def reward_functions(cfg: DictConfig) -> tuple[dict, dict]:
     functions = {name: instantiate(fn) for name, fn in cfg.reward.functions.items()}
     weights = {name: float(w) for name, w in cfg.reward.weights.items()}
@@ -103,7 +111,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
 
     # Data first: a bad file stops the run before any model is loaded.
     datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"), shuffle_seed=cfg.seed,
-                                   keep_media=cfg.rollout.backend == "vllm")  # vLLM encodes the raw audio itself
+                                   keep_media=cfg.rollout.backend == "vllm",  # vLLM encodes the raw audio itself
+                                   prompt_mix=prompt_mix(cfg))
     datamodule.setup()
     datamodule.write_skipped(out)
     if logger is not None and datamodule.skipped:

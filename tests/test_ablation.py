@@ -149,3 +149,58 @@ def test_the_comparison_interval_holds_the_seed_to_seed_variation():
     assert two_level["difference"] == pytest.approx(items_only["difference"])
     assert two_level["seeds"] == [3, 3]
     assert (two_level["high"] - two_level["low"]) > 2 * (items_only["high"] - items_only["low"])
+
+
+# ---------------------------------------------------------------------------------------------- the tiny base
+@pytest.mark.parametrize("prompt", ["no_think", "think", "echoink"])
+def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
+    """Every arm of the embedded sweeps starts from the same base: it writes each prompt's answer format and has
+    not learnt to listen (greedy on 32 val items: format 1.0, accuracy far from 1)."""
+    import torch
+
+    from avrl.data.datamodule import AudioQADataModule
+    from avrl.models import families, load_model, load_processor
+    from avrl.policy import Policy
+    from avrl.scoring import accuracy_metrics, score_batch
+    from avrl.train import prompt_spec, reward_functions
+    from tests.conftest import compose
+
+    cfg = compose([f"prompt={prompt}", "data.val_size=32", "data.eval_batch_size=32"])
+    processor, spec = load_processor(cfg.model), prompt_spec(cfg)
+    dm = AudioQADataModule(cfg.data, processor, spec, splits=("val",))
+    dm.setup()
+    policy = Policy(load_model(cfg.model).eval(), processor, families.get(cfg.model.family))
+    settings = dict(max_new_tokens=cfg.algorithm.max_completion_length, temperature=1.0, top_p=1.0, top_k=0)
+    with torch.no_grad():
+        results = score_batch(policy, next(iter(dm.val_dataloader())), spec, settings,
+                              format_reward=reward_functions(cfg)[0]["format"])
+    metrics = accuracy_metrics(results, "val")
+    assert metrics["val/format"] == 1.0
+    assert 0.2 <= metrics["val/accuracy"] <= 0.8
+
+
+def test_a_prompt_mix_shows_each_training_item_in_one_format_and_sft_follows_it():
+    from avrl.algorithms.sft import SFTModule
+    from avrl.data.datamodule import AudioQADataModule
+    from avrl.models import load_processor
+    from avrl.train import prompt_mix, prompt_spec
+    from tests.conftest import compose
+
+    cfg = compose(["algorithm=sft", "data.prompt_mix=[no_think,think]", "data.batch_size=16"])
+    processor, spec = load_processor(cfg.model), prompt_spec(cfg)
+    mix = prompt_mix(cfg)
+    assert [s.name for s in mix] == ["no_think", "think"]
+    dm = AudioQADataModule(cfg.data, processor, spec, splits=("train", "val"), prompt_mix=mix)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    names = [s.name for s in batch["prompt_specs"]]
+    assert set(names) == {"no_think", "think"}
+    for text, name in zip(batch["prompts"], names, strict=True):
+        assert ("Output the thinking process" in text) == (name == "think")
+    module = SFTModule(model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor,
+                       prompt=spec)
+    ids, mask = module.targets(batch["items"], batch["prompt_specs"])
+    for row, (item, s) in enumerate(zip(batch["items"], batch["prompt_specs"], strict=True)):
+        text = processor.tokenizer.decode(ids[row][mask[row].bool()][:-1])
+        assert text == s.sft_target.format(answer=item.answer)
+    assert "prompt_specs" not in next(iter(dm.val_dataloader()))  # validation keeps the run's prompt

@@ -12,7 +12,9 @@ def assert_quiet_console(console: str) -> None:
     """Each log message once, no warning, none of the libraries' tips, a progress bar counted in steps."""
     import re
 
-    messages = [m.group(1) for m in re.finditer(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - (.*)$", console, re.M)]
+    # Hydra's "[time][logger][LEVEL] - message" lines and a library handler's bare "INFO: message" ones.
+    line = r"^(?:\[[^]]*\]\[[^]]*\]\[\w+\] - |(?:INFO|WARNING): )(.*)$"
+    messages = [m.group(1) for m in re.finditer(line, console, re.M)]
     assert len(messages) > 5 and len(messages) == len(set(messages)), messages
     assert not re.search(r"warn", console, re.I), console[-3000:]
     assert "site-packages" not in console, console[-3000:]  # a library's warning prints its file

@@ -12,10 +12,11 @@ from avrl.prompts import target_answer
 
 
 class SFTModule(AudioLMModule):
-    def targets(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of each item's target completion (right-padded) and its mask; the stop token is included."""
+    def targets(self, items, specs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of each item's target completion (right-padded) and its mask; the stop token is included.
+        `specs`: each item's prompt (a prompt mix), else the run's."""
         tok = self.processor.tokenizer
-        texts = [self.prompt_target(it) for it in items]
+        texts = [self.prompt_target(it, spec) for it, spec in zip(items, specs or [self.prompt] * len(items))]
         ids = [tok(t, add_special_tokens=False)["input_ids"] + [self.processor.stop_token_ids[0]] for t in texts]
         width = max(len(x) for x in ids)
         padded = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
@@ -25,11 +26,12 @@ class SFTModule(AudioLMModule):
             mask[row, : len(x)] = 1
         return padded.to(self.device), mask.to(self.device)
 
-    def prompt_target(self, item) -> str:
-        return self.prompt.sft_target.format(answer=target_answer(self.prompt, item))
+    def prompt_target(self, item, spec=None) -> str:
+        spec = spec or self.prompt
+        return spec.sft_target.format(answer=target_answer(spec, item))
 
     def sft_loss(self, batch: dict) -> torch.Tensor:
-        ids, mask = self.targets(batch["items"])
+        ids, mask = self.targets(batch["items"], batch.get("prompt_specs"))
         policy = self.policy
         # Temperature 1: the likelihood of the targets, whatever algorithm.temperature validation samples with.
         logps, _ = policy.completion_logps(batch, policy.encode(batch), ids, mask, num_generations=1)

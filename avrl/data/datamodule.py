@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -68,6 +69,11 @@ class PromptCollator:
         self.on_error, self.keep_media = on_error, keep_media
         self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
         self.audio = audio_controls.check(audio)  # muted / noise replace the loaded signal (audio_controls.py)
+        self.mix: list[PromptSpec] = []  # training data shown in several prompt formats (data.prompt_mix)
+
+    def spec(self, item: QAItem) -> PromptSpec:
+        """The item's prompt: the run's, or with a mix one of the mix's, fixed per item (a hash of its id)."""
+        return self.mix[zlib.crc32(item.id.encode()) % len(self.mix)] if self.mix else self.prompt
 
     def __call__(self, items: list[QAItem]) -> dict:
         loaded, skipped = [], []
@@ -85,9 +91,10 @@ class PromptCollator:
             if it.waveform is not None:
                 it.waveform = audio_controls.replace_signal(it.waveform, self.audio, it.id)
         images = [im for _, im in loaded]
+        specs = [self.spec(it) for it in items]
         prompts = [
-            self.processor.render(render_question(self.prompt, it, self.for_eval), it.has_audio, im is not None)
-            for it, im in zip(items, images)
+            self.processor.render(render_question(spec, it, self.for_eval), it.has_audio, im is not None)
+            for spec, it, im in zip(specs, items, images)
         ]
         batch = self.processor(prompts, [it.waveform for it in items], images if any(images) else None)
         batch["prompts"] = prompts  # rendered, placeholders not yet expanded (what vLLM takes)
@@ -97,12 +104,15 @@ class PromptCollator:
             for it in items:  # the waveform is not needed after feature extraction; keep batches light
                 it.waveform = None
         batch["items"], batch["skipped"] = items, skipped
+        if self.mix:
+            batch["prompt_specs"] = specs  # SFT writes each item's target in its own prompt's format
         return batch
 
 
 class AudioQADataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS,
-                 shuffle_seed: int = 0, keep_media: bool = False, audio: str = "real"):
+                 shuffle_seed: int = 0, keep_media: bool = False, audio: str = "real",
+                 prompt_mix: list[PromptSpec] | None = None):
         super().__init__()
         self.shuffle_seed = shuffle_seed
         self.cfg = cfg
@@ -110,6 +120,7 @@ class AudioQADataModule(L.LightningDataModule):
         self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"),
                                       keep_media, audio=audio)
         self.splits = splits
+        self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)
         self.datasets: dict[str, Dataset] = {}
         self.skipped: list[dict] = []
 
@@ -144,7 +155,11 @@ class AudioQADataModule(L.LightningDataModule):
         sampler = EpochSampler(len(self.datasets["train"]), self.cfg.batch_size, self.shuffle_seed,
                                rank=trainer.global_rank if trainer else 0,
                                world_size=trainer.world_size if trainer else 1)
-        return self._loader("train", self.cfg.batch_size, sampler)
+        collate = self.collate
+        if self.prompt_mix:
+            collate = copy.copy(self.collate)
+            collate.mix = self.prompt_mix
+        return self._loader("train", self.cfg.batch_size, sampler, collate=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.cfg.eval_batch_size)
