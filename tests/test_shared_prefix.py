@@ -55,10 +55,13 @@ def assert_same_gradients(got: dict, want: dict) -> None:
     assert got.keys() == want.keys() and len(want) > 10
     largest = max(g.abs().max() for g in want.values())
     for name, g in want.items():
-        # 1e-5 of the tensor's largest entry; tensors whose gradient is zero in exact arithmetic (attention key
-        # biases: softmax ignores a shift) hold fp32 rounding noise, compared at 1e-5 of 1e-4 of the largest.
+        # 1e-4 of the tensor's largest entry: the two paths sum in different orders, and in fp32 that alone moved
+        # an entry by up to 1.4e-5 of its tensor's largest (measured; a wrong mask or position moves them by
+        # O(1)). Tensors whose gradient is zero in exact arithmetic (attention key biases: softmax ignores a
+        # shift) hold rounding noise, compared at 1e-4 of 1e-4 of the largest gradient. (float64 is not an
+        # option: Qwen3-Omni's MoE kernel takes no float64.)
         scale = max(float(g.abs().max()), 1e-4 * float(largest))
-        assert (got[name] - g).abs().max() <= 1e-5 * scale, name
+        assert (got[name] - g).abs().max() <= 1e-4 * scale, name
 
 
 @pytest.mark.parametrize("model_name", ["tiny_qwen2_audio", "tiny_qwen2_5_omni", "tiny_qwen3_omni"])
