@@ -151,7 +151,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         if (out / final_eval.FILE).exists():
             tracking.log_file(logger, out / final_eval.FILE)
     if trainer.is_global_zero:
-        print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best}")
+        # No in-training validation ran (max_steps below trainer.val_check_interval): no best checkpoint was kept.
+        print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best or 'none (no validation during training)'}")
     if logger is not None:
         uri = redact(cfg.logger.tracking_uri)
         print(f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"
