@@ -97,7 +97,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
-    if logger is not None:
         logger.experiment.set_tag(logger.run_id, "eval_audio", audio)
     if version:
         print(f"{cfg.data.name} version {version}, protocol {protocol}")

@@ -19,11 +19,18 @@ TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "expe
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def mark_training_experiment(client, experiment_id: str) -> None:
-    """Tag the experiment as a model-training one, unless its kind was chosen already (by the user, in the UI)."""
+def training_experiment(client, logger_cfg: DictConfig) -> str:
+    """The id of the logger's experiment, created if it does not exist (quietly: Lightning would warn), and tagged
+    as a model-training one unless its kind was chosen already (by the user, in the UI)."""
+    experiment = client.get_experiment_by_name(logger_cfg.experiment_name)
+    if experiment is None:
+        experiment_id = client.create_experiment(logger_cfg.experiment_name,
+                                                 artifact_location=logger_cfg.artifact_location)
+        experiment = client.get_experiment(experiment_id)
     key, value = EXPERIMENT_KIND
-    if key not in client.get_experiment(experiment_id).tags:
-        client.set_experiment_tag(experiment_id, key, value)
+    if key not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def hydra_choices() -> dict[str, str]:
@@ -81,7 +88,9 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
     if parent:
         tags["mlflow.parentRunId"] = parent
         tags["arm"] = sweep_arm()
-    _experiment(cfg)  # created here, quietly (Lightning would warn that it did not exist)
+    import mlflow
+
+    training_experiment(mlflow.tracking.MlflowClient(cfg.logger.tracking_uri), cfg.logger)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         tracking_uri=cfg.logger.tracking_uri,
@@ -89,7 +98,6 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         tags=tags,
         artifact_location=cfg.logger.artifact_location,
     )
-    mark_training_experiment(logger.experiment, logger.experiment_id)
     params = {k: redact_param(k, v) for k, v in flatten(cfg).items()}
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,20 +105,6 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         path.write_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
-
-
-def _experiment(cfg: DictConfig) -> str:
-    """The id of the logger's experiment, created (and marked as a training experiment) if it does not exist."""
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(cfg.logger.tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    experiment_id = client.create_experiment(cfg.logger.experiment_name,
-                                             artifact_location=cfg.logger.artifact_location)
-    mark_training_experiment(client, experiment_id)
-    return experiment_id
 
 
 def _default_run_name(cfg: DictConfig, tags: dict) -> str:

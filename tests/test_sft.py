@@ -24,7 +24,7 @@ def test_sft_lowers_loss_on_a_fixed_batch(overrides):
     dm.setup()
     module = build_module(cfg, processor, prompt)
     module.configure_model()
-    batch = next(iter(dm._loader("train", 8)))
+    batch = next(iter(dm._loader(dm.datasets["train"], 8)))
     params = [p for p in module.model.parameters() if p.requires_grad]
     lora = "algorithm=lora" in overrides
     opt = torch.optim.AdamW(params, lr=1e-2 if lora else 3e-3)  # adapters on a frozen random LM need a larger step

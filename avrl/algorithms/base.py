@@ -90,15 +90,9 @@ class AudioLMModule(L.LightningModule):
                            format_reward=self.reward_functions.get("format"))
 
     def on_validation_epoch_end(self) -> None:
-        metrics = accuracy_metrics(self._val_results, "val")
-        self.last_val_results, self._val_results = self._val_results, []
-        if self.trainer.is_global_zero:
-            log.info("step %d: %s", self.global_step, _summary(metrics))
-        self.last_validated_step = self.global_step
-        # Logged at the number of updates the validated model has had (0 = the base, before training), the same
-        # step as the console line and the checkpoint's name; self.log feeds the callbacks (checkpoint, pruning).
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
+        metrics = self.record_validation(self._val_results)
+        self._val_results = []
+        # self.log (not to the loggers: record_validation did) feeds the callbacks (checkpoint, pruning).
         self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True, sync_dist=True, logger=False)
         self.log_dict(metrics, sync_dist=True, logger=False)
 
@@ -110,9 +104,13 @@ class AudioLMModule(L.LightningModule):
         """val/* of the model as it is now (step 0 before training, the final model after it), scored through the
         same code as every validation but outside Lightning's loops: every rank scores every item (ZeRO-3 needs all
         ranks in generate), and a strategy is never set up again (DeepSpeed cannot be, after fit)."""
-        self.last_val_results = self.score_loader(self.trainer.datamodule.val_dataloader())
-        metrics = accuracy_metrics(self.last_val_results, "val")
-        self.last_validated_step = self.global_step
+        return self.record_validation(self.score_loader(self.trainer.datamodule.val_dataloader()))
+
+    def record_validation(self, results: list[dict]) -> dict[str, float]:
+        """val/* of a validation's scored items, kept as the latest and logged at the number of updates the
+        validated model has had (0 = the base), the same step as the console line and the checkpoint's name."""
+        self.last_val_results, self.last_validated_step = results, self.global_step
+        metrics = accuracy_metrics(results, "val")
         if self.trainer.is_global_zero:
             log.info("step %d: %s", self.global_step, _summary(metrics))
         for logger in self.loggers:

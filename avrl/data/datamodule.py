@@ -116,9 +116,10 @@ class AudioQADataModule(L.LightningDataModule):
         super().__init__()
         self.shuffle_seed = shuffle_seed
         self.cfg = cfg
-        self.audio = audio  # an audio-contribution control for evaluation (avrl/data/audio_controls.py)
+        # task=eval's audio-contribution control for the test split (avrl/data/audio_controls.py)
+        self.audio = audio_controls.check(audio)
         self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"),
-                                      keep_media, audio=audio)
+                                      keep_media)
         self.splits = splits
         self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)
         self.datasets: dict[str, Dataset] = {}
@@ -126,11 +127,7 @@ class AudioQADataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for split in self.splits:
-            if split not in self.datasets:
-                self.datasets[split], skipped = build_split(self.cfg, split)
-                self.skipped += skipped
-                if self.audio == "shuffled":
-                    self.datasets[split] = audio_controls.ShuffledAudio(self.datasets[split], self.shuffle_seed)
+            self._read(split)
         if self.skipped:
             log.warning("skipped %d bad records (data.on_error=skip); see skipped_items.json", len(self.skipped))
 
@@ -141,9 +138,16 @@ class AudioQADataModule(L.LightningDataModule):
         path.write_text(json.dumps(self.skipped, indent=2))
         return path
 
-    def _loader(self, split: str, batch_size: int, sampler=None, collate=None) -> DataLoader:
+    def _read(self, split: str) -> Dataset:
+        """A split, read on first use (an "ood" one only when it is evaluated)."""
+        if split not in self.datasets:
+            self.datasets[split], skipped = build_split(self.cfg, split)
+            self.skipped += skipped
+        return self.datasets[split]
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, collate=None) -> DataLoader:
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, sampler=sampler, collate_fn=collate or self.collate,
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate or self.collate,
             num_workers=self.cfg.num_workers, drop_last=sampler is not None,
             persistent_workers=self.cfg.num_workers > 0,
         )
@@ -159,10 +163,10 @@ class AudioQADataModule(L.LightningDataModule):
         if self.prompt_mix:
             collate = copy.copy(self.collate)
             collate.mix = self.prompt_mix
-        return self._loader("train", self.cfg.batch_size, sampler, collate=collate)
+        return self._loader(self.datasets["train"], self.cfg.batch_size, sampler, collate=collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.cfg.eval_batch_size)
+        return self._loader(self.datasets["val"], self.cfg.eval_batch_size)
 
     def has_split(self, split: str) -> bool:
         """Whether the data config defines this split (an "ood" one is optional)."""
@@ -170,25 +174,19 @@ class AudioQADataModule(L.LightningDataModule):
             return bool(self.cfg.get(f"{split}_size"))
         return self.cfg.get(f"{split}_path") is not None
 
-    def control_loader(self, split: str, audio: str = "real") -> DataLoader:
-        """A split's evaluation loader under an audio-contribution control (avrl/data/audio_controls.py); the
-        split is read on first use."""
-        if split not in self.datasets:
-            self.datasets[split], skipped = build_split(self.cfg, split)
-            self.skipped += skipped
-        dataset = self.datasets[split]
+    def control_loader(self, split: str, audio: str = "real", for_eval: bool = False) -> DataLoader:
+        """A split's evaluation loader under an audio-contribution control (avrl/data/audio_controls.py: the
+        collator mutes or replaces the signal; "shuffled" gives each item another item's clip)."""
+        dataset = self._read(split)
         if audio == "shuffled":
             dataset = audio_controls.ShuffledAudio(dataset, self.shuffle_seed)
         collate = copy.copy(self.collate)
-        collate.audio = audio_controls.check(audio)
-        return DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=collate,
-                          num_workers=self.cfg.num_workers)
+        collate.audio, collate.for_eval = audio_controls.check(audio), for_eval
+        return self._loader(dataset, self.cfg.eval_batch_size, collate=collate)
 
     def test_dataloader(self) -> DataLoader:
-        """task=eval's items, rendered with the prompt's eval_template (if it has one)."""
-        collate = copy.copy(self.collate)
-        collate.for_eval = True
-        return self._loader("test", self.cfg.eval_batch_size, collate=collate)
+        """task=eval's items, rendered with the prompt's eval_template (if it has one), under eval.audio."""
+        return self.control_loader("test", self.audio, for_eval=True)
 
 
 class SkippedItems(Callback):

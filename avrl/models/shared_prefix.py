@@ -10,7 +10,7 @@ and backward. Here (after Prefix Grouper, arXiv 2506.05433):
   attention mask under which each completion sees the prompt and its own past only, and rope positions that
   restart after the prompt for every completion. The prompt's hidden states are computed once and every
   completion attends to them, so outputs and gradients (which flow from all G completions into the one copy of
-  the prompt) equal the repeated path's; tests/test_shared_prefix.py checks both in float64-tight fp32.
+  the prompt) equal the repeated path's; tests/test_shared_prefix.py checks both (fp32, to rounding).
 
 The packed mask is a dense (L x L) mask: it needs `attn_implementation` sdpa or eager (flash-attention takes no
 custom mask; set `algorithm.shared_prefix=false` there). Its attention costs (P + G T)^2 instead of G (P + T)^2,
@@ -107,6 +107,7 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
     `choose(scores, position) -> tokens` picks each next token (the keyed sampler); greedy when None."""
     base = unwrap(model)
     takes_ids = family.forward_takes_input_ids
+    cache_argument = _cache_argument(base.model)
     prompt_pos = prompt_positions(base, family, batch)
     out = base.model(input_ids=batch["input_ids"] if takes_ids else None, attention_mask=batch["attention_mask"],
                      inputs_embeds=prompt_embeds, position_ids=prompt_pos, use_cache=True)
@@ -129,7 +130,7 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
         out = base.model(input_ids=step[:, None] if takes_ids else None,
                          inputs_embeds=base.get_input_embeddings()(step[:, None]), attention_mask=attention,
                          position_ids=following_positions(prompt_pos, 1, offset=t), use_cache=True,
-                         **{_cache_argument(base.model): cache})
+                         **{cache_argument: cache})
         cache = _cache_of(out)
         logits = base.lm_head(out.last_hidden_state[:, -1]).float()
     return torch.stack(tokens, dim=1)

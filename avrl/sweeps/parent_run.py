@@ -23,14 +23,10 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.logger.enabled:
             return
-        client = _client(config.logger.tracking_uri)
-        name = config.logger.experiment_name
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            name, artifact_location=config.logger.artifact_location)
-        from avrl.tracking import mark_training_experiment  # (tracking imports this module)
+        from avrl.tracking import training_experiment  # (tracking imports this module)
 
-        mark_training_experiment(client, experiment_id)
+        client = _client(config.logger.tracking_uri)
+        experiment_id = training_experiment(client, config.logger)
         study = study_tags(config)
         run = _find_study_run(client, experiment_id, study) if study else None
         if run is not None:  # a resumed Optuna study keeps its parent run

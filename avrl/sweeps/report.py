@@ -151,19 +151,18 @@ def per_item(client, run) -> dict[str, dict[str, float]]:
         return {}
 
 
-def per_run_items(client, runs, condition: str) -> list[dict[str, float]]:
-    """Each run's {item: correct} for a condition (runs without a final evaluation are left out)."""
-    tables = [per_item(client, r).get(condition, {}) for r in runs]
-    return [t for t in tables if t]
-
-
 def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:
     names, labels = list(groups), arm_labels(groups)
+    files = {arm: [per_item(client, r) for r in runs] for arm, runs in groups.items()}  # each read once
+
+    def items(arm: str, condition: str) -> list[dict[str, float]]:
+        """The arm's runs' {item: correct} for a condition (runs without a final evaluation are left out)."""
+        return [f[condition] for f in files[arm] if f.get(condition)]
+
     lines, rows = [], []
     for condition, label in (("val", "in-distribution"), ("val_ood", "out-of-distribution")):
-        base = per_run_items(client, groups[names[0]], condition)
         for other in names[1:]:
-            result = paired_bootstrap(base, per_run_items(client, groups[other], condition))
+            result = paired_bootstrap(items(names[0], condition), items(other, condition))
             if result is None:
                 continue
             rows.append({"condition": condition, "a": names[0], "b": other, **result})
