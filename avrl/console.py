@@ -19,6 +19,9 @@ LIBRARY_WARNINGS = (
     # GRPO steps its optimizer by hand and checkpoints the state after the step on purpose (what resume needs);
     # Lightning said so with a code sample at every checkpoint.
     r"Using ModelCheckpoint with manual optimization",
+    # Lightning on any machine with SLURM's client installed (a login node); avrl's jobs reach SLURM through
+    # hydra/launcher=slurm, which starts them with srun.
+    r"The `srun` command is available on your system but is not used",
 )
 # Log records dropped, by logger name and a substring of the message.
 NOISE = {

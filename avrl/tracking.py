@@ -4,6 +4,7 @@ Sweeps' parent runs live in avrl/sweeps/parent_run.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import flatten, hydra_config
+from avrl.db import require_driver
 from avrl.redaction import redact, redact_param, redacted
 from avrl.sweeps.parent_run import parent_run_id
 
@@ -21,16 +23,32 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 def training_experiment(client, logger_cfg: DictConfig) -> str:
     """The id of the logger's experiment, created if it does not exist (quietly: Lightning would warn), and tagged
-    as a model-training one unless its kind was chosen already (by the user, in the UI)."""
-    experiment = client.get_experiment_by_name(logger_cfg.experiment_name)
+    as a model-training one unless its kind was chosen already. Workers that start together on a fresh store race
+    on both writes: the loser finds the winner's and goes on."""
+    name = logger_cfg.experiment_name
+    experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = client.create_experiment(logger_cfg.experiment_name,
-                                                 artifact_location=logger_cfg.artifact_location)
-        experiment = client.get_experiment(experiment_id)
+        experiment = _settled(lambda: client.get_experiment(client.create_experiment(
+            name, artifact_location=logger_cfg.artifact_location)), lambda: client.get_experiment_by_name(name))
     key, value = EXPERIMENT_KIND
     if key not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, key, value)
+        _settled(lambda: client.set_experiment_tag(experiment.experiment_id, key, value),
+                 lambda: key in client.get_experiment(experiment.experiment_id).tags or None)
     return experiment.experiment_id
+
+
+def _settled(write, written):
+    """`write()`, or, when it fails because another process wrote first, what `written()` finds instead (the
+    error stands when nothing was written)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return write()
+    except MlflowException:
+        found = written()
+        if found is None:
+            raise
+        return found
 
 
 def hydra_choices() -> dict[str, str]:
@@ -72,6 +90,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
 
     if not cfg.logger.enabled or rank_zero_only.rank != 0:  # in DDP, rank 0 alone owns the run
         return None
+    require_driver(cfg.logger.tracking_uri, "logger.tracking_uri")
     check_reachable(cfg.logger.tracking_uri)
     if run_id is not None:
         logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
@@ -84,6 +103,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
     tags.update(hydra_choices())
     tags["task"] = cfg.task
     tags["output_dir"] = str(cfg.output_dir)
+    tags.update(slurm_tags())
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -105,6 +125,21 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         path.write_text(OmegaConf.to_yaml(redacted(OmegaConf.to_container(cfg, resolve=True))))
         logger.experiment.log_artifact(logger.run_id, str(path))
     return logger
+
+
+# What SLURM allocated to the job (sbatch/srun set these in every task): on the run, so that a run names its job
+# and the resources behind its figures can be read next to them.
+SLURM_VARIABLES = {"job_id": "SLURM_JOB_ID", "nodelist": "SLURM_JOB_NODELIST", "nnodes": "SLURM_NNODES",
+                   "ntasks": "SLURM_NTASKS", "ntasks_per_node": "SLURM_NTASKS_PER_NODE",
+                   "cpus_per_task": "SLURM_CPUS_PER_TASK", "gpus_on_node": "SLURM_GPUS_ON_NODE",
+                   "partition": "SLURM_JOB_PARTITION"}
+
+
+def slurm_tags() -> dict[str, str]:
+    """slurm.<name> tags for a job running under SLURM (none elsewhere)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {f"slurm.{name}": os.environ[var] for name, var in SLURM_VARIABLES.items() if var in os.environ}
 
 
 def _default_run_name(cfg: DictConfig, tags: dict) -> str:

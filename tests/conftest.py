@@ -107,8 +107,9 @@ def write_wav(path: Path, seconds: float = 1.0, freq: float = 440.0, sr: int = 1
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp_path: Path, *args: str):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store in tmp_path; yields its URI once /health answers.
+def mlflow_server(tmp_path: Path, *args: str, backend: str | None = None):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store in tmp_path (or the `backend` store URI), serving
+    its artifacts (kept in tmp_path/art) over HTTP; yields its URI once /health answers.
     No clock decides: it waits as long as the server process lives (a slow start on a busy machine is fine), and
     a server that exits at start (its port taken between choosing it and binding it) is started again elsewhere."""
     import socket
@@ -124,8 +125,8 @@ def mlflow_server(tmp_path: Path, *args: str):
         log = tmp_path / f"mlflow-server-{attempt}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
-             str(tmp_path / "art"), "--workers", "1", *args],
+             "--backend-store-uri", backend or f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
+             "--artifacts-destination", str(tmp_path / "art"), "--workers", "1", *args],
             stdout=log.open("w"), stderr=subprocess.STDOUT,
         )
         uri = f"http://127.0.0.1:{port}"

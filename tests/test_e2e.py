@@ -2,8 +2,10 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import mlflow_runs, mlflow_server, run_cli
 
@@ -109,15 +111,39 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
 
 @pytest.mark.slow
 def test_sweep_against_a_real_mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store; the runs are read back over REST."""
+    """A real `mlflow server --serve-artifacts` on 127.0.0.1 with a temporary SQLite store: the runs are read back
+    over REST, and their artifacts (the config, a completions table, the report's plots) are uploaded through the
+    server into its artifact folder and downloaded back through it."""
+    import mlflow
+    from PIL import Image
+
     with mlflow_server(tmp_path) as uri:
         run_cli("-m", "algorithm=grpo,sft", "trainer.max_steps=1", "trainer.val_check_interval=1", "data.val_size=2",
                 "data.batch_size=2", "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
-                f"hydra.sweep.dir={tmp_path}/sweep", env={"MLFLOW_TRACKING_URI": uri})
+                "++algorithm.log_completions_every_n_steps=1", f"hydra.sweep.dir={tmp_path}/sweep",
+                env={"MLFLOW_TRACKING_URI": uri})
         client, runs = mlflow_runs(uri)  # REST
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(runs) == 3 and len(children) == 2
-        assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"config.yaml"}
+        children = {r.data.tags["algorithm"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+        (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+        assert len(runs) == 3 and sorted(children) == ["grpo", "sft"]
+        assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # proxied by the server
+
+        def fetch(run, path: str) -> Path:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path,
+                                                            tracking_uri=uri, dst_path=str(tmp_path / "back")))
+
+        grpo = children["grpo"]
+        config = OmegaConf.load(fetch(grpo, "config.yaml"))
+        assert config.algorithm.name == "grpo" and config.trainer.max_steps == 1
+        (table,) = [a.path for a in client.list_artifacts(grpo.info.run_id, "completions")]
+        rows = json.loads(fetch(grpo, table).read_text())
+        assert "completion" in rows["columns"] and len(rows["data"]) > 0
+        for name in ("val_accuracy.png", "accuracy_reward.png"):
+            with Image.open(fetch(parent, f"report/{name}")) as image:
+                image.verify()
+                assert image.format == "PNG"
+        stored = {p.name for p in (tmp_path / "art").rglob("*") if p.is_file()}
+        assert {"config.yaml", "val_accuracy.png", Path(table).name} <= stored  # on the server's side
 
 
 @pytest.mark.slow

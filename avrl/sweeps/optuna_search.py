@@ -88,15 +88,20 @@ def as_override(key: str, value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the study
-def storage(url: str, heartbeat_interval: int | None = 60,
-            grace_period: int | None = None) -> optuna.storages.BaseStorage:
-    """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL). With heartbeats, a trial whose worker
-    was killed is marked FAIL by the next worker after `grace_period` seconds instead of staying RUNNING forever."""
+def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
+            failed_trial_callback=None) -> optuna.storages.BaseStorage:
+    """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL; a missing driver is named first). With
+    heartbeats, a trial whose worker was killed is marked FAIL by the next worker after `grace_period` seconds
+    instead of staying RUNNING forever; `failed_trial_callback(study, trial)` is then called."""
+    from avrl.db import require_driver
+
+    require_driver(url, "hydra.sweeper.storage")
     if heartbeat_interval:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period or 2 * heartbeat_interval)
+                                              grace_period=grace_period or 2 * heartbeat_interval,
+                                              failed_trial_callback=failed_trial_callback)
     return optuna.storages.RDBStorage(url)
 
 
@@ -129,11 +134,20 @@ def open_study(name: str, storage_: optuna.storages.BaseStorage, direction: str,
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards `n_trials`: finished ones and those other workers are running now."""
+    """Trials that count towards `n_trials`: finished ones and those other workers are running now (a trial whose
+    worker stopped sending heartbeats is failed first)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     return len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+
+
+def ask(study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
+    """A new trial. Optuna warns that storage heartbeats are meant for its own `optimize` loop; this sweeper records
+    them itself (Heartbeat), so the warning is not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        return study.ask(space)
 
 
 class Heartbeat:

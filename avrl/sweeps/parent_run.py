@@ -15,6 +15,11 @@ PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRACKING_URI_FILE = "mlflow_tracking_uri"  # the URI the sweep logged to (credentials removed): the report reads it
 
 
+class SweepNotStarted(SystemExit):
+    """A SystemExit, so that Hydra's callback runner (which warns about any Exception and goes on) stops the sweep;
+    the message goes to stderr and the exit status is 1."""
+
+
 class SweepParentRun(Callback):
     """Hydra callback: at the start of a multirun, create the sweep's parent MLflow run (and so the store and the
     experiment, once, before jobs could race on a fresh SQLite file); each job reads its id from the sweep folder
@@ -23,19 +28,25 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.logger.enabled:
             return
-        from avrl.tracking import training_experiment  # (tracking imports this module)
+        # Hydra turns a callback's exception into a warning and runs the jobs anyway, each then a top-level run
+        # outside the sweep (or failing on the same store): stop the sweep here instead, before any job starts.
+        try:
+            self._start(config)
+        except Exception as error:  # noqa: BLE001 - re-raised as the sweep's exit
+            raise SweepNotStarted(f"the sweep's MLflow parent run could not be created, so no job was started: "
+                                  f"{type(error).__name__}: {redact(str(error))}") from error
 
-        client = _client(config.logger.tracking_uri)
-        experiment_id = training_experiment(client, config.logger)
+    def _start(self, config: DictConfig) -> None:
+        from avrl import db
+
+        db.require_driver(config.logger.tracking_uri, "logger.tracking_uri")
         study = study_tags(config)
-        run = _find_study_run(client, experiment_id, study) if study else None
-        if run is not None:  # a resumed Optuna study keeps its parent run
-            client.update_run(run.info.run_id, status="RUNNING")
+        if study:  # workers started together on one study set up its experiment and its one parent in turn
+            db.require_driver(config.hydra.sweeper.storage, "hydra.sweeper.storage")
+            with db.lock(config.hydra.sweeper.storage, f"avrl optuna study {config.hydra.sweeper.study_name}"):
+                run = _parent_run(config, study)
         else:
-            overrides = " ".join(config.hydra.overrides.task)
-            default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
-            run = client.create_run(experiment_id, run_name=config.run_name or default_name,
-                                    tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {})})
+            run = _parent_run(config, None)
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
@@ -45,6 +56,23 @@ class SweepParentRun(Callback):
         if config.logger.enabled and parent_run_id(config.hydra.sweep.dir):
             write_sweep_report(config)
         end_sweep_run(config, "FINISHED")
+
+
+def _parent_run(config: DictConfig, study: dict | None):
+    """A new parent run; for an Optuna study, the study's parent when it has one (a resumed study, or one that
+    other workers run too), set RUNNING again."""
+    from avrl.tracking import training_experiment  # (tracking imports this module)
+
+    client = _client(config.logger.tracking_uri)
+    experiment_id = training_experiment(client, config.logger)
+    run = _find_study_run(client, experiment_id, study) if study else None
+    if run is not None:
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run
+    overrides = " ".join(config.hydra.overrides.task)
+    default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
+    return client.create_run(experiment_id, run_name=config.run_name or default_name,
+                             tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {})})
 
 
 def write_sweep_report(config: DictConfig) -> None:

@@ -21,6 +21,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import matplotlib
 
@@ -144,8 +145,9 @@ def per_item(client, run) -> dict[str, dict[str, float]]:
     local = Path(run.data.tags.get("output_dir", "")) / FILE
     if local.exists():
         return json.loads(local.read_text())
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
+    try:  # (MLflow draws a progress bar per file downloaded from a server: one per run, in the sweep's console)
+        no_bar = mock.patch.dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="0")
+        with tempfile.TemporaryDirectory() as tmp, no_bar:
             return json.loads(Path(client.download_artifacts(run.info.run_id, FILE, tmp)).read_text())
     except Exception:  # an older run, or one that failed before its final evaluation
         return {}

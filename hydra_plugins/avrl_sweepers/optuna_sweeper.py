@@ -15,6 +15,7 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from avrl import db
 from avrl.redaction import redact
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
@@ -44,7 +45,7 @@ class OptunaSweeper(Sweeper):
         if not space:
             raise ValueError("nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
                              "such as optim.lr='tag(log, interval(1e-6, 1e-4))'")
-        store = search.storage(self.storage_url, self.heartbeat_interval)
+        store = search.storage(self.storage_url, self.heartbeat_interval, failed_trial_callback=self._worker_lost)
         study = search.open_study(self.study_name, store, self.direction, self.sampler_cfg, self.pruner_cfg)
         for params in self.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
@@ -55,16 +56,34 @@ class OptunaSweeper(Sweeper):
                  search.counted_trials(study), self.n_trials)
 
         rows = []
-        while search.counted_trials(study) < self.n_trials:
-            rows.append(self._run_trial(study, store, space, fixed))
+        while (trial := self._next_trial(study, space)) is not None:
+            rows.append(self._run_trial(study, store, trial, fixed))
 
         self._finish(study, rows, sweep_dir)
         return rows
 
-    def _run_trial(self, study, store, space, fixed) -> dict:
+    def _next_trial(self, study, space):
+        """A new trial, or None once the study holds n_trials (finished or running). Counting and asking happen
+        under the study's lock in its database, so workers sharing the storage never start more than n_trials."""
         from avrl.sweeps import optuna_search as search
 
-        trial = study.ask(space)
+        with db.lock(self.storage_url, f"avrl optuna study {self.study_name}"):
+            if search.counted_trials(study) >= self.n_trials:
+                return None
+            return search.ask(study, space)
+
+    def _worker_lost(self, study, trial) -> None:
+        """Optuna failed a trial whose worker stopped sending heartbeats (killed, or its machine lost): its MLflow
+        run, left RUNNING by the dead job, is marked FAILED with the reason."""
+        reason = "its worker stopped sending heartbeats (killed, or its machine lost)"
+        log.warning("trial %d FAIL: %s", trial.number, reason)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.config.logger.enabled:
+            parent_run.mark_trial(self.config.logger.tracking_uri, run_id, "FAIL", reason)
+
+    def _run_trial(self, study, store, trial, fixed) -> dict:
+        from avrl.sweeps import optuna_search as search
+
         overrides = fixed + [search.as_override(k, v) for k, v in trial.params.items()] + [f"trial={trial.number}"]
         trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(self.study_name),
                                                                  trial.number)

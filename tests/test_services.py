@@ -1,0 +1,204 @@
+"""Scale-out paths against the real services users grow into, started on localhost (tests/services.py): an Optuna
+study on PostgreSQL shared by several workers, a sweep through a real SLURM cluster, MLflow servers that hold the
+runs and serve their artifacts. Marked `services` (and slow): they install PostgreSQL / SLURM with apt-get where
+they are missing and skip, saying why, where that cannot be done."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avrl import db
+from tests import services
+from tests.conftest import HANG_GUARD, ROOT, mlflow_runs, mlflow_server, run_cli
+
+# A trial or job of a few seconds: two steps, a small validation, no final controls.
+QUICK = ["trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
+         "trainer.enable_progress_bar=false", "save_final_model=false", "final_eval.audio=[]", "final_eval.ood=false"]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with services.postgres() as url:
+        yield url
+
+
+def start_cli(*args: str, env: dict, log: Path) -> subprocess.Popen:
+    """`python run.py ARGS` in the background, in its own process group (so that it can be killed whole)."""
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    process.wait(timeout=HANG_GUARD)
+    text = log.read_text()
+    assert process.returncode == 0, text[-4000:]
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def test_a_missing_database_driver_is_named_before_any_job_starts(tmp_path):
+    """SQLAlchemy's own message ("Failed to import DB access module") names no package; avrl's names the one to
+    install, before the sweep's first job (no job folder is made)."""
+    with pytest.raises(db.MissingDriver, match=r"needs the database driver `psycopg2`.*pip install psycopg2-binary"):
+        db.require_driver("postgresql+psycopg2://me:secret@db/optuna", "hydra.sweeper.storage")
+    with pytest.raises(db.MissingDriver, match=r"mysql://me:\*\*\*@db/x needs the database driver `MySQLdb`"):
+        db.require_driver("mysql://me:secret@db/x", "logger.tracking_uri")
+    db.require_driver("postgresql://me@db/optuna", "hydra.sweeper.storage")  # psycopg 3: in the postgres extra
+    for not_a_database in ("http://127.0.0.1:5000", "mlruns", "file:///tmp/mlruns"):
+        db.require_driver(not_a_database, "logger.tracking_uri")
+
+    out = run_cli("-m", "search=grpo_optuna", "hydra.sweeper.storage=postgresql+psycopg2://me:secret@127.0.0.1:1/x",
+                  f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, check=False)
+    assert out.returncode == 1
+    assert "hydra.sweeper.storage=postgresql+psycopg2://me:***@127.0.0.1:1/x needs the database driver `psycopg2`" \
+        in out.stderr
+    assert "secret" not in out.stdout + out.stderr
+    assert not list((tmp_path / "sweep").glob("[0-9]*"))  # no job started
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_study_lock_makes_a_second_holder_wait(backend, postgres_url, tmp_path):
+    """db.lock: while one connection holds the study's lock, another process's attempt waits, and goes on once it
+    is released (PostgreSQL advisory lock; a file lock beside an SQLite database)."""
+    url = postgres_url + "/postgres" if backend == "postgresql" else f"sqlite:///{tmp_path}/optuna.db"
+    code = "import sys\nfrom avrl import db\nwith db.lock(sys.argv[1], 'study s'): print('got it')"
+    waiter = [sys.executable, "-c", code, url]
+    with db.lock(url, "study s"):
+        other = subprocess.Popen(waiter, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=5)  # still waiting on the lock (a wrong lock lets it through at once)
+        with db.lock(url, "study t"):  # another name is another lock
+            pass
+    assert other.communicate(timeout=HANG_GUARD)[0].strip() == "got it"
+
+
+# ------------------------------------------------------------------------------------------------ Optuna on PostgreSQL
+@pytest.mark.slow
+@pytest.mark.services
+def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
+    """Two workers started together on one study split its n_trials (each number once, no more than n_trials
+    between them); a worker killed mid-trial leaves a trial that the next worker's heartbeat check marks FAIL
+    (its MLflow run FAILED too); a third worker resumes the study up to a larger n_trials. MLflow runs on a real
+    server backed by the same PostgreSQL: every trial is a child of the study's one parent run."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = services.create_database(postgres_url, "optuna")
+    with mlflow_server(tmp_path, backend=services.create_database(postgres_url, "mlflow")) as tracking:
+        env = {"MLFLOW_TRACKING_URI": tracking}
+        study_args = ["-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
+                      "hydra.sweeper.heartbeat_interval=1", *QUICK]
+
+        started = time.monotonic()
+        workers = {name: start_cli(*study_args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}",
+                                   env=env, log=tmp_path / f"{name}.log") for name in ("a", "b")}
+        for name, process in workers.items():
+            finish(process, tmp_path / f"{name}.log")
+        together_s = time.monotonic() - started
+        ran = {name: [j["job"] for j in json.loads((tmp_path / name / "sweep_summary.json").read_text())["jobs"]]
+               for name in workers}
+        assert sorted(ran["a"] + ran["b"]) == [0, 1, 2, 3], ran  # each trial once, n_trials is the study's total
+
+        # A worker killed in the middle of trial 4: the trial stays RUNNING until someone checks its heartbeat.
+        killed = start_cli(*study_args, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={tmp_path}/killed", env=env,
+                           log=tmp_path / "killed.log")
+        store = optuna.storages.RDBStorage(storage)
+
+        def trial_4_has_a_run() -> bool:
+            trials = store.get_all_trials(store.get_study_id_from_name("shared"), deepcopy=False)
+            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            return len(trials) == 5 and "mlflow_run_id" in trials[4].user_attrs
+
+        services.wait_for(trial_4_has_a_run, "trial 4's job", tmp_path / "killed.log", limit=HANG_GUARD)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        time.sleep(3)  # > the grace period (2 heartbeat intervals): no heartbeat can come from a dead worker
+
+        finish(start_cli(*study_args, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path}/c", env=env,
+                         log=tmp_path / "c.log"), tmp_path / "c.log")
+        resumed = json.loads((tmp_path / "c" / "sweep_summary.json").read_text())["jobs"]
+        assert [j["job"] for j in resumed] == [5] and resumed[0]["status"] == "COMPLETE"
+
+        study = optuna.load_study(study_name="shared", storage=storage)
+        assert [t.number for t in study.trials] == list(range(6))
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4 + [TrialState.FAIL, TrialState.COMPLETE]
+
+        client, runs = mlflow_runs(tracking)
+        (parent,) = [r for r in runs if r.data.tags.get("optuna_study") == "shared"]
+        children = {int(r.data.params["trial"]): r for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert sorted(children) == list(range(6)) and len(runs) == 7
+        assert children[4].info.status == "FAILED" and children[4].data.tags["optuna_state"] == "FAIL"
+        assert "heartbeats" in children[4].data.tags["optuna_reason"]
+        assert all(children[n].info.status == "FINISHED" for n in (0, 1, 2, 3, 5))
+
+        seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+                   if t.state == TrialState.COMPLETE]
+        print(f"\ntwo workers, 4 trials: {together_s:.0f} s in all; trials per worker {ran}; "
+              f"{sum(seconds) / len(seconds):.1f} s per trial (mean of {len(seconds)})")
+
+
+# ------------------------------------------------------------------------------------------------ SLURM
+@pytest.mark.slow
+@pytest.mark.services
+def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
+    """`hydra/launcher=slurm` on a single-node slurmctld: each job is a SLURM job that ends COMPLETED, each run a
+    child of the sweep's parent on an MLflow server, with what SLURM allocated on it (slurm.* tags, from SLURM_* in
+    the job) equal to what the preset asked; one job that raises gives the failing-job summary and a non-zero
+    exit, the other's result still comes back. A second sweep runs each job as 2 tasks: DDP across SLURM tasks."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed here")
+    with services.slurm() as (slurm_env, cluster), mlflow_server(tmp_path) as tracking:
+        env = {**slurm_env, "MLFLOW_TRACKING_URI": tracking}
+        launcher = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+                    "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"]
+        out = start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "algorithm.loss_type=no_such_loss,grpo",
+                        *QUICK, f"hydra.sweep.dir={tmp_path}/sweep", env=env, log=tmp_path / "sweep.log")
+        out.wait(timeout=HANG_GUARD)
+        console = (tmp_path / "sweep.log").read_text()
+        assert out.returncode == 1, console[-4000:]
+        assert "1 of 2 jobs failed" in console and "sweep summary: 1 of 2 jobs completed" in console
+        summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())
+        assert [j["status"] for j in summary["jobs"]] == ["FAILED", "COMPLETED"]
+        assert "no_such_loss" in summary["jobs"][0]["error"] and summary["jobs"][1]["value"] is not None
+
+        client, runs = mlflow_runs(tracking)
+        (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+        children = {r.data.params["algorithm.loss_type"]: r for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert children["no_such_loss"].info.status == "FAILED" and children["grpo"].info.status == "FINISHED"
+        assert parent.info.status == "FAILED"
+        jobs = services.completed_jobs(cluster)
+        for run in children.values():
+            tags = run.data.tags
+            assert jobs[tags["slurm.job_id"]] == "COMPLETED"  # the job ended; the Hydra job inside it raised
+            assert (tags["slurm.nnodes"], tags["slurm.ntasks"], tags["slurm.cpus_per_task"]) == ("1", "1", "1")
+            assert "slurm.gpus_on_node" not in tags  # gpus_per_node=0: no GPU asked for, none given
+
+        # One task per device: 2 tasks per node -> trainer.devices=2, a DDP job whose ranks are SLURM's tasks.
+        finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=2", "trainer.devices=2",
+                         "trainer.strategy=ddp", "algorithm=grpo,sft", *QUICK, f"hydra.sweep.dir={tmp_path}/ddp",
+                         env=env, log=tmp_path / "ddp.log"), tmp_path / "ddp.log")
+        _, runs = mlflow_runs(tracking)
+        (parent,) = [r for r in runs if r.data.tags.get("sweep_dir") == f"{tmp_path}/ddp"]
+        ddp = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(ddp) == 2  # rank 0 alone owns the run
+        for run in ddp:
+            tags = run.data.tags
+            assert (tags["slurm.ntasks"], tags["slurm.ntasks_per_node"]) == ("2", "2")
+            assert jobs_state(cluster, tags["slurm.job_id"]) == "COMPLETED"
+            assert run.data.params["trainer.devices"] == "2"
+
+
+def jobs_state(cluster: Path, job_id: str) -> str:
+    return services.completed_jobs(cluster)[job_id]
+
