@@ -6,10 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 import avrl.config  # noqa: F401  (registers the ${avrl_asset:...} resolver before Hydra composes)
+from avrl.console import quiet_launcher
 
 # conf/hydra/sweeper/basic.yaml shadows Hydra's basic sweeper on purpose (see that file); Hydra would say so on
 # every run.
 warnings.filterwarnings("ignore", message="\n'hydra/sweeper/basic' is validated against ConfigStore schema")
+quiet_launcher()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

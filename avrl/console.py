@@ -9,6 +9,7 @@ training bar (steps, not "Epoch 0/-2", and no v_num).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # Python warnings from libraries about their own code, not the user's (message regexes).
@@ -53,6 +54,27 @@ def quiet() -> None:
         logging.getLogger(name).addFilter(lambda record, f=fragments: not any(x in record.getMessage() for x in f))
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def quiet_launcher() -> None:
+    """The sweep process's own console, with hydra/launcher=slurm (called when run.py is imported, before Hydra
+    starts). submitit prints each of its messages three times (its stdout and stderr handlers, then Hydra's), and
+    on a cluster without SLURM accounting it warns at every poll that sacct failed: once through Hydra's handler,
+    and that warning once, saying what it means."""
+    os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")  # read when submitit is imported: no own handlers
+    said = []
+
+    def once(record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        if said:
+            return False
+        said.append(True)
+        record.msg, record.args = ("SLURM accounting is off on this cluster (sacct fails; the line above is sacct's "
+                                   "own): submitit follows the jobs through their result files instead"), None
+        return True
+
+    logging.getLogger("submitit").addFilter(once)
 
 
 def progress_bar():

@@ -89,10 +89,10 @@ def as_override(key: str, value: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ the study
 def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
-            failed_trial_callback=None) -> optuna.storages.BaseStorage:
+            stale_trial_callback=None) -> optuna.storages.BaseStorage:
     """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL; a missing driver is named first). With
     heartbeats, a trial whose worker was killed is marked FAIL by the next worker after `grace_period` seconds
-    instead of staying RUNNING forever; `failed_trial_callback(study, trial)` is then called."""
+    instead of staying RUNNING forever; `stale_trial_callback(study, trial)` is then called."""
     from avrl.db import require_driver
 
     require_driver(url, "hydra.sweeper.storage")
@@ -101,7 +101,7 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period or 2 * heartbeat_interval,
-                                              failed_trial_callback=failed_trial_callback)
+                                              heartbeat_stale_trial_callback=stale_trial_callback)
     return optuna.storages.RDBStorage(url)
 
 

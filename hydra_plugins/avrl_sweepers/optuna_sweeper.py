@@ -45,7 +45,7 @@ class OptunaSweeper(Sweeper):
         if not space:
             raise ValueError("nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
                              "such as optim.lr='tag(log, interval(1e-6, 1e-4))'")
-        store = search.storage(self.storage_url, self.heartbeat_interval, failed_trial_callback=self._worker_lost)
+        store = search.storage(self.storage_url, self.heartbeat_interval, stale_trial_callback=self._worker_lost)
         study = search.open_study(self.study_name, store, self.direction, self.sampler_cfg, self.pruner_cfg)
         for params in self.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
