@@ -67,10 +67,13 @@ def test_a_missing_database_driver_is_named_before_any_job_starts(tmp_path):
 
 @pytest.mark.services
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
-def test_the_study_lock_makes_a_second_holder_wait(backend, postgres_url, tmp_path):
+def test_the_study_lock_makes_a_second_holder_wait(backend, request, tmp_path):
     """db.lock: while one connection holds the study's lock, another process's attempt waits, and goes on once it
     is released (PostgreSQL advisory lock; a file lock beside an SQLite database)."""
-    url = postgres_url + "/postgres" if backend == "postgresql" else f"sqlite:///{tmp_path}/optuna.db"
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url") + "/postgres"
+    else:
+        url = f"sqlite:///{tmp_path}/optuna.db"
     code = "import sys\nfrom avrl import db\nwith db.lock(sys.argv[1], 'study s'): print('got it')"
     waiter = [sys.executable, "-c", code, url]
     with db.lock(url, "study s"):
