@@ -179,10 +179,16 @@ def _start_munge() -> None:
     wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged")
 
 
-def completed_jobs(folder: Path) -> dict[str, str]:
-    """job id -> JobState from the cluster's job-completion file."""
-    states = {}
-    for line in (folder / "jobcomp.log").read_text().splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        states[fields["JobId"]] = fields["JobState"]
-    return states
+def job_state(folder: Path, job_id: str) -> str:
+    """The final JobState of a job, from the cluster's job-completion file. submitit can see a job's result before
+    slurmctld has written the job's record (the job script is still exiting): wait for the record."""
+    def states() -> dict[str, str]:
+        found = {}
+        path = folder / "jobcomp.log"
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            found[fields["JobId"]] = fields["JobState"]
+        return found
+
+    wait_for(lambda: job_id in states(), f"the completion record of SLURM job {job_id}", folder / "slurmctld.log")
+    return states()[job_id]

@@ -65,6 +65,17 @@ def test_a_missing_database_driver_is_named_before_any_job_starts(tmp_path):
     assert not list((tmp_path / "sweep").glob("[0-9]*"))  # no job started
 
 
+def test_a_sweep_whose_mlflow_server_does_not_answer_starts_no_job(tmp_path):
+    """Hydra turns an exception in a multirun callback into a warning and runs the jobs anyway (each then failing,
+    or logging outside the sweep); avrl's parent-run callback stops the sweep at once instead, naming the server."""
+    url = f"http://127.0.0.1:{services.free_port()}"
+    out = run_cli("-m", "algorithm=grpo,sft", f"hydra.sweep.dir={tmp_path}/sweep", env={"MLFLOW_TRACKING_URI": url},
+                  check=False)
+    assert out.returncode == 1
+    assert f"no job was started: MLflow tracking server {url} is unreachable" in out.stderr
+    assert not list((tmp_path / "sweep").glob("[0-9]*"))
+
+
 @pytest.mark.services
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_the_study_lock_makes_a_second_holder_wait(backend, request, tmp_path):
@@ -183,10 +194,9 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
                     if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert children["no_such_loss"].info.status == "FAILED" and children["grpo"].info.status == "FINISHED"
         assert parent.info.status == "FAILED"
-        jobs = services.completed_jobs(cluster)
         for run in children.values():
             tags = run.data.tags
-            assert jobs[tags["slurm.job_id"]] == "COMPLETED"  # the job ended; the Hydra job inside it raised
+            assert services.job_state(cluster, tags["slurm.job_id"]) == "COMPLETED"  # the Hydra job inside raised
             assert (tags["slurm.nnodes"], tags["slurm.ntasks"], tags["slurm.cpus_per_task"]) == ("1", "1", "1")
             assert "slurm.gpus_on_node" not in tags  # gpus_per_node=0: no GPU asked for, none given
 
@@ -201,10 +211,6 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
         for run in ddp:
             tags = run.data.tags
             assert (tags["slurm.ntasks"], tags["slurm.ntasks_per_node"]) == ("2", "2")
-            assert jobs_state(cluster, tags["slurm.job_id"]) == "COMPLETED"
+            assert services.job_state(cluster, tags["slurm.job_id"]) == "COMPLETED"
             assert run.data.params["trainer.devices"] == "2"
-
-
-def jobs_state(cluster: Path, job_id: str) -> str:
-    return services.completed_jobs(cluster)[job_id]
 

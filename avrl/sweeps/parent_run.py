@@ -30,19 +30,27 @@ class SweepParentRun(Callback):
             return
         # Hydra turns a callback's exception into a warning and runs the jobs anyway, each then a top-level run
         # outside the sweep (or failing on the same store): stop the sweep here instead, before any job starts.
+        from avrl import db
+        from avrl.tracking import check_reachable  # (tracking imports this module)
+
+        study = study_tags(config)
         try:
-            self._start(config)
+            db.require_driver(config.logger.tracking_uri, "logger.tracking_uri")
+            if study:
+                db.require_driver(config.hydra.sweeper.storage, "hydra.sweeper.storage")
+            check_reachable(config.logger.tracking_uri)
+        except (ValueError, ImportError, ConnectionError) as error:
+            raise SweepNotStarted(f"no job was started: {error}") from None
+        try:
+            self._start(config, study)
         except Exception as error:  # noqa: BLE001 - re-raised as the sweep's exit
             raise SweepNotStarted(f"the sweep's MLflow parent run could not be created, so no job was started: "
                                   f"{type(error).__name__}: {redact(str(error))}") from error
 
-    def _start(self, config: DictConfig) -> None:
+    def _start(self, config: DictConfig, study: dict | None) -> None:
         from avrl import db
 
-        db.require_driver(config.logger.tracking_uri, "logger.tracking_uri")
-        study = study_tags(config)
         if study:  # workers started together on one study set up its experiment and its one parent in turn
-            db.require_driver(config.hydra.sweeper.storage, "hydra.sweeper.storage")
             with db.lock(config.hydra.sweeper.storage, f"avrl optuna study {config.hydra.sweeper.study_name}"):
                 run = _parent_run(config, study)
         else:
