@@ -169,7 +169,8 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
     """`hydra/launcher=slurm` on a single-node slurmctld: each job is a SLURM job that ends COMPLETED, each run a
     child of the sweep's parent on an MLflow server, with what SLURM allocated on it (slurm.* tags, from SLURM_* in
     the job) equal to what the preset asked; one job that raises gives the failing-job summary and a non-zero
-    exit, the other's result still comes back. A second sweep runs each job as 2 tasks: DDP across SLURM tasks."""
+    exit, the other's result still comes back. A second sweep runs each job as 2 tasks: DDP across SLURM tasks; a third
+    is an Optuna study whose trials are SLURM jobs."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed here")
     with services.slurm() as (slurm_env, cluster), mlflow_server(tmp_path) as tracking:
         env = {**slurm_env, "MLFLOW_TRACKING_URI": tracking}
@@ -213,4 +214,18 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
             assert (tags["slurm.ntasks"], tags["slurm.ntasks_per_node"]) == ("2", "2")
             assert services.job_state(cluster, tags["slurm.job_id"]) == "COMPLETED"
             assert run.data.params["trainer.devices"] == "2"
+
+        # An Optuna study whose trials are SLURM jobs: the sweeper asks, SLURM runs, the value comes back.
+        import optuna
+
+        storage = f"sqlite:///{tmp_path}/optuna.db"
+        finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "search=grpo_optuna",
+                         f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=on_slurm",
+                         "hydra.sweeper.n_trials=2", *QUICK, f"hydra.sweep.dir={tmp_path}/study", env=env,
+                         log=tmp_path / "study.log"), tmp_path / "study.log")
+        study = optuna.load_study(study_name="on_slurm", storage=storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        _, runs = mlflow_runs(tracking)
+        trial_runs = [r for r in runs if r.data.params.get("trial") in ("0", "1") and "slurm.job_id" in r.data.tags]
+        assert len({r.data.tags["slurm.job_id"] for r in trial_runs}) == 2  # one SLURM job per trial
 
