@@ -190,3 +190,19 @@ def test_a_quick_search_shorter_than_the_validation_interval_completes(tmp_path)
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert all(0 <= t.value <= 1 for t in study.trials)
+
+
+def test_a_study_parent_is_left_running_while_other_workers_have_trials(tmp_path):
+    """A worker that ends while another worker's trial runs leaves the study's parent run RUNNING; the last one
+    closes it (avrl/sweeps/parent_run.py)."""
+    from omegaconf import OmegaConf
+
+    from avrl.sweeps.parent_run import _trials_running
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    config = OmegaConf.create({"hydra": {"sweeper": {"storage": storage, "study_name": "s"}}})
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    assert _trials_running(config)
+    study.tell(trial, 1.0)
+    assert not _trials_running(config)

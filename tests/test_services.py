@@ -152,6 +152,7 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
         children = {int(r.data.params["trial"]): r for r in runs
                     if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert sorted(children) == list(range(6)) and len(runs) == 7
+        assert parent.info.status == "FINISHED"  # closed by the last worker to end, none of its trials running
         assert children[4].info.status == "FAILED" and children[4].data.tags["optuna_state"] == "FAIL"
         assert "heartbeats" in children[4].data.tags["optuna_reason"]
         assert all(children[n].info.status == "FINISHED" for n in (0, 1, 2, 3, 5))

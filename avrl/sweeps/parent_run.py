@@ -63,7 +63,19 @@ class SweepParentRun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if config.logger.enabled and parent_run_id(config.hydra.sweep.dir):
             write_sweep_report(config)
+        if study_tags(config) and _trials_running(config):
+            return  # other workers are still in the study: the last one to end closes its parent
         end_sweep_run(config, "FINISHED")
+
+
+def _trials_running(config: DictConfig) -> bool:
+    """Whether the Optuna study has trials running now (other workers'; this worker's are finished)."""
+    import optuna
+
+    store = optuna.storages.RDBStorage(config.hydra.sweeper.storage)
+    trials = store.get_all_trials(store.get_study_id_from_name(config.hydra.sweeper.study_name), deepcopy=False,
+                                  states=(optuna.trial.TrialState.RUNNING,))
+    return bool(trials)
 
 
 def _parent_run(config: DictConfig, study: dict | None):
