@@ -8,6 +8,7 @@ Used through the `callbacks` config key: `+callbacks.hold._target_=tests.hold.Ho
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -24,3 +25,21 @@ class HoldAfterCheckpoint(Callback):
         partial.write_text(str(trainer.global_step))
         partial.rename(self.marker)  # atomic: the test never reads a half-written marker
         threading.Event().wait()  # never set: only the test's SIGKILL ends the run from here
+
+
+class HoldUntilReleased(Callback):
+    """Before its first batch the run writes `marker`, then waits until the file `release` exists: the test changes
+    the run's surroundings at a known point (e.g. fails its Optuna trial from outside) and then lets it go on."""
+
+    def __init__(self, marker: str, release: str):
+        self.marker, self.release, self.held = Path(marker), Path(release), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.held:
+            return
+        self.held = True
+        partial = self.marker.with_suffix(".partial")
+        partial.write_text(str(trainer.global_step))
+        partial.rename(self.marker)
+        while not self.release.exists():
+            time.sleep(0.1)

@@ -111,7 +111,10 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
     with mlflow_server(tmp_path, backend=services.create_database(postgres_url, "mlflow")) as tracking:
         env = {"MLFLOW_TRACKING_URI": tracking}
         study_args = ["-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
-                      "hydra.sweeper.heartbeat_interval=1", *QUICK]
+                      *QUICK]
+        # Beats every second (stale after 2 s) only for the worker that is killed and the one that checks after it:
+        # two live workers with such a short grace could fail each other's trials on a busy machine.
+        fast_beats = "hydra.sweeper.heartbeat_interval=1"
 
         started = time.monotonic()
         workers = {name: start_cli(*study_args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}",
@@ -124,8 +127,8 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
         assert sorted(ran["a"] + ran["b"]) == [0, 1, 2, 3], ran  # each trial once, n_trials is the study's total
 
         # A worker killed in the middle of trial 4: the trial stays RUNNING until someone checks its heartbeat.
-        killed = start_cli(*study_args, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={tmp_path}/killed", env=env,
-                           log=tmp_path / "killed.log")
+        killed = start_cli(*study_args, fast_beats, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={tmp_path}/killed",
+                           env=env, log=tmp_path / "killed.log")
         store = optuna.storages.RDBStorage(storage)
 
         def trial_4_has_a_run() -> bool:
@@ -138,7 +141,7 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
         killed.wait()
         time.sleep(3)  # > the grace period (2 heartbeat intervals): no heartbeat can come from a dead worker
 
-        finish(start_cli(*study_args, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path}/c", env=env,
+        finish(start_cli(*study_args, fast_beats, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path}/c", env=env,
                          log=tmp_path / "c.log"), tmp_path / "c.log")
         resumed = json.loads((tmp_path / "c" / "sweep_summary.json").read_text())["jobs"]
         assert [j["job"] for j in resumed] == [5] and resumed[0]["status"] == "COMPLETE"

@@ -98,6 +98,11 @@ class OptunaSweeper(Sweeper):
             except Exception as e:  # the overrides did not compose, e.g. an unknown config option
                 error = e
         state, value, reason = search.outcome(value, error)
+        if store.get_trial(trial_id).state.is_finished():  # another worker failed it: its heartbeats came late
+            late = (f"another worker marked this trial FAIL while it ran (no heartbeat for over "
+                    f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)")
+            log.warning("trial %d: %s; its result (%s) is not recorded", trial.number, late, state.name)
+            return sweep.job_row(trial.number, "FAIL", overrides, None, late)
         if reason:
             trial.set_user_attr("reason", redact(reason)[:2000])
             log.warning("trial %d %s: %s", trial.number, state.name, reason)
