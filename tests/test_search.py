@@ -241,3 +241,6 @@ def test_a_trial_failed_by_another_worker_while_it_runs_is_reported_not_told(tmp
     (row,) = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())["jobs"]
     assert row["status"] == "FAIL" and "heartbeat_interval" in row["error"]
     assert [t.state for t in optuna.load_study(study_name="late", storage=storage).trials] == [TrialState.FAIL]
+    _, runs = mlflow_runs(tmp_path)
+    (run,) = [r for r in runs if r.data.params.get("trial") == "0"]
+    assert run.info.status == "FAILED" and run.data.tags["optuna_state"] == "FAIL"  # the run agrees with the study

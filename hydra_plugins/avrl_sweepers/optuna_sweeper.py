@@ -82,6 +82,8 @@ class OptunaSweeper(Sweeper):
             parent_run.mark_trial(self.config.logger.tracking_uri, run_id, "FAIL", reason)
 
     def _run_trial(self, study, store, trial, fixed) -> dict:
+        import optuna
+
         from avrl.sweeps import optuna_search as search
 
         overrides = fixed + [search.as_override(k, v) for k, v in trial.params.items()] + [f"trial={trial.number}"]
@@ -99,14 +101,15 @@ class OptunaSweeper(Sweeper):
                 error = e
         state, value, reason = search.outcome(value, error)
         if store.get_trial(trial_id).state.is_finished():  # another worker failed it: its heartbeats came late
-            late = (f"another worker marked this trial FAIL while it ran (no heartbeat for over "
-                    f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)")
-            log.warning("trial %d: %s; its result (%s) is not recorded", trial.number, late, state.name)
-            return sweep.job_row(trial.number, "FAIL", overrides, None, late)
-        if reason:
-            trial.set_user_attr("reason", redact(reason)[:2000])
-            log.warning("trial %d %s: %s", trial.number, state.name, reason)
-        study.tell(trial, value, state)
+            reason = (f"another worker marked this trial FAIL while it ran (no heartbeat for over "
+                      f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)")
+            log.warning("trial %d: %s; its result (%s) is not recorded", trial.number, reason, state.name)
+            state, value = optuna.trial.TrialState.FAIL, None
+        else:
+            if reason:
+                trial.set_user_attr("reason", redact(reason)[:2000])
+                log.warning("trial %d %s: %s", trial.number, state.name, reason)
+            study.tell(trial, value, state)
         run_id = store.get_trial(trial_id).user_attrs.get("mlflow_run_id")  # set by the job (avrl/train.py)
         if run_id and self.config.logger.enabled:
             parent_run.mark_trial(self.config.logger.tracking_uri, run_id, state.name, reason)
