@@ -27,26 +27,53 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def cli_env(tmp_path: Path | None = None, pythonpath: Path | None = None, env: dict | None = None) -> dict:
+    """The environment of a CLI run in a test: offline; with `tmp_path` its MLflow store is tmp_path/mlruns.db;
+    `pythonpath` is put first on the path; `env` adds (or replaces) variables."""
+    out = dict(os.environ, HF_HUB_OFFLINE="1")
+    if tmp_path is not None:
+        out["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlruns.db"
+    if pythonpath is not None:
+        out["PYTHONPATH"] = os.pathsep.join([str(pythonpath), out.get("PYTHONPATH", "")])
+    out.update(env or {})
+    return out
+
+
 def run_cli(*args: str, tmp_path: Path | None = None, pythonpath: Path | None = None, check: bool = True,
             env: dict | None = None, module: str | None = None):
-    """`python run.py ARGS` (or `python -m MODULE ARGS`) in a fresh process, as a user runs it (offline). With
-    `tmp_path` its MLflow store is tmp_path/mlruns.db; `env` adds variables; with `check` a non-zero exit fails the
-    test with the end of the run's console."""
+    """`python run.py ARGS` (or `python -m MODULE ARGS`) in a fresh process, as a user runs it (offline; the
+    environment as `cli_env` makes it); with `check` a non-zero exit fails the test with the end of its console."""
     import subprocess
     import sys
 
-    extra, env = env or {}, dict(os.environ, HF_HUB_OFFLINE="1")
-    if tmp_path is not None:
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlruns.db"
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    env.update(extra)
     command = ["-m", module] if module else ["run.py"]
-    out = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=HANG_GUARD)
+    out = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=cli_env(tmp_path, pythonpath, env),
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def start_cli(*args: str, log: Path, tmp_path: Path | None = None, env: dict | None = None):
+    """`python run.py ARGS` in the background (environment as `cli_env`), in its own process group so that a test
+    can kill it whole; its console goes to `log` (a pipe nobody reads could fill up). Wait for it with `finish`."""
+    import subprocess
+    import sys
+
+    with open(log, "w") as console:
+        process = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=cli_env(tmp_path, env=env),
+                                   stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log = Path(log)
+    return process
+
+
+def finish(process, check: bool = True, timeout: float = HANG_GUARD) -> str:
+    """Wait for a `start_cli` run; its console. With `check` a non-zero exit fails the test with its end."""
+    process.wait(timeout=timeout)
+    text = process.log.read_text()
+    if check:
+        assert process.returncode == 0, text[-4000:]
+    return text
 
 
 def mlflow_runs(store: Path | str):

@@ -2,9 +2,8 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
-from tests.conftest import HANG_GUARD, ROOT, mlflow_runs
+from tests.conftest import finish, mlflow_runs, start_cli
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
@@ -52,20 +51,9 @@ COMMON = ["trainer.max_steps=12", "checkpoint_every_n_steps=3", "trainer.val_che
 
 
 def launch(tmp_path, run_dir, *extra, db="mlruns.db"):
-    """`python run.py` in the background; its console goes to <run_dir>.log (a pipe nobody reads could fill up)."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/{db}", HF_HUB_OFFLINE="1")
-    with open(f"{run_dir}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *COMMON, *extra], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = f"{run_dir}.log"
-    return proc
-
-
-def finish(proc, timeout=HANG_GUARD) -> str:
-    """Wait for a launched run; its console output."""
-    proc.wait(timeout=timeout)
-    with open(proc.log) as log:
-        return log.read()
+    """`python run.py` in the background; its console goes to <run_dir>.log."""
+    return start_cli(f"hydra.run.dir={run_dir}", *COMMON, *extra, log=Path(f"{run_dir}.log"),
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{db}"})
 
 
 def histories(db, run_id):
@@ -83,7 +71,7 @@ def histories(db, run_id):
 def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_path):
     # Uninterrupted reference: 12 steps (2 epochs of 10 batches: the resume crosses an epoch boundary).
     ref = launch(tmp_path, tmp_path / "ref", db="ref.db")
-    out = finish(ref)
+    out = finish(ref, check=False)
     assert ref.returncode == 0, out[-3000:]
 
     # The same run, held before the first batch after its first checkpoint (tests/hold.py) and SIGKILLed there:
@@ -92,10 +80,10 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
     run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
                  f"+callbacks.hold.marker={marker}")
     while not marker.exists():
-        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run)[-3000:]
+        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run, check=False)[-3000:]
         time.sleep(0.05)
     os.kill(run.pid, signal.SIGKILL)
-    finish(run, timeout=60)
+    finish(run, check=False, timeout=60)
     assert run.returncode == -signal.SIGKILL
     assert not (tmp_path / "run/final_model").exists()
     killed_at = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
@@ -103,7 +91,7 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
     assert 0 < killed_at < 2 * 12  # mid-training (global_step counts num_iterations=2 updates per batch)
 
     resumed = launch(tmp_path, tmp_path / "run", "ckpt_path=last")
-    out = finish(resumed)
+    out = finish(resumed, check=False)
     assert resumed.returncode == 0, out[-3000:]
 
     want = load_file(tmp_path / "ref/final_model/model.safetensors")

@@ -213,29 +213,24 @@ def test_a_trial_failed_by_another_worker_while_it_runs_is_reported_not_told(tmp
     """Another worker's heartbeat check can fail a trial that is still running (its beats came late). The worker
     running it then finds the trial finished: it says why and records no result (Optuna refuses to tell a finished
     trial), instead of crashing. The run is held at a known point while the trial is failed from outside."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import HANG_GUARD, ROOT
+    from tests.conftest import HANG_GUARD, finish, start_cli
     from tests.services import wait_for
 
     storage, marker, release = f"sqlite:///{tmp_path}/optuna.db", tmp_path / "holding", tmp_path / "go"
-    worker = subprocess.Popen(
-        [sys.executable, "run.py", "-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}",
-         "hydra.sweeper.study_name=late", "hydra.sweeper.n_trials=1", "trainer.max_steps=2", "data.val_size=4",
-         "data.batch_size=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",
-         "save_final_model=false", "+callbacks.hold._target_=tests.hold.HoldUntilReleased",
-         f"+callbacks.hold.marker={marker}", f"+callbacks.hold.release={release}", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = start_cli(
+        "-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=late",
+        "hydra.sweeper.n_trials=1", "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2",
+        "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
+        "+callbacks.hold._target_=tests.hold.HoldUntilReleased", f"+callbacks.hold.marker={marker}",
+        f"+callbacks.hold.release={release}", f"hydra.sweep.dir={tmp_path}/sweep", log=tmp_path / "worker.log",
+        tmp_path=tmp_path)
     wait_for(lambda: marker.exists() or worker.poll() is not None, "the held trial", limit=HANG_GUARD)
-    assert worker.poll() is None, worker.stdout.read()[-3000:]
+    assert worker.poll() is None, worker.log.read_text()[-3000:]
     store = optuna.storages.RDBStorage(storage)
     (trial,) = store.get_all_trials(store.get_study_id_from_name("late"))
     store.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # what another worker's stale check does
     release.touch()
-    console = worker.communicate(timeout=HANG_GUARD)[0]
+    console = finish(worker, check=False)
     assert worker.returncode == 1, console[-3000:]  # the only trial of this invocation failed
     assert "trial 0: another worker marked this trial FAIL while it ran" in console
     (row,) = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())["jobs"]

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from avrl import db
 from tests import services
-from tests.conftest import HANG_GUARD, ROOT, mlflow_runs, mlflow_server, run_cli
+from tests.conftest import HANG_GUARD, ROOT, finish, mlflow_runs, mlflow_server, run_cli, start_cli
 
 # A trial or job of a few seconds: two steps, a small validation, no final controls.
 QUICK = ["trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
@@ -28,20 +27,6 @@ QUICK = ["trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorit
 def postgres_url():
     with services.postgres() as url:
         yield url
-
-
-def start_cli(*args: str, env: dict, log: Path) -> subprocess.Popen:
-    """`python run.py ARGS` in the background, in its own process group (so that it can be killed whole)."""
-    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
-                            start_new_session=True)
-
-
-def finish(process: subprocess.Popen, log: Path) -> str:
-    process.wait(timeout=HANG_GUARD)
-    text = log.read_text()
-    assert process.returncode == 0, text[-4000:]
-    return text
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -120,7 +105,7 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
         workers = {name: start_cli(*study_args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}",
                                    env=env, log=tmp_path / f"{name}.log") for name in ("a", "b")}
         for name, process in workers.items():
-            finish(process, tmp_path / f"{name}.log")
+            finish(process)
         together_s = time.monotonic() - started
         ran = {name: [j["job"] for j in json.loads((tmp_path / name / "sweep_summary.json").read_text())["jobs"]]
                for name in workers}
@@ -133,16 +118,16 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
 
         def trial_4_has_a_run() -> bool:
             trials = store.get_all_trials(store.get_study_id_from_name("shared"), deepcopy=False)
-            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert killed.poll() is None, killed.log.read_text()[-3000:]
             return len(trials) == 5 and "mlflow_run_id" in trials[4].user_attrs
 
-        services.wait_for(trial_4_has_a_run, "trial 4's job", tmp_path / "killed.log", limit=HANG_GUARD)
+        services.wait_for(trial_4_has_a_run, "trial 4's job", killed.log, limit=HANG_GUARD)
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
         time.sleep(3)  # > the grace period (2 heartbeat intervals): no heartbeat can come from a dead worker
 
         finish(start_cli(*study_args, fast_beats, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path}/c", env=env,
-                         log=tmp_path / "c.log"), tmp_path / "c.log")
+                         log=tmp_path / "c.log"))
         resumed = json.loads((tmp_path / "c" / "sweep_summary.json").read_text())["jobs"]
         assert [j["job"] for j in resumed] == [5] and resumed[0]["status"] == "COMPLETE"
 
@@ -182,8 +167,7 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
                     "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"]
         out = start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "algorithm.loss_type=no_such_loss,grpo",
                         *QUICK, f"hydra.sweep.dir={tmp_path}/sweep", env=env, log=tmp_path / "sweep.log")
-        out.wait(timeout=HANG_GUARD)
-        console = (tmp_path / "sweep.log").read_text()
+        console = finish(out, check=False)
         assert out.returncode == 1, console[-4000:]
         assert "1 of 2 jobs failed" in console and "sweep summary: 1 of 2 jobs completed" in console
         # This cluster has no accounting (no slurmdbd): submitit's sacct warning is said once, explained.
@@ -208,7 +192,7 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
         # One task per device: 2 tasks per node -> trainer.devices=2, a DDP job whose ranks are SLURM's tasks.
         finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=2", "trainer.devices=2",
                          "trainer.strategy=ddp", "algorithm=grpo,sft", *QUICK, f"hydra.sweep.dir={tmp_path}/ddp",
-                         env=env, log=tmp_path / "ddp.log"), tmp_path / "ddp.log")
+                         env=env, log=tmp_path / "ddp.log"))
         _, runs = mlflow_runs(tracking)
         (parent,) = [r for r in runs if r.data.tags.get("sweep_dir") == f"{tmp_path}/ddp"]
         ddp = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -226,7 +210,7 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
         finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "search=grpo_optuna",
                          f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=on_slurm",
                          "hydra.sweeper.n_trials=2", *QUICK, f"hydra.sweep.dir={tmp_path}/study", env=env,
-                         log=tmp_path / "study.log"), tmp_path / "study.log")
+                         log=tmp_path / "study.log"))
         study = optuna.load_study(study_name="on_slurm", storage=storage)
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
         _, runs = mlflow_runs(tracking)

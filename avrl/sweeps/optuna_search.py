@@ -105,6 +105,14 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
     return optuna.storages.RDBStorage(url)
 
 
+def study_lock(storage_url: str, study_name: str):
+    """The study's lock in its own database (avrl/db.py): held while a worker counts the trials and asks for the
+    next one, and while it finds or creates the study's parent MLflow run, so that workers take these in turn."""
+    from avrl.db import lock
+
+    return lock(storage_url, f"avrl optuna study {study_name}")
+
+
 def make_pruner(cfg) -> optuna.pruners.BasePruner:
     """The pruner from its config (`_target_` and arguments); none: never prune."""
     from hydra.utils import instantiate

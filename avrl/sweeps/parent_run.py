@@ -48,10 +48,11 @@ class SweepParentRun(Callback):
                                   f"{type(error).__name__}: {redact(str(error))}") from error
 
     def _start(self, config: DictConfig, study: dict | None) -> None:
-        from avrl import db
+        if study:
+            from avrl.sweeps import optuna_search  # (optuna: only for studies)
 
-        if study:  # workers started together on one study set up its experiment and its one parent in turn
-            with db.lock(config.hydra.sweeper.storage, f"avrl optuna study {config.hydra.sweeper.study_name}"):
+            # Workers started together on one study set up its experiment and its one parent in turn.
+            with optuna_search.study_lock(config.hydra.sweeper.storage, config.hydra.sweeper.study_name):
                 run = _parent_run(config, study)
         else:
             run = _parent_run(config, None)
@@ -72,7 +73,9 @@ def _trials_running(config: DictConfig) -> bool:
     """Whether the Optuna study has trials running now (other workers'; this worker's are finished)."""
     import optuna
 
-    store = optuna.storages.RDBStorage(config.hydra.sweeper.storage)
+    from avrl.sweeps import optuna_search
+
+    store = optuna_search.storage(config.hydra.sweeper.storage, heartbeat_interval=None)
     trials = store.get_all_trials(store.get_study_id_from_name(config.hydra.sweeper.study_name), deepcopy=False,
                                   states=(optuna.trial.TrialState.RUNNING,))
     return bool(trials)

@@ -15,7 +15,6 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import db
 from avrl.redaction import redact
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
@@ -67,7 +66,7 @@ class OptunaSweeper(Sweeper):
         under the study's lock in its database, so workers sharing the storage never start more than n_trials."""
         from avrl.sweeps import optuna_search as search
 
-        with db.lock(self.storage_url, f"avrl optuna study {self.study_name}"):
+        with search.study_lock(self.storage_url, self.study_name):
             if search.counted_trials(study) >= self.n_trials:
                 return None
             return search.ask(study, space)
