@@ -23,6 +23,9 @@ LIBRARY_WARNINGS = (
     # Lightning on any machine with SLURM's client installed (a login node); avrl's jobs reach SLURM through
     # hydra/launcher=slurm, which starts them with srun.
     r"The `srun` command is available on your system but is not used",
+    # Resuming mid-epoch: Lightning cannot see that avrl's sampler skips the batches already trained on
+    # (avrl.resume.EpochSampler; tests/test_resume.py checks the resumed run ends where an uninterrupted one ends).
+    r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 # Log records dropped, by logger name and a substring of the message.
 NOISE = {
@@ -54,6 +57,12 @@ def quiet() -> None:
         logging.getLogger(name).addFilter(lambda record, f=fragments: not any(x in record.getMessage() for x in f))
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # the gcc lines of DeepSpeed's CPU op builds
+
+
+def resuming() -> None:
+    """A resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def quiet_launcher() -> None:

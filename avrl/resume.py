@@ -118,11 +118,12 @@ def resumed_run_id(out_dir: Path) -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """`ckpt_path=last` is <output_dir>/checkpoints/last.ckpt; any other value is a path."""
+    """`ckpt_path=last` is <output_dir>/checkpoints/last.ckpt; any other value is a path. Under DeepSpeed a
+    checkpoint is a folder (the engine's partitioned weights and optimizer states, Lightning's state beside them)."""
     if ckpt_path is None:
         return None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):
         hint = (" (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
                 if ckpt_path == "last" else "")
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")

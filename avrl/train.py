@@ -82,6 +82,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume.resolve_ckpt_path(cfg.ckpt_path, out)
+    if ckpt_path:
+        console.resuming()
     # A resumed run logs into the MLflow run of its output folder; a fresh run records its run there.
     run_id = resume.resumed_run_id(out) if ckpt_path else None
     logger = tracking.make_logger(cfg, run_id=run_id)

@@ -111,3 +111,44 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
         assert expected[key].keys() == actual[key].keys(), key
         for step, value in expected[key].items():
             assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
+
+
+DEEPSPEED = ["trainer.devices=1", "trainer.precision=32-true", "logger=none",
+              "trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint_every_n_steps=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_resume_reaches_the_uninterrupted_weights(tmp_path, stage, accelerator):
+    """`ckpt_path=last` under DeepSpeed ZeRO-2 and ZeRO-3 (last.ckpt is the engine's checkpoint folder: partitioned
+    weights and optimizer states, Lightning's state beside them): a run killed after a checkpoint and resumed ends
+    with the uninterrupted run's weights. On CPU DeepSpeed runs over gloo; on a GPU over NCCL."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    args = [f"trainer={stage}", *DEEPSPEED, f"trainer.accelerator={accelerator}"]
+    ref = launch(tmp_path, tmp_path / "ref", *args)
+    finish(ref)
+
+    marker = tmp_path / "holding"
+    run = launch(tmp_path, tmp_path / "run", *args, "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
+                 f"+callbacks.hold.marker={marker}")
+    while not marker.exists():
+        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run, check=False)[-3000:]
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)
+    finish(run, check=False, timeout=60)
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_dir() and not (tmp_path / "run/final_model").exists()
+    assert 0 < int(marker.read_text()) < 8
+
+    console = finish(launch(tmp_path, tmp_path / "run", *args, "ckpt_path=last"))
+    # It went on from the checkpoint (a restart from scratch would end with the same weights), quietly: avrl's
+    # sampler resumes mid-epoch, and the folder it writes into is its own.
+    assert "Restored all states from the checkpoint" in console
+    assert "not resumable" not in console and "exists and is not empty" not in console
+    want = load_file(tmp_path / "ref/final_model/model.safetensors")
+    got = load_file(tmp_path / "run/final_model/model.safetensors")
+    base = load_file(Path(__file__).parents[1] / "avrl/assets/tiny_qwen2_audio/model.safetensors")
+    assert want.keys() == got.keys()
+    assert sum(not torch.equal(want[name], base[name]) for name in want) > len(want) // 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
