@@ -95,6 +95,44 @@ def text_hidden_size(model_cfg) -> int:
     return config.get_text_config().hidden_size
 
 
+def requested_devices(trainer_cfg) -> int:
+    """How many devices the run's Trainer will use: trainer.devices (a count, a list of indices, -1 or "auto" for
+    every visible GPU) times trainer.num_nodes."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in (-1, "auto"):
+        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") else 1
+    count = len(devices) if not isinstance(devices, int) else devices
+    return count * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def check(cfg) -> None:
+    """Refuse, before anything starts, a strategy avrl knows it cannot run as configured."""
+    if not _is_fsdp(cfg.trainer.get("strategy")):
+        return
+    devices = requested_devices(cfg.trainer)
+    if cfg.trainer.get("accelerator") == "cpu" or devices < 2:
+        where = "on CPU" if cfg.trainer.get("accelerator") == "cpu" else f"on {devices} device(s)"
+        raise ValueError(
+            f"trainer=fsdp {where} (trainer.devices x trainer.num_nodes): FSDP shards a model across 2 or more GPUs "
+            "(on one, torch falls back to NO_SHARD; on CPU it does not run) and avrl does not run it there. On one "
+            "GPU use trainer=gpu (algorithm=grpo_lora for a 7B model) or, to fully fine-tune a 7B model, "
+            "trainer=deepspeed_zero3 trainer.devices=1 trainer.strategy.offload_optimizer=true "
+            "trainer.strategy.offload_parameters=true; trainer=deepspeed_zero2/3 also run on CPU "
+            "(trainer.accelerator=cpu).")
+
+
+def _is_fsdp(spec) -> bool:
+    """trainer.strategy names FSDP: a `_target_` mapping or one of Lightning's registry names ("fsdp", ...)."""
+    from hydra.utils import get_class
+
+    target = spec.get("_target_") if hasattr(spec, "get") else spec
+    if not isinstance(target, str):
+        return False
+    return issubclass(get_class(target), FSDPStrategy) if "." in target else target.startswith("fsdp")
+
+
 def build(spec: dict, cfg):
     """The Trainer's strategy from a `trainer.strategy` mapping; avrl's DeepSpeed gets the clipping norm and the
     model's hidden size from the rest of the config."""

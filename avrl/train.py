@@ -77,6 +77,7 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the last validation's val/* metrics. Any failure after the MLflow run exists
     marks it FAILED with the traceback as an artifact, then propagates (a non-zero exit, a FAILED sweep job)."""
+    strategies.check(cfg)  # before any folder, MLflow run or model exists
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)

@@ -1,9 +1,11 @@
 """DeepSpeed through avrl: HF-style "auto" values resolved, the clipping norm carried over, and ZeRO-2 and ZeRO-3 on
-two CPU processes reaching the weights of one process with the same global batch."""
+two CPU processes reaching the weights of one process with the same global batch. FSDP where avrl cannot run it:
+refused before anything starts."""
 
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -12,6 +14,27 @@ from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_c
 from tests.helpers import STRATEGY_RUN
 
 PAPER_ZERO3 = ROOT / "conf/deepspeed/echoink_zero3.json"
+
+
+def test_fsdp_on_one_device_or_on_cpu_is_refused_before_anything_starts(cfg_factory, tmp_path):
+    """FSDP on one GPU has nothing to shard and torch's FSDP does not run on CPU: the run stops before any folder,
+    MLflow run or model exists, saying what to use instead; on 2 devices it goes on (to build, which warns)."""
+    from avrl.strategies import check
+    from avrl.train import train
+
+    for overrides, where in ((["trainer.devices=1"], "on 1 device"),
+                             (["trainer.strategy=fsdp", "trainer.devices=1"], "on 1 device"),  # Lightning's name
+                             (["trainer.accelerator=cpu", "trainer.devices=2"], "on CPU")):
+        cfg = cfg_factory("trainer=fsdp", *overrides)
+        with pytest.raises(ValueError, match=f"trainer=fsdp {where}.*trainer=deepspeed_zero3 trainer.devices=1"):
+            train(cfg)
+    if not torch.cuda.is_available():  # the preset's devices=-1 is every visible GPU: none here
+        with pytest.raises(ValueError, match="trainer=fsdp on 0 device"):
+            train(cfg_factory("trainer=fsdp"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns.db").exists()
+    check(cfg_factory("trainer=fsdp", "trainer.devices=2"))
+    check(cfg_factory("trainer=fsdp", "trainer.devices=1", "trainer.num_nodes=2"))
+    check(cfg_factory("trainer=fsdp", "trainer.devices=[0,1]"))
 
 
 def tiny(family, folder):
