@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def load_for_eval(cfg: DictConfig, processor) -> Policy:
     """The policy to evaluate: the base model; a transformers folder or LoRA adapters (`ckpt_path=<folder>`); or a
-    Lightning checkpoint (`ckpt_path=<file>.ckpt`, its `model.*` weights). No reference model, no trainer."""
+    Lightning checkpoint (`ckpt_path=<file>.ckpt`, or the folder DeepSpeed writes: its `model.*` weights). No
+    reference model, no trainer."""
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else None
     if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
@@ -37,7 +38,7 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
-    elif ckpt is not None and ckpt.is_dir():
+    elif ckpt is not None and ckpt.is_dir() and not is_deepspeed_checkpoint(ckpt):
         model = load_model(cfg.model, path=str(ckpt))
     else:
         model = load_model(cfg.model)
@@ -46,9 +47,26 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
 
             model = apply_lora(model, cfg.algorithm.lora)
         if ckpt is not None:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+            model.load_state_dict(checkpoint_weights(ckpt))
     return Policy(model.eval(), processor, families.get(cfg.model.family))
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """Lightning writes a DeepSpeed checkpoint as a folder: the engine's files under checkpoint/, its tag in latest."""
+    return (path / "latest").is_file() and (path / "checkpoint").is_dir()
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained model's weights in a Lightning checkpoint (the module's `model.*` entries, prefix removed). From
+    a DeepSpeed folder: the fp32 master weights, gathered from the ZeRO partitions by DeepSpeed's zero_to_fp32."""
+    if is_deepspeed_checkpoint(ckpt):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # its tag from `latest`
+    else:
+        # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
