@@ -8,7 +8,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
 from tests.helpers import STRATEGY_RUN
@@ -45,18 +44,32 @@ def test_deepspeed_on_one_cuda_gpu_equals_the_plain_strategy(tmp_path, stage):
     assert_same_trained_weights(engine, plain)
 
 
-@pytest.mark.gpu
-def test_bf16_mixed_on_cuda_moves_the_weights_at_the_papers_lr(tmp_path):
-    """trainer=gpu (bf16-mixed, fp32 master weights) on CUDA: one GRPO step at lr 1e-6 on bfloat16-loaded weights
-    changes most of them (bf16-true would round the update away)."""
-    trained = final_weights_of_cli_run(tmp_path / "run", "trainer=gpu", "model.dtype=bfloat16", "optim.lr=1e-6",
-                                       "optim.scheduler=constant", "optim.warmup_ratio=0", "trainer.max_steps=1",
-                                       "trainer.val_check_interval=1", "data.val_size=4", "algorithm.beta=0.04",
-                                       "algorithm.temperature=1.5", "logger=none", "trainer.enable_progress_bar=false")
-    # The run loaded the asset rounded to bfloat16 and copied it to fp32 masters: unmoved weights equal that exactly.
-    base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
-    moved = sum(not torch.equal(trained[n].float(), base[n].to(torch.bfloat16).float()) for n in trained)
-    assert moved > len(trained) // 2
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("trainer", ["gpu", "deepspeed_zero2", "deepspeed_zero3"])
+def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, trainer, accelerator):
+    """Each GPU preset's precision (bf16-mixed), on CUDA and on CPU: one GRPO step at lr 1e-6 on bfloat16-loaded
+    weights changes most of the fp32 master weights (bf16-true would round the update away). trainer=gpu keeps the
+    masters in the module, DeepSpeed in its optimizer: both are read from the step's checkpoint, as task=eval reads
+    them. (trainer=fsdp is refused on one device: tests/test_strategies.py.)"""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from avrl.evaluation import checkpoint_weights
+    from tests.conftest import run_cli
+
+    if trainer.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    run_cli(f"hydra.run.dir={tmp_path}", f"trainer={trainer}", f"trainer.accelerator={accelerator}",
+            "trainer.devices=1", "model.dtype=bfloat16",
+            "optim.lr=1e-6", "optim.scheduler=constant", "optim.warmup_ratio=0", "trainer.max_steps=1",
+            "checkpoint_every_n_steps=1", "trainer.val_check_interval=1", "data.val_size=4", "algorithm.beta=0.04",
+            "algorithm.temperature=1.5", "logger=none", "trainer.enable_progress_bar=false")
+    masters = checkpoint_weights(tmp_path / "checkpoints/last.ckpt")
+    # The run loaded the asset rounded to bfloat16: a master weight the step did not move still equals that.
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(ROOT / "avrl/assets/tiny_qwen2_audio",
+                                                              dtype=torch.bfloat16).state_dict()
+    assert masters.keys() == base.keys()
+    moved = sum(not torch.equal(masters[n].float(), base[n].float()) for n in masters)
+    assert moved > len(masters) // 2
 
 
 def one_adamw_step(model, batch, ids, mask, ref, advantages, G, precision: str, device):
