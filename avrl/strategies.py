@@ -10,7 +10,7 @@
   run does changes; it lets a DeepSpeed configuration be debugged, and tested, without a GPU.
 
 The end of this file holds every other strategy mechanic the algorithms need, so that they ask here instead of
-testing strategy types themselves: where fp32 master weights live, clipping, DeepSpeed's accumulation boundaries,
+testing strategy types themselves: where fp32 master weights live, clipping, zeroing gradients, DeepSpeed's accumulation boundaries,
 the cross-rank finite check, and gathering the full weights (ZeRO-3) to save them.
 """
 
@@ -175,6 +175,16 @@ class DeepSpeed(DeepSpeedStrategy):
         yield
         self._prepare_zero3(self.lightning_module)
 
+    def teardown(self) -> None:
+        """transformers' "ZeRO-3 is on" is process-wide: a later run in this process (the next job of a local
+        sweep) would otherwise load its model partitioned, without DeepSpeed."""
+        super().teardown()
+        if getattr(self, "hf_deepspeed_config", None) is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self.hf_deepspeed_config = None
+
     def _prepare_zero3(self, module) -> None:
         """ZeRO-3 gathers a module's parameters when its forward runs. Qwen2-Audio's encoder reads its positional
         table's weight without calling that module, so the table is registered with the encoder as an external
@@ -272,6 +282,17 @@ def clip_gradient_norm(module, optimizer, max_norm: float) -> None:
         strategy.model.clip_grad_norm_(max_norm)
         return
     module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def zero_grad(strategy, optimizer) -> None:
+    """Start an update with no gradients. Under DeepSpeed the engine's own ZeRO optimizer is called: Lightning's
+    optimizer wrapper runs `zero_grad` on itself, and ZeRO-3's accumulation counter (`micro_step_id`) was reset
+    on the wrapper only. After a skipped (non-finite) update the next update's gradients were then added to the
+    skipped ones, and DeepSpeed dropped that update too ("OVERFLOW! Skipping step") while Lightning counted it."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        strategy.deepspeed_engine.optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.zero_grad()
 
 
 def accumulation_boundary(strategy, last: bool) -> None:

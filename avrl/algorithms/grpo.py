@@ -197,7 +197,7 @@ class GRPOModule(AudioLMModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         chunk = algo.micro_batch_prompts or num_prompts
         for _ in range(algo.num_iterations):
-            optimizer.zero_grad()
+            strategies.zero_grad(self.trainer.strategy, optimizer)
             stats = []
             for lo in range(0, num_prompts, chunk):
                 strategies.accumulation_boundary(self.trainer.strategy, last=lo + chunk >= num_prompts)
