@@ -11,8 +11,9 @@
 - prefix: one GRPO step of a Qwen2-Audio model (CPU sizes) on 30 s of audio (790 prompt tokens), G = 8 and 16,
   shared vs repeated prefix, by phase (avrl/bench_audio.py).
 - scaling: step time as the prompt length (128 .. 2048) and G (2 .. 16) grow, both paths, one table.
-- gpu (not part of `all`; a CUDA device): one R1-AQA GRPO step on Qwen2-Audio-7B's real sizes in bf16, by phase,
-  shared and repeated prefix, with the projection to GPU-hours per 1,000 steps (avrl/bench_audio.py). Write it to
+- gpu (not part of `all`; a CUDA device): one R1-AQA GRPO step on Qwen2-Audio-7B's and on the Qwen2.5-Omni-7B
+  thinker's real sizes in bf16 (LoRA), by phase, shared and repeated prefix, with the projection to GPU-hours per
+  1,000 steps, and DeepSpeed's memory plan for full fine-tuning (avrl/bench_audio.py). Write it to
   experiments/bench_gpu.json.
 
 Figures are printed (a summary table at the end) and written as JSON; nothing here is asserted (the tests run
@@ -30,9 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+from avrl.console import LIBRARY_WARNINGS
 
 # ------------------------------------------------------------------------------------------------ shared set-up
 SIZES = {  # a text-only Qwen2 large enough that compute, not Python, dominates a CPU step
@@ -316,8 +320,9 @@ def run_audio_step(size: str, seconds: float, G: int, length: int, steps: int, s
     """One GRPO step of a randomly initialised Qwen2-Audio (the text model's sizes, a small encoder, frozen)."""
     from transformers import Qwen2AudioConfig
 
-    from avrl.bench_audio import build, measure_step
+    from avrl.bench_audio import build, measure_step, media_batch
     from avrl.config import asset_path
+    from avrl.models import families
 
     tiny = Qwen2AudioConfig.from_pretrained(asset_path("tiny_qwen2_audio"))
     config = Qwen2AudioConfig(
@@ -326,10 +331,10 @@ def run_audio_step(size: str, seconds: float, G: int, length: int, steps: int, s
                          **SIZES["smoke" if size == "smoke" else "full"]),
         audio_token_id=tiny.audio_token_id)
     torch.manual_seed(0)
-    model = build(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32,
-                              checkpointing=False)
-    return measure_step(model, config, prompts=1, G=G, length=length, audio_seconds=seconds, steps=steps,
-                                    shared_prefix=shared_prefix, lora=False)
+    family, device = families.get("qwen2_audio"), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(config, family, device, torch.float32, checkpointing=False)
+    return measure_step(model, config, family, media_batch(config, family, 1, seconds, device), G=G, length=length,
+                        steps=steps, shared_prefix=shared_prefix, lora=False)
 
 
 def bench_prefix(smoke: bool) -> dict:
@@ -423,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="one short step of each, tiny sizes (CI)")
     parser.add_argument("--out", default="bench.json", help="where the figures are written (JSON)")
     args = parser.parse_args(argv)
+    for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
+        warnings.filterwarnings("ignore", message=pattern)
     torch.set_num_threads(os.cpu_count() or 1)
     report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": "python -m avrl.bench " + " ".join(argv)}

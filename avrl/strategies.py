@@ -10,8 +10,8 @@
   run does changes; it lets a DeepSpeed configuration be debugged, and tested, without a GPU.
 
 The end of this file holds every other strategy mechanic the algorithms need, so that they ask here instead of
-testing strategy types themselves: where fp32 master weights live, clipping, zeroing gradients, DeepSpeed's accumulation boundaries,
-the cross-rank finite check, and gathering the full weights (ZeRO-3) to save them.
+testing strategy types themselves: where fp32 master weights live, clipping, zeroing gradients, DeepSpeed's
+accumulation boundaries, the cross-rank finite check, and gathering the full weights (ZeRO-3) to save them.
 """
 
 from __future__ import annotations

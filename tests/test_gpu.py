@@ -44,6 +44,82 @@ def test_deepspeed_on_one_cuda_gpu_equals_the_plain_strategy(tmp_path, stage):
     assert_same_trained_weights(engine, plain)
 
 
+def test_qwen2_5_omni_7b_thinker_shape_has_the_published_sizes():
+    """avrl/assets/shapes/qwen2_5_omni_7b_thinker holds Qwen2.5-Omni-7B's thinker_config: built on the meta device,
+    its language model (with the output head) has Qwen2.5-7B's parameters (that model card's 7.61B, 6.53B without
+    the embeddings: the same LM), with its vision encoder Qwen2.5-VL-7B's 8.29B, and its audio encoder Qwen2-Audio's 32
+    Whisper-large-v3 layers (the 7B Qwen2-Audio shape's encoder, whose learned position table Omni replaces by a
+    sinusoidal one) plus the projection into the 3584-wide LM: 8.93B in all."""
+    from transformers import (
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+    )
+
+    config = Qwen2_5OmniThinkerConfig.from_pretrained(SHAPES / "qwen2_5_omni_7b_thinker")
+    with torch.device("meta"):
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration(config)
+        qwen2_audio = Qwen2AudioForConditionalGeneration(Qwen2AudioConfig.from_pretrained(SHAPES / "qwen2_audio_7b"))
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    language_model = count(thinker.model.language_model) + count(thinker.lm_head)
+    embeddings = count(thinker.model.language_model.embed_tokens) + count(thinker.lm_head)
+    assert 7.61e9 <= language_model < 7.62e9  # the card's "7.61B"
+    assert language_model - embeddings == pytest.approx(6.53e9, abs=0.005e9)  # its "Non-Embedding: 6.53B"
+    assert language_model + count(thinker.model.visual) == pytest.approx(8.29e9, abs=0.005e9)
+    whisper_layers = count(qwen2_audio.model.audio_tower) - qwen2_audio.model.audio_tower.embed_positions.weight.numel()
+    audio = thinker.model.audio_tower
+    own = count(audio.proj) + count(audio.ln_post) + count(audio.audio_bos_eos_token)
+    assert count(audio) == whisper_layers - 2 * 1280 + own  # Qwen2-Audio's final layer_norm is Omni's ln_post
+    assert count(thinker) == pytest.approx(8.93e9, abs=0.005e9)
+    assert not config.text_config.tie_word_embeddings and config.text_config.rope_parameters["mrope_section"] == \
+        [16, 24, 24]
+
+
+def test_the_benchmarks_omni_prompt_holds_an_image_block_then_an_audio_block():
+    """As avrl's processor orders them, each wrapped in the start/end tokens the Omni rope finds media by; 56 x 56
+    pixels are 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens."""
+    from transformers import AutoConfig
+
+    from avrl.bench_audio import ASSETS, media_batch
+    from avrl.models import families
+
+    config = AutoConfig.from_pretrained(ASSETS / "tiny_qwen2_5_omni")
+    family = families.get("qwen2_5_omni")
+    batch = media_batch(config, family, 2, 10.0, torch.device("cpu"), image_side=56)
+    ids = batch["input_ids"][0].tolist()
+    n_audio = int(family.audio_token_count(torch.tensor(1000)))
+    image = [config.vision_start_token_id, *[config.image_token_id] * 4, config.vision_end_token_id]
+    audio = [config.audio_start_token_id, *[config.audio_token_id] * n_audio, config.audio_end_token_id]
+    assert ids[20:20 + len(image) + len(audio)] == image + audio and len(ids) == 40 + len(image) + len(audio)
+    assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+    assert batch["feature_attention_mask"].sum(1).tolist() == [1000, 1000]
+
+
+def test_full_fine_tuning_of_the_7b_fits_no_zero_setup_of_one_141_gb_gpu_with_128_gib_of_host_memory():
+    """The memory plan `python -m avrl.bench gpu` prints (DeepSpeed's own estimators): full fine-tuning of the 8.4B
+    Qwen2-Audio fits none of ZeRO-2/3 with or without offload on the lent GPU machine (one H200, 128 GiB of host
+    memory); with 2 TiB of host memory ZeRO-3 offloading everything fits, leaving a few GiB on the GPU."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    from avrl.bench_audio import full_fine_tuning_plan
+
+    gib = 2**30
+    parameters, embeddings = 8_397_094_912, 156032 * 4096
+    h200 = full_fine_tuning_plan(parameters, embeddings, gpu_bytes=141 * 10**9, host_bytes=128 * gib)
+    assert not any(row["fits_this_machine"] for row in h200["setups"].values()), h200
+    assert "fits no ZeRO setup" in h200["verdict"]
+    # Adam's fp32 moments and master weights alone are 12 bytes per parameter: offloaded, > 90 GiB of host memory.
+    assert h200["setups"]["zero3_offload_all"]["1_gpu"]["host_gib_per_node"] > 12 * parameters / gib
+    big_host = full_fine_tuning_plan(parameters, embeddings, gpu_bytes=141 * 10**9, host_bytes=2048 * gib)
+    assert big_host["setups"]["zero3_offload_all"]["fits_this_machine"]
+    assert big_host["setups"]["zero3_offload_all"]["1_gpu"]["gpu_gib"] < 5
+    assert not big_host["setups"]["zero2"]["fits_this_machine"]  # 16 bytes/parameter on the GPU: > 125 GiB
+
+
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("trainer", ["gpu", "deepspeed_zero2", "deepspeed_zero3"])
 def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, trainer, accelerator):
@@ -107,7 +183,7 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
     signs agree on CPU). A step that lost bf16's updates or its gradients' direction would be far outside these."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    from avrl.bench_audio import _Processor, audio_batch
+    from avrl.bench_audio import _Processor, media_batch
     from avrl.models import families
     from avrl.policy import Policy
 
@@ -118,7 +194,7 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
                                                                dtype=torch.bfloat16).float().to(device)
     model.model.audio_tower.requires_grad_(False)
     G, length = 4, 32
-    batch = audio_batch(model.config, 2, 10.0, device)
+    batch = media_batch(model.config, families.get("qwen2_audio"), 2, 10.0, device)
     policy = Policy(model, _Processor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
                     shared_prefix=True)
     with torch.no_grad():
@@ -145,12 +221,16 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
 
     run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
     report = json.loads((tmp_path / "bench.json").read_text())["gpu"]
-    for path in ("shared_prefix", "repeated_prefix"):
-        gpu = report[path]
-        assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
-        assert all(s > 0 for s in gpu["seconds_by_phase"].values())
-        assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
-        assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
+    for shape in ("qwen2_audio_7b", "qwen2_5_omni_7b_thinker"):
+        for path in ("shared_prefix", "repeated_prefix"):
+            gpu = report[shape][path]
+            assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
+            assert all(s > 0 for s in gpu["seconds_by_phase"].values())
+            assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
+            assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
+        assert set(report["full_fine_tuning"][shape]["setups"]) == {
+            "zero2", "zero2_offload_optimizer", "zero3", "zero3_offload_optimizer", "zero3_offload_all"}
+    assert report["qwen2_5_omni_7b_thinker"]["media_per_prompt"] == "10 s of audio and a 56 x 56 image"
     if not torch.cuda.is_available():
         out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="avrl.bench", check=False)
         assert out.returncode != 0 and "needs a CUDA device" in out.stderr

@@ -154,9 +154,9 @@ def test_deepspeed_resume_reaches_the_uninterrupted_weights(tmp_path, stage, acc
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     # task=eval reads the folder itself (ckpt_path=<run>/checkpoints/last.ckpt): the last checkpoint's fp32 masters
     # are the final model's weights.
-    from avrl.evaluation import checkpoint_weights
-
     from transformers import Qwen2AudioForConditionalGeneration
+
+    from avrl.evaluation import checkpoint_weights
 
     saved = checkpoint_weights(tmp_path / "run/checkpoints/last.ckpt")
     final = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "run/final_model").state_dict()

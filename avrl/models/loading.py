@@ -49,13 +49,18 @@ def load_model(cfg: DictConfig, path: str | None = None):
     if cfg.get("freeze_vision_encoder", True) and vision_encoder(model) is not None:
         vision_encoder(model).requires_grad_(False)
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x on
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing, non-reentrant, and no KV cache in training forwards."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x on
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 _SAID: set[str] = set()
