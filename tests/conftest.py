@@ -175,3 +175,14 @@ def mlflow_server(tmp_path: Path, *args: str, backend: str | None = None):
                 server.kill()
                 server.wait()
     raise RuntimeError(f"mlflow server did not start; see {log}:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def restored_environment():
+    """Lightning sets MASTER_PORT & co. in this pytest process for DeepSpeed, whose process group keeps that port
+    (and is reused by the next in-process run: DeepSpeed cannot start a second one). Later tests that start ranks
+    of their own must not inherit the variables, or they would find the port taken."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
+from tests.deepspeed_checks import check_deepspeed_resume, check_skipped_update
 from tests.helpers import STRATEGY_RUN
 
 SHAPES = ROOT / "avrl/assets/shapes"
@@ -30,6 +31,24 @@ def test_qwen2_audio_7b_shape_has_the_published_parameter_count():
     count = sum(p.numel() for p in model.parameters())
     assert count == pytest.approx(8.4e9, rel=0.005), count
     assert config.text_config.hidden_size == 4096 and config.audio_config.d_model == 1280
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_a_skipped_update_under_deepspeed_on_cuda_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path,
+                                                                            stage, restored_environment):
+    """NaN skipping over NCCL: the weights after a skipped update are the plain strategy's (tests/deepspeed_checks.py;
+    on CPU in tests/test_reliability.py)."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    check_skipped_update(cfg_factory, monkeypatch, tmp_path, stage, "gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_resume_on_cuda_reaches_the_uninterrupted_weights(tmp_path, stage):
+    """`ckpt_path=last` under DeepSpeed over NCCL (tests/deepspeed_checks.py; on CPU in tests/test_resume.py)."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    check_deepspeed_resume(tmp_path, stage, "gpu")
 
 
 @pytest.mark.gpu

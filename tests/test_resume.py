@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
 from tests.conftest import finish, mlflow_runs, start_cli
+from tests.deepspeed_checks import check_deepspeed_resume
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
@@ -113,53 +114,9 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
             assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
 
 
-DEEPSPEED = ["trainer.devices=1", "trainer.precision=32-true", "logger=none",
-              "trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint_every_n_steps=2"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_deepspeed_resume_reaches_the_uninterrupted_weights(tmp_path, stage, accelerator):
-    """`ckpt_path=last` under DeepSpeed ZeRO-2 and ZeRO-3 (last.ckpt is the engine's checkpoint folder: partitioned
-    weights and optimizer states, Lightning's state beside them): a run killed after a checkpoint and resumed ends
-    with the uninterrupted run's weights. On CPU DeepSpeed runs over gloo; on a GPU over NCCL."""
+def test_deepspeed_resume_reaches_the_uninterrupted_weights(tmp_path, stage):
+    """`ckpt_path=last` under DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo); the same on a GPU is in tests/test_gpu.py."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    args = [f"trainer={stage}", *DEEPSPEED, f"trainer.accelerator={accelerator}"]
-    ref = launch(tmp_path, tmp_path / "ref", *args)
-    finish(ref)
-
-    marker = tmp_path / "holding"
-    run = launch(tmp_path, tmp_path / "run", *args, "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
-                 f"+callbacks.hold.marker={marker}")
-    while not marker.exists():
-        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run, check=False)[-3000:]
-        time.sleep(0.05)
-    os.kill(run.pid, signal.SIGKILL)
-    finish(run, check=False, timeout=60)
-    assert (tmp_path / "run/checkpoints/last.ckpt").is_dir() and not (tmp_path / "run/final_model").exists()
-    assert 0 < int(marker.read_text()) < 8
-
-    console = finish(launch(tmp_path, tmp_path / "run", *args, "ckpt_path=last"))
-    # It went on from the checkpoint (a restart from scratch would end with the same weights), quietly: avrl's
-    # sampler resumes mid-epoch, and the folder it writes into is its own.
-    assert "Restored all states from the checkpoint" in console
-    assert "not resumable" not in console and "exists and is not empty" not in console
-    want = load_file(tmp_path / "ref/final_model/model.safetensors")
-    got = load_file(tmp_path / "run/final_model/model.safetensors")
-    base = load_file(Path(__file__).parents[1] / "avrl/assets/tiny_qwen2_audio/model.safetensors")
-    assert want.keys() == got.keys()
-    assert sum(not torch.equal(want[name], base[name]) for name in want) > len(want) // 2
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-    # task=eval reads the folder itself (ckpt_path=<run>/checkpoints/last.ckpt): the last checkpoint's fp32 masters
-    # are the final model's weights.
-    from transformers import Qwen2AudioForConditionalGeneration
-
-    from avrl.evaluation import checkpoint_weights
-
-    saved = checkpoint_weights(tmp_path / "run/checkpoints/last.ckpt")
-    final = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "run/final_model").state_dict()
-    assert saved.keys() == final.keys()
-    for name in final:
-        torch.testing.assert_close(saved[name], final[name], rtol=1e-6, atol=1e-7, msg=name)
+    check_deepspeed_resume(tmp_path, stage, "cpu")
