@@ -123,7 +123,7 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not (path.is_file() or path.is_dir()):
+    if not path.exists():
         hint = (" (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
                 if ckpt_path == "last" else "")
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")

@@ -117,10 +117,10 @@ def check(cfg) -> None:
         raise ValueError(
             f"trainer=fsdp {where} (trainer.devices x trainer.num_nodes): FSDP shards a model across 2 or more GPUs "
             "(on one, torch falls back to NO_SHARD; on CPU it does not run) and avrl does not run it there. On one "
-            "GPU use trainer=gpu (algorithm=grpo_lora for a 7B model) or, to fully fine-tune a 7B model, "
-            "trainer=deepspeed_zero3 trainer.devices=1 trainer.strategy.offload_optimizer=true "
-            "trainer.strategy.offload_parameters=true; trainer=deepspeed_zero2/3 also run on CPU "
-            "(trainer.accelerator=cpu).")
+            "GPU use trainer=gpu (algorithm=grpo_lora for a 7B model) or, for full fine-tuning where host memory "
+            "allows (about 210 GiB for a 7B model: README, GPU checks), trainer=deepspeed_zero3 trainer.devices=1 "
+            "trainer.strategy.offload_optimizer=true trainer.strategy.offload_parameters=true; "
+            "trainer=deepspeed_zero2/3 also run on CPU (trainer.accelerator=cpu).")
 
 
 def _is_fsdp(spec) -> bool:
