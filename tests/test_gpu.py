@@ -1,8 +1,11 @@
-"""GPU checks (`pytest -m gpu` on any CUDA machine; skipped with the reason elsewhere), and the CPU half of them:
-the 7B-shaped configuration the GPU benchmark builds has the published checkpoint's size.
+"""GPU checks (`pytest -m gpu` on any CUDA machine; skipped with the reason elsewhere) and their CPU half, which the
+regular suite runs: precision that trains (bf16-mixed against fp32; each preset's fp32 master weights), DeepSpeed over
+NCCL (equivalence with the plain strategy, NaN skipping, resume: bodies shared with the CPU tests in
+tests/deepspeed_checks.py), the 7B shapes' published sizes, and the GPU benchmark's code path and memory plan.
 
-Written without a GPU to run them on (no GPU was lent to the session that wrote them): the first GPU run is
-their first run."""
+Written without a GPU to run them on (no GPU was lent to the sessions that wrote them): the first GPU run is
+their first run. Needs only torch, transformers, lightning, peft, hydra-core, omegaconf, pytest (and deepspeed for
+the ZeRO checks): README, GPU checks."""
 
 from contextlib import nullcontext
 
