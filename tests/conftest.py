@@ -76,6 +76,20 @@ def finish(process, check: bool = True, timeout: float = HANG_GUARD) -> str:
     return text
 
 
+def kill_when_held(process, marker: Path) -> None:
+    """SIGKILL a `start_cli` run once it has written `marker` (tests/hold.py: it then waits to be killed, so it cannot
+    have finished, however the machine schedules the two processes); wait for it to be gone."""
+    import signal
+    import time
+
+    while not marker.exists():
+        assert process.poll() is None, "the run ended before it was held:\n" + finish(process, check=False)[-3000:]
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    finish(process, check=False, timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+
 def mlflow_runs(store: Path | str):
     """(client, runs) of the "avrl" experiment in an MLflow store: a tracking URI, or a folder holding mlruns.db."""
     import mlflow

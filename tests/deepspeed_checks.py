@@ -4,15 +4,12 @@ GPU checks need (no MLflow: these runs use logger=none)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_trained_weights, finish, start_cli
+from tests.conftest import ROOT, assert_same_trained_weights, finish, kill_when_held, start_cli
 
 
 def nan_on_calls(monkeypatch, calls):
@@ -74,11 +71,7 @@ def check_deepspeed_resume(tmp_path, stage: str, accelerator: str) -> None:
     marker = tmp_path / "holding"
     run = launch(tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
                  f"+callbacks.hold.marker={marker}")
-    while not marker.exists():
-        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run, check=False)[-3000:]
-        time.sleep(0.05)
-    os.kill(run.pid, signal.SIGKILL)
-    finish(run, check=False, timeout=60)
+    kill_when_held(run, marker)
     assert (tmp_path / "run/checkpoints/last.ckpt").is_dir() and not (tmp_path / "run/final_model").exists()
     assert 0 < int(marker.read_text()) < 8
 
@@ -92,8 +85,11 @@ def check_deepspeed_resume(tmp_path, stage: str, accelerator: str) -> None:
     base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
     assert want.keys() == got.keys()
     assert sum(not torch.equal(want[name], base[name]) for name in want) > len(want) // 2
+    # CUDA's kernels are not bitwise reproducible run to run (atomic adds): there the strategies' float tolerance,
+    # still far below what a lost optimizer state or a repeated batch moves (~lr, 1e-3).
+    rtol, atol = (1e-5, 1e-6) if accelerator == "cpu" else (1e-4, 1e-5)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
 
     saved = checkpoint_weights(tmp_path / "run/checkpoints/last.ckpt")
     final = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "run/final_model").state_dict()

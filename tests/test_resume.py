@@ -1,8 +1,5 @@
 """Exact resume: a run killed with SIGKILL and resumed with ckpt_path=last ends where an uninterrupted run ends."""
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import mlflow
@@ -11,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
-from tests.conftest import finish, mlflow_runs, start_cli
+from tests.conftest import finish, kill_when_held, mlflow_runs, start_cli
 from tests.deepspeed_checks import check_deepspeed_resume
 
 
@@ -80,12 +77,7 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
     marker = tmp_path / "holding"
     run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
                  f"+callbacks.hold.marker={marker}")
-    while not marker.exists():
-        assert run.poll() is None, "the run ended before its first checkpoint:\n" + finish(run, check=False)[-3000:]
-        time.sleep(0.05)
-    os.kill(run.pid, signal.SIGKILL)
-    finish(run, check=False, timeout=60)
-    assert run.returncode == -signal.SIGKILL
+    kill_when_held(run, marker)
     assert not (tmp_path / "run/final_model").exists()
     killed_at = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert int(marker.read_text()) == killed_at  # held right after that checkpoint
