@@ -14,6 +14,13 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 
+def announce(marker: Path, step: int) -> None:
+    """Write the step the run is held at into `marker`, atomically: the test never reads a half-written marker."""
+    partial = marker.with_suffix(".partial")
+    partial.write_text(str(step))
+    partial.rename(marker)
+
+
 class HoldAfterCheckpoint(Callback):
     def __init__(self, marker: str):
         self.marker = Path(marker)
@@ -21,9 +28,7 @@ class HoldAfterCheckpoint(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not (Path(trainer.default_root_dir) / "checkpoints/last.ckpt").exists():
             return
-        partial = self.marker.with_suffix(".partial")
-        partial.write_text(str(trainer.global_step))
-        partial.rename(self.marker)  # atomic: the test never reads a half-written marker
+        announce(self.marker, trainer.global_step)
         threading.Event().wait()  # never set: only the test's SIGKILL ends the run from here
 
 
@@ -38,8 +43,6 @@ class HoldUntilReleased(Callback):
         if self.held:
             return
         self.held = True
-        partial = self.marker.with_suffix(".partial")
-        partial.write_text(str(trainer.global_step))
-        partial.rename(self.marker)
+        announce(self.marker, trainer.global_step)
         while not self.release.exists():
             time.sleep(0.1)

@@ -99,7 +99,8 @@ class OptunaSweeper(Sweeper):
             except Exception as e:  # the overrides did not compose, e.g. an unknown config option
                 error = e
         state, value, reason = search.outcome(value, error)
-        if store.get_trial(trial_id).state.is_finished():  # another worker failed it: its heartbeats came late
+        stored = store.get_trial(trial_id)  # the job has set its mlflow_run_id (avrl/train.py)
+        if stored.state.is_finished():  # another worker failed it: its heartbeats came late
             reason = (f"another worker marked this trial FAIL while it ran (no heartbeat for over "
                       f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)")
             log.warning("trial %d: %s; its result (%s) is not recorded", trial.number, reason, state.name)
@@ -109,7 +110,7 @@ class OptunaSweeper(Sweeper):
                 trial.set_user_attr("reason", redact(reason)[:2000])
                 log.warning("trial %d %s: %s", trial.number, state.name, reason)
             study.tell(trial, value, state)
-        run_id = store.get_trial(trial_id).user_attrs.get("mlflow_run_id")  # set by the job (avrl/train.py)
+        run_id = stored.user_attrs.get("mlflow_run_id")
         if run_id and self.config.logger.enabled:
             parent_run.mark_trial(self.config.logger.tracking_uri, run_id, state.name, reason)
         return sweep.job_row(trial.number, state.name, overrides, value, reason or None, mlflow_run_id=run_id)
