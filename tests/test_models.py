@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 
 from avrl.data.items import QAItem
 from avrl.data.media import with_media
@@ -66,3 +67,46 @@ def test_tiny_builder_round_trip(tmp_path):
                     "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nIs it high?<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(tok(text)["input_ids"]) == text
     assert load_model(cfg.model).config.audio_config.max_source_positions == 100
+
+
+# A second model built under ZeRO-3 in one process (the reference model; the next run of a local sweep), with the
+# language model's modeling module first imported inside DeepSpeed's zero.Init. {mutate} drops avrl's workaround.
+TWO_ZERO3_MODELS = """
+import os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed, torch
+from transformers.integrations import HfDeepSpeedConfig
+import avrl.models.loading as loading
+from tests.conftest import compose
+deepspeed.init_distributed("gloo", verbose=False)
+keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+if {mutate}:
+    loading.import_modeling_modules = lambda config: None
+assert "transformers.models.qwen2.modeling_qwen2" not in sys.modules
+first, second = (loading.load_model(compose(["model=tiny_qwen2_audio"]).model) for _ in range(2))
+with deepspeed.zero.GatheredParameters(list(second.parameters())):
+    print("logits", tuple(second(input_ids=torch.tensor([[1, 2, 3]])).logits.shape))
+"""
+
+
+@pytest.mark.parametrize("mutate", [False, True], ids=["avrl", "without_the_workaround"])
+def test_a_second_model_built_under_zero3_runs_forward(mutate):
+    """DeepSpeed <= 0.19.8 put back the undecorated __init__ of classes first imported inside zero.Init, so with
+    transformers 5.25's kernels decorators the second model's attention failed ('_kernel_funcs'). The mutation
+    shows the case reproduces the fault; on a newer DeepSpeed that has fixed it, it says the workaround can go."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cli_env
+
+    out = subprocess.run([sys.executable, "-c", TWO_ZERO3_MODELS.replace("{mutate}", str(mutate))], cwd=ROOT,
+                         env=cli_env(pythonpath=ROOT), capture_output=True, text=True, timeout=600)
+    if mutate and out.returncode == 0 and Version(deepspeed.__version__) > Version("0.19.8"):
+        pytest.skip(f"DeepSpeed {deepspeed.__version__} no longer needs loading.import_modeling_modules: remove it")
+    if mutate:
+        assert out.returncode != 0 and "_kernel_funcs" in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+    else:
+        assert out.returncode == 0 and "logits (1, 3, 510)" in out.stdout, out.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def load_model(cfg: DictConfig, path: str | None = None):
     hub = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     if not Path(source).exists():
         log.info("loading %s from the hub (or its local cache)", source)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import_modeling_modules(family.transformers_class().config_class.from_pretrained(source, **hub))
     model = family.transformers_class().from_pretrained(
         source, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, **hub
     )
@@ -51,6 +56,33 @@ def load_model(cfg: DictConfig, path: str | None = None):
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model
+
+
+def import_modeling_modules(config) -> None:
+    """Import the transformers modeling module of the model and of each of its sub-models, before ZeRO-3's
+    zero.Init is entered.
+
+    Workaround for DeepSpeed <= 0.19.8 with transformers >= 5.25 (kernels 0.19): a module first imported inside
+    zero.Init has each nn.Module class's __init__ recorded by DeepSpeed's __init_subclass__ hook *before* the class
+    decorators run, and put back when zero.Init exits. transformers 5.25 decorates attention classes with
+    kernels' `use_kernelized_func`, whose new __init__ sets `_kernel_funcs`; DeepSpeed's restore drops it, so the
+    next model built (the reference model, or the next run in the process) fails in forward with "'Qwen2Attention'
+    object has no attribute '_kernel_funcs'". Qwen2-Audio builds its language model (modeling_qwen2) lazily inside
+    __init__, which is how the import lands inside zero.Init. Imported here first, DeepSpeed records and restores
+    the decorated __init__. Remove once DeepSpeed records __init__ after class creation (tests/test_models.py
+    holds the case).
+    """
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    stack, seen = [config], set()
+    while stack:
+        config = stack.pop()
+        module = model_type_to_module_name(config.model_type)
+        if module not in seen:
+            seen.add(module)
+            importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        stack.extend(sub for key in getattr(config, "sub_configs", {})
+                     if (sub := getattr(config, key, None)) is not None and hasattr(sub, "model_type"))
 
 
 def enable_checkpointing(model) -> None:
