@@ -15,6 +15,7 @@ from avrl.config import flatten, hydra_config
 from avrl.db import require_driver
 from avrl.redaction import redact, redact_param, redacted
 from avrl.sweeps.parent_run import parent_run_id
+from avrl.versions import version_tags
 
 TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")
 # MLflow 3's UI opens an experiment by its kind; unset, it files training runs under its GenAI pages.
@@ -104,6 +105,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
     tags["task"] = cfg.task
     tags["output_dir"] = str(cfg.output_dir)
     tags.update(slurm_tags())
+    tags.update(version_tags())
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent

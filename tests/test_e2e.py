@@ -2,6 +2,9 @@
 
 import json
 import math
+import platform
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,12 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     assert sorted(v[0].data.tags["algorithm"] for v in by_arm.values()) == ["grpo", "sft"]
     assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
     assert parents[0].info.status == "FINISHED"
+    for run in (*parents, *children):  # what decides the numbers, on every run (avrl/versions.py)
+        tags = run.data.tags
+        assert tags["version.torch"] == metadata.version("torch")
+        assert tags["version.python"] == platform.python_version()
+        assert tags["version.avrl"].split("-")[0] == subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], text=True).strip()
 
     from scipy.stats import t
 
@@ -89,7 +98,8 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
             run_cli(str(sweep), module="avrl.sweeps.report", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/nowhere.db"})
         text = (sweep / "report.md").read_text()
         tables = [[line for line in block.splitlines() if line.startswith("| ")][1:] for block in text.split("##")]
-        arms, runs_table = tables[0], tables[-1]
+        arms, runs_table, environment = tables[0], tables[-2], tables[-1]
+        assert f"| transformers | {metadata.version('transformers')} |" in environment, text
         assert len(arms) == 2 and len(runs_table) == 4
         for members in by_arm.values():
             method = members[0].data.tags["algorithm"]

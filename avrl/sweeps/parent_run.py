@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from avrl.config import hydra_config
 from avrl.redaction import redact
+from avrl.versions import version_tags
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRACKING_URI_FILE = "mlflow_tracking_uri"  # the URI the sweep logged to (credentials removed): the report reads it
@@ -95,7 +96,8 @@ def _parent_run(config: DictConfig, study: dict | None):
     overrides = " ".join(config.hydra.overrides.task)
     default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
     return client.create_run(experiment_id, run_name=config.run_name or default_name,
-                             tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {})})
+                             tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {}),
+                                   **version_tags()})
 
 
 def write_sweep_report(config: DictConfig) -> None:

@@ -31,6 +31,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from avrl.sweeps.parent_run import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
+from avrl.versions import TAG_PREFIX  # noqa: E402
 
 CURVES = {
     "val_accuracy.png": ("val/accuracy", "val/accuracy (greedy)"),
@@ -108,6 +109,25 @@ def run_table(runs, prefix: str = "val") -> str:
         cells += [_pct(m.get(f"{prefix}/accuracy/{c}")) for c in categories]
         cells.append(_pct(m.get(f"{prefix}/accuracy")))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment_table(runs) -> str:
+    """Markdown: the versions each run recorded (avrl/versions.py), one row per package; where the runs disagree
+    the row lists each value with its number of runs, marked, since their figures may not be comparable."""
+    names = sorted({k[len(TAG_PREFIX):] for r in runs for k in r.data.tags if k.startswith(TAG_PREFIX)},
+                   key=lambda n: ({"python": 0, "avrl": 1}.get(n, 2), n))
+    if not names:
+        return ""
+    lines = ["| package | version |", "|---|---|"]
+    for name in names:
+        counts: dict[str, int] = {}
+        for r in runs:
+            value = r.data.tags.get(TAG_PREFIX + name, "absent")
+            counts[value] = counts.get(value, 0) + 1
+        cell = next(iter(counts)) if len(counts) == 1 else "**differs:** " + ", ".join(
+            f"{value} ({n} runs)" for value, n in counts.items())
+        lines.append(f"| {name} | {cell} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +234,9 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
     if paired:
         text += ["\n## Paired comparisons (same items)\n", paired]
     text += ["\n## Runs\n", run_table(runs)]
+    environment = environment_table(runs)
+    if environment:
+        text += ["\n## Environment (the runs' version tags)\n", environment]
     report = sweep_dir / "report.md"
     report.write_text("\n".join(text))
     (sweep_dir / "report.json").write_text(json.dumps({"comparisons": rows}, indent=2))
