@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -25,6 +26,14 @@ from avrl.resume import EpochSampler
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 SKIPPED_FILE = "skipped_items.json"
+
+
+def _rank_zero() -> bool:
+    """Whether this process is rank 0 (or alone); known before any Trainer exists (Lightning reads the launcher's
+    RANK/LOCAL_RANK at import), as tracking.make_logger relies on too."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 class ItemList(Dataset):
@@ -51,7 +60,8 @@ def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
     path = cfg.get(f"{split}_path")
     if path is None:
         raise ValueError(f"data config {cfg.name!r} has no {split}_path (set data.{split}_path=...)")
-    items, skipped = READERS[cfg.format](path, cfg.get("root"), cfg.get("on_error", "raise"))
+    items, skipped = READERS[cfg.format](path, cfg.get("root"), cfg.get("on_error", "raise"),
+                                         check_audio=cfg.get("check_audio", True))
     limit = cfg.get("limit")
     return ItemList(items[:limit] if limit else items), skipped
 
@@ -128,21 +138,26 @@ class AudioQADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in self.splits:
             self._read(split)
-        if self.skipped:
+        if self.skipped and _rank_zero():
             log.warning("skipped %d bad records (data.on_error=skip); see skipped_items.json", len(self.skipped))
 
     def write_skipped(self, out_dir: str | Path) -> Path | None:
-        if not self.skipped:
+        """skipped_items.json, written by rank 0 alone (every rank reads all the data, and skips the same records)
+        and replaced whole (a reader never sees half a file)."""
+        if not self.skipped or not _rank_zero():
             return None
         path = Path(out_dir) / SKIPPED_FILE
-        path.write_text(json.dumps(self.skipped, indent=2))
+        partial = path.with_name(f".{SKIPPED_FILE}.partial")
+        partial.write_text(json.dumps(self.skipped, indent=2))
+        os.replace(partial, path)
         return path
 
     def _read(self, split: str) -> Dataset:
         """A split, read on first use (an "ood" one only when it is evaluated)."""
         if split not in self.datasets:
             self.datasets[split], skipped = build_split(self.cfg, split)
-            self.skipped += skipped
+            known = {r["source"] for r in self.skipped}  # a file read for two splits is counted once
+            self.skipped += [r for r in skipped if r["source"] not in known]
         return self.datasets[split]
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None, collate=None) -> DataLoader:
@@ -191,25 +206,79 @@ class AudioQADataModule(L.LightningDataModule):
 
 class SkippedItems(Callback):
     """Items the collator left out (undecodable media, data.on_error=skip): appended to skipped_items.json in the
-    output folder and counted, with the records the readers skipped, in the MLflow metric `data/skipped`."""
+    output folder and counted, with the records the readers skipped, in the MLflow metric `data/skipped`.
+
+    The count is the whole run's, counted once:
+    - the readers' skips are the same on every rank (each rank reads all the data; the sampler splits indices)
+      and after a resume (the data is read again, with the same checks): rank 0 alone writes and logs them;
+    - the collator's skips differ between ranks (each loads its own share of the training batches): after every
+      batch the ranks exchange theirs (one small all-reduce, and a gather only when some rank skipped), so each
+      rank holds all of them; validation batches, the same on every rank, repeat and are counted once;
+    - they are saved in the checkpoint (`state_dict`) and put back on resume, before the first resumed batch."""
 
     def __init__(self, datamodule: AudioQADataModule, out_dir: str | Path):
         self.datamodule, self.out_dir = datamodule, Path(out_dir)
         self.seen: set[str] = {r["source"] for r in datamodule.skipped}
+        self.loaded: list[dict] = []  # the collator's skips (the readers' are in datamodule.skipped from the start)
+        self._restored = False
 
-    def _record(self, trainer, batch) -> None:
-        new = [r for r in batch.get("skipped", []) if r["source"] not in self.seen]  # val batches repeat
-        if not new:
-            return
-        self.seen.update(r["source"] for r in new)
+    def _add(self, records: list[dict]) -> list[dict]:
+        new = []
+        for r in records:
+            if r["source"] not in self.seen:  # val batches repeat, and so do the ranks' copies of them
+                self.seen.add(r["source"])
+                new.append(r)
+        self.loaded += new
         self.datamodule.skipped += new
-        self.datamodule.write_skipped(self.out_dir)
-        log.warning("skipped %d item(s) with unreadable media: %s", len(new), new[0]["reason"])
-        if trainer.logger is not None:
+        return new
+
+    def _publish(self, trainer) -> None:
+        if trainer.is_global_zero:
+            self.datamodule.write_skipped(self.out_dir)
+        if trainer.logger is not None:  # rank 0's alone (tracking.make_logger)
             trainer.logger.log_metrics({"data/skipped": len(self.datamodule.skipped)}, step=trainer.global_step)
 
+    def _record(self, trainer, module, batch) -> None:
+        mine = list(batch.get("skipped", []))
+        if trainer.world_size > 1:
+            mine = gather_records(trainer, module, mine)
+        new = self._add(mine)
+        if not new:
+            return
+        if trainer.is_global_zero:
+            log.warning("skipped %d item(s) with unreadable media: %s", len(new), new[0]["reason"])
+        self._publish(trainer)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self._record(trainer, batch)
+        self._record(trainer, module, batch)
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._record(trainer, batch)
+        self._record(trainer, module, batch)
+
+    def state_dict(self) -> dict:
+        return {"loaded": [dict(r) for r in self.loaded]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._add(state.get("loaded", []))
+        self._restored = True
+
+    def on_train_start(self, trainer, module) -> None:
+        """After a resume (the checkpoint is restored by now): the file and the count hold the skips from before
+        it too (the run wrote only the readers' skips before the checkpoint was loaded)."""
+        if self._restored and self.loaded:
+            self._publish(trainer)
+
+
+def gather_records(trainer, module, records: list[dict]) -> list[dict]:
+    """Every rank's records, on every rank, in rank order. Called by all ranks at the same batch (each rank runs
+    the same number of batches); an all-reduce of the counts first, so that the usual batch with nothing skipped
+    costs one small collective and no gather."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([len(records)], device=module.device)
+    if trainer.strategy.reduce(count, reduce_op="sum").item() == 0:
+        return records
+    everyone: list = [None] * trainer.world_size
+    dist.all_gather_object(everyone, records)
+    return [r for rank in everyone for r in rank]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -18,25 +20,67 @@ def load_audio(path: str, sampling_rate: int, max_seconds: float, source: str) -
         raise DataError(f"{source}: cannot read audio file {path}: {type(e).__name__}: {e}") from None
     if audio.size == 0:
         raise DataError(f"{source}: audio file {path} holds no samples")
-    declared, actual = _wav_sizes(path)
-    if declared > actual:
-        raise DataError(f"{source}: audio file {path} is truncated: its header declares {declared} bytes, "
-                        f"the file has {actual}")
+    truncated = wav_truncation(path)
+    if truncated:
+        raise DataError(f"{source}: audio file {path} {truncated}")
     return audio.astype(np.float32)
 
 
-def _wav_sizes(path: str) -> tuple[int, int]:
-    """(size the RIFF header declares, size on disk) of a WAV file; (0, size) for other formats.
-    libsndfile reads a cut WAV without complaint (it trims to the samples present), so a half-written file
-    would otherwise train as a shorter clip; compressed formats fail to decode instead."""
-    import os
+# Formats libsndfile reads (soundfile.available_formats(), by file extension and by leading bytes). A file of one
+# of these that libsndfile cannot open is not audio; any other file (.m4a, .aac, .mp4, ...) librosa hands to
+# audioread, whose decoders are too slow to run up front: such a file is checked when its item is loaded.
+_SNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
+                       ".snd", ".caf", ".w64", ".rf64", ".wavex"}
+_SNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b".snd", b"caff", b"ID3")
 
-    actual = os.path.getsize(path)
+
+def check_audio_header(path: str) -> str | None:
+    """What is wrong with an audio file, found from its header alone (no decoding), or None: not audio, no
+    samples, or a WAV cut short. The reader calls this for every clip before training starts, so that a bad clip
+    is not first met when its batch comes; loading (`load_audio`) still catches what a header cannot show.
+    About 10 k files a second on a local disk (tests/test_bad_input.py measures it)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile.LibsndfileError and, for odd files, TypeError/RuntimeError
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if Path(path).suffix.lower() in _SNDFILE_EXTENSIONS or magic.startswith(_SNDFILE_MAGIC):
+            why = getattr(e, "error_string", None) or f"{type(e).__name__}: {e}"  # libsndfile's own words
+            return f"is not audio (libsndfile cannot read its header: {why})"
+        return None  # another container (m4a, mp4, ...): decoded, and checked, when its item is loaded
+    if info.frames == 0:
+        return "holds no samples"
+    return wav_truncation(path)
+
+
+def wav_truncation(path: str) -> str | None:
+    """For a WAV whose data chunk promises more sample frames than the file holds, why it is truncated; else None.
+    libsndfile reads a cut WAV without complaint (it trims to the samples present), so a half-written file would
+    otherwise train as a shorter clip. A streaming writer's placeholder size (0 or 0xFFFFFFFF: length unknown) is
+    not a promise; other formats are left to their decoders."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(12)
-    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return int.from_bytes(head[4:8], "little") + 8, actual
-    return 0, actual
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        position, block_align = 12, 1
+        while position + 8 <= size:  # the chunks, in order, up to the data chunk
+            f.seek(position)
+            chunk = f.read(24)
+            name, length = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if name == b"fmt " and len(chunk) >= 22:
+                block_align = max(1, int.from_bytes(chunk[20:22], "little"))  # bytes per sample frame
+            elif name == b"data":
+                start = position + 8
+                if length in (0, 0xFFFFFFFF) or start + length <= size:
+                    return None
+                promised, present = length // block_align, (size - start) // block_align
+                return (f"is truncated: its header declares {start + length} bytes, the file has {size} "
+                        f"({present} of {promised} sample frames)")
+            position += 8 + length + (length & 1)  # chunks are padded to an even length
+    return None
 
 
 def load_image(path: str, source: str):

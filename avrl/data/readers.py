@@ -1,8 +1,12 @@
 """Readers for the published data formats (field names from the R1-AQA, EchoInk-R1 and MMAU releases).
 
-Each reader validates every record before training starts and checks that each media file exists and is not
-empty. A bad record raises `DataError` naming the file and the line or item, or, with `on_error="skip"`, is left
-out and reported in the returned list of skipped records (never dropped silently).
+Each reader validates every record before training starts: its text must be UTF-8 (a leading byte-order mark is
+accepted), its fields well formed, each media file must exist and not be empty, and each audio file's header must
+show audio with samples and, for a WAV, no data cut off (`media.check_audio_header`; no clip is decoded here). A bad
+record raises `DataError` naming the file and the line or item, or, with `on_error="skip"`, is left out and
+reported in the returned list of skipped records (never dropped silently). What stops a whole file (not found, not
+a JSON list, a JSON list that is not UTF-8) raises whatever the policy. `check_audio=False` (`data.check_audio=false`)
+leaves the audio checks to the moment each clip is loaded (e.g. where reading every header up front is slow).
 """
 
 from __future__ import annotations
@@ -14,20 +18,61 @@ from pathlib import Path
 from typing import Any
 
 from avrl.data.items import DataError, QAItem
+from avrl.data.media import check_audio_header
 from avrl.prompts import LETTERS
 
 Skipped = list[dict[str, str]]
+BOM = b"\xef\xbb\xbf"
 
 
-def _media_path(value: Any, root: Path, source: str, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise DataError(f"{source}: no {what} path")
-    path = Path(value) if Path(value).is_absolute() else root / value
+class _Media:
+    """Resolves and checks the media paths of one read; an audio file's header is read once however many records
+    name it (AVQA and MMAU ask several questions about one clip)."""
+
+    def __init__(self, root: Path, check_audio: bool):
+        self.root, self.check_audio = root, check_audio
+        self.audio_problems: dict[str, str | None] = {}
+
+    def __call__(self, value: Any, source: str, what: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{source}: no {what} path")
+        path = Path(value) if Path(value).is_absolute() else self.root / value
+        if not path.is_file():
+            raise DataError(f"{source}: {what} file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{source}: {what} file is empty: {path}")
+        if what == "audio" and self.check_audio:
+            key = str(path)
+            if key not in self.audio_problems:
+                self.audio_problems[key] = check_audio_header(key)
+            if self.audio_problems[key]:
+                raise DataError(f"{source}: audio file {path} {self.audio_problems[key]}")
+        return str(path)
+
+
+def _not_utf8(error: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
+    """Where and what the first byte that is not UTF-8 is: "line L, column C: byte 0x.. is not UTF-8 (...)"."""
+    at = offset + error.start
+    line_start = data.rfind(b"\n", 0, at) + 1
+    line, column = data.count(b"\n", 0, at) + 1, at - line_start + 1
+    return (f"{line}: not UTF-8 text: byte 0x{data[at]:02x} at column {column} (is the file in another encoding, "
+            f"such as Latin-1 or Windows-1252? save it as UTF-8)")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, without a UTF-8 byte-order mark. Editors and tools on Windows (Notepad, PowerShell's
+    Out-File -Encoding utf8, Excel's "CSV UTF-8") start UTF-8 files with one; it is an encoding marker, not data,
+    so it is accepted silently, as Python's utf-8-sig codec does. UTF-16/32 (PowerShell 5's default for `>`) is
+    refused, naming the encoding."""
     if not path.is_file():
-        raise DataError(f"{source}: {what} file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{source}: {what} file is empty: {path}")
-    return str(path)
+        raise DataError(f"data file not found: {path}")
+    data = path.read_bytes()
+    if data.startswith(BOM):
+        return data[len(BOM):]
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:4] == b"\x00\x00\xfe\xff":
+        raise DataError(f"{path}:1: the file is UTF-16 or UTF-32 (it starts with that byte-order mark); "
+                        "save it as UTF-8")
+    return data
 
 
 def _choices(value: Any, source: str) -> list[str]:
@@ -37,20 +82,33 @@ def _choices(value: Any, source: str) -> list[str]:
 
 
 def _records_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{number}"
-            try:
-                yield source, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield source, DataError(f"{source}: malformed JSON line: {e.msg}")
+    """(source "file:line", record or the DataError of that line): a line that is not UTF-8 or not JSON is a bad
+    record like any other (the skip policy applies to it)."""
+    data, offset = _read_bytes(path), 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        source = f"{path}:{number}"
+        start, offset = offset, offset + len(raw) + 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield source, DataError(f"{path}:{_not_utf8(e, data, start)}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield source, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield source, DataError(f"{source}: malformed JSON line: {e.msg}")
 
 
 def _records_json_list(path: Path) -> Iterator[tuple[str, Any]]:
+    data = _read_bytes(path)
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # the whole list is unreadable: a file-level error, whatever the policy
+        raise DataError(f"{path}:{_not_utf8(e, data)}") from None
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
     if not isinstance(records, list):
@@ -63,8 +121,6 @@ def _records_json_list(path: Path) -> Iterator[tuple[str, Any]]:
 def _read(path, records, parse: Callable[[dict, str], QAItem], on_error: str) -> tuple[list[QAItem], Skipped]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not Path(path).is_file():
-        raise DataError(f"data file not found: {path}")
     items, skipped = [], []
     for source, record in records:
         try:
@@ -83,10 +139,10 @@ def _read(path, records, parse: Callable[[dict, str], QAItem], on_error: str) ->
     return items, skipped
 
 
-def read_avqa(path: str | Path, root: str | Path | None = None, on_error: str = "raise"):
+def read_avqa(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
     """R1-AQA's AVQA jsonl: {id, question_text, multi_choice, answer: <index>, audio_path, ...}."""
     path = Path(path)
-    base = Path(root) if root else path.parent
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
 
     def parse(r: dict, source: str) -> QAItem:
         choices = _choices(r["multi_choice"], source)
@@ -98,7 +154,7 @@ def read_avqa(path: str | Path, root: str | Path | None = None, on_error: str = 
         question = str(r["question_text"]).replace("video", "audio")
         return QAItem(
             id=str(r["id"]), question=question, choices=choices, answer_index=answer,
-            audio=_media_path(r["audio_path"], base, source, "audio"),
+            audio=media_path(r["audio_path"], source, "audio"),
             category=r.get("question_type"), source=source, meta=r,
         )
 
@@ -109,11 +165,11 @@ _OPTION = re.compile(r"^\s*([A-Z])[.)]\s*(.*)$", re.DOTALL)
 _SOLUTION = re.compile(r"<answer>\s*([A-Z])\s*</answer>")
 
 
-def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str = "raise"):
+def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
     """EchoInk-R1's AVQA-R1 json list: {problem_id, problem, options: ["A. ..", ..], solution: "<answer>B</answer>",
     path: {image, audio}}, media paths relative to the split folder."""
     path = Path(path)
-    base = Path(root) if root else path.parent
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
 
     def parse(r: dict, source: str) -> QAItem:
         options = _choices(r["options"], source)
@@ -130,19 +186,19 @@ def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str
         return QAItem(
             id=str(r["problem_id"]), question=str(r["problem"]), choices=choices,
             answer_index=LETTERS.index(solution.group(1)),
-            audio=_media_path(media.get("audio"), base, source, "audio"),
-            image=_media_path(media.get("image"), base, source, "image") if media.get("image") else None,
+            audio=media_path(media.get("audio"), source, "audio"),
+            image=media_path(media.get("image"), source, "image") if media.get("image") else None,
             category=r.get("data_source"), source=source, meta=r, options_text=[str(o) for o in options],
         )
 
     return _read(path, _records_json_list(path), parse, on_error)
 
 
-def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = "raise"):
+def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
     """MMAU test-mini json list: {id, audio_id: "./test-mini-audios/<id>.wav", question, choices, answer: <text>,
     task, difficulty, ...}."""
     path = Path(path)
-    base = Path(root) if root else path.parent
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
 
     def parse(r: dict, source: str) -> QAItem:
         choices = _choices(r["choices"], source)
@@ -150,7 +206,7 @@ def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = 
             raise DataError(f"{source}: answer {r['answer']!r} is not among the choices {choices}")
         return QAItem(
             id=str(r["id"]), question=str(r["question"]), choices=choices, answer_index=choices.index(r["answer"]),
-            audio=_media_path(r["audio_id"], base, source, "audio"),
+            audio=media_path(r["audio_id"], source, "audio"),
             category=r.get("task"), difficulty=r.get("difficulty"), source=source, meta=r,
         )
 
