@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from avrl import tracking
+from avrl.atomic import write_atomic
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
 from avrl.policy import Policy
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 def load_for_eval(cfg: DictConfig, processor) -> Policy:
     """The policy to evaluate: the base model; a transformers folder or LoRA adapters (`ckpt_path=<folder>`); or a
     Lightning checkpoint (`ckpt_path=<file>.ckpt`, or the folder DeepSpeed writes: its `model.*` weights). No
-    reference model, no trainer."""
-    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else None
+    reference model, no trainer. `auto` (the default, for training's resume) is the base model here."""
+    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path not in (None, "auto") else None
     if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
     if ckpt is not None and ckpt.is_dir() and (ckpt / "adapter_config.json").exists():
@@ -52,8 +53,9 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
-    """Lightning writes a DeepSpeed checkpoint as a folder: the engine's files under checkpoint/, its tag in latest."""
-    return (path / "latest").is_file() and (path / "checkpoint").is_dir()
+    """A DeepSpeed checkpoint is a folder: the engine's files under a tag (avrl's: one per step), named in latest."""
+    latest = path / "latest"
+    return latest.is_file() and (path / latest.read_text().strip()).is_dir()
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics["eval/accuracy_mean"] = statistics.mean(means)
         metrics["eval/accuracy_std"] = statistics.stdev(means)
     path = out / "predictions.json"
-    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False))
     if datamodule.skipped:
         metrics["data/skipped"] = len(datamodule.skipped)
         datamodule.write_skipped(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from avrl.atomic import write_atomic
 from avrl.scoring import accuracy_metrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def run(cfg: DictConfig, trainer, module, datamodule, out: Path, accuracy: float
     for logger in trainer.loggers if metrics else []:
         logger.log_metrics(metrics, step=trainer.global_step)
     if trainer.is_global_zero:
-        (out / FILE).write_text(json.dumps(per_item))
+        write_atomic(out / FILE, json.dumps(per_item))
     return metrics
 
 

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Sampler
 
+from avrl.atomic import write_atomic
+
 
 def rng_state() -> dict:
     """Every global generator's state, as tensors and plain numbers: checkpoints load with weights_only=True."""
@@ -107,24 +109,67 @@ class ResumeState(Callback):
 RUN_INFO = "run_info.json"
 
 
-def save_run_info(out_dir: Path, run_id: str | None) -> None:
-    """The MLflow run of this output folder, so that a resumed run logs into the same one."""
-    (out_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run_id}))
+def save_run_info(out_dir: Path, run_id: str | None, completed: dict[str, float] | None = None) -> None:
+    """The MLflow run of this output folder, so that a resumed run logs into the same one; once the run has
+    finished, its result (`completed`), so that running it again returns that instead of training again."""
+    info = {"mlflow_run_id": run_id}
+    if completed is not None:
+        info["completed"] = {key: float(value) for key, value in completed.items()}
+    write_atomic(out_dir / RUN_INFO, json.dumps(info, indent=2))
+
+
+def run_info(out_dir: Path) -> dict:
+    path = out_dir / RUN_INFO
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def resumed_run_id(out_dir: Path) -> str | None:
-    path = out_dir / RUN_INFO
-    return json.loads(path.read_text()).get("mlflow_run_id") if path.exists() else None
+    return run_info(out_dir).get("mlflow_run_id")
+
+
+def completed_result(out_dir: Path) -> dict[str, float] | None:
+    """The final metrics of a run that finished in this folder, None if none did."""
+    return run_info(out_dir).get("completed")
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    """The folder's last checkpoint (a file, or a DeepSpeed folder), or its kept previous one; None if neither."""
+    path = out_dir / "checkpoints" / "last.ckpt"
+    previous = path.with_name(path.name + ".prev")
+    return path if path.exists() else previous if previous.exists() else None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """`ckpt_path=last` is <output_dir>/checkpoints/last.ckpt; any other value is a path. Under DeepSpeed a
-    checkpoint is a folder (the engine's partitioned weights and optimizer states, Lightning's state beside them)."""
+    """`ckpt_path=auto`: the output folder's last checkpoint if it has one, else None (a fresh start).
+    `ckpt_path=last` is <output_dir>/checkpoints/last.ckpt and must exist; any other value is a path. Under
+    DeepSpeed a checkpoint is a folder (the engine's partitioned weights and optimizer states, Lightning's state
+    beside them)."""
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":
+        found = last_checkpoint(out_dir)
+        return str(found) if found else None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
         hint = (" (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
                 if ckpt_path == "last" else "")
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
     return str(path)
+
+
+def log_each_step_once(logger) -> int:
+    """A resumed run replays the steps between its checkpoint and the kill, which its MLflow run logged already.
+    Resume is exact, so the values are the same: drop every metric at or before the last step the run holds for
+    it, so that each step of each metric is logged once. Returns the number of metrics already in the run."""
+    client, run_id = logger.experiment, logger.run_id
+    logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
+              for key in client.get_run(run_id).data.metrics}
+    log_metrics = logger.log_metrics
+
+    def log_new(metrics, step=None):
+        new = {k: v for k, v in metrics.items() if step is None or step > logged.get(k, -1)}
+        if new:
+            log_metrics(new, step)
+
+    logger.log_metrics = log_new
+    return len(logged)

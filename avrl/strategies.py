@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from contextlib import contextmanager
 from typing import Any
 
@@ -174,6 +175,30 @@ class DeepSpeed(DeepSpeedStrategy):
         self.hf_deepspeed_config = HfDeepSpeedConfig(self.config)  # transformers keeps only a weak reference
         yield
         self._prepare_zero3(self.lightning_module)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """The engine's files under a tag per step (Lightning's tag is one fixed name, rewritten in place, so a
+        crash mid-save left no good checkpoint). Once every rank has written, rank 0 points `latest` at the new tag
+        atomically (DeepSpeed's loader and zero_to_fp32 read it) and removes all tags but the new and the
+        previous one."""
+        from pathlib import Path
+
+        from avrl.atomic import write_atomic
+
+        folder = Path(self.broadcast(str(filepath)))
+        tag = f"step{checkpoint.get('global_step', 0):08d}"
+        state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(str(folder), client_state=state, tag=tag, save_latest=False,
+                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+        self.barrier("avrl_checkpoint_written")
+        if self.is_global_zero:
+            latest = folder / "latest"
+            previous = latest.read_text().strip() if latest.is_file() else None
+            write_atomic(latest, tag)
+            for old in folder.iterdir():
+                if old.is_dir() and old.name.startswith("step") and old.name not in (tag, previous):
+                    shutil.rmtree(old, ignore_errors=True)
+        self.barrier("avrl_checkpoint_pointed")
 
     def teardown(self) -> None:
         """transformers' "ZeRO-3 is on" is process-wide: a later run in this process (the next job of a local

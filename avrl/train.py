@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from avrl import console, final_eval, resume, strategies, tracking
+from avrl.checkpoints import SafeCheckpointIO
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
@@ -70,8 +71,11 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     if isinstance(trainer_args.get("strategy"), dict):
         trainer_args["strategy"] = strategies.build(trainer_args["strategy"], cfg)
     # The datamodule's EpochSampler splits the data over ranks itself (so that resume is exact under DDP too).
-    return L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks, default_root_dir=out,
-                     use_distributed_sampler=False)
+    trainer = L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks,
+                        default_root_dir=out, use_distributed_sampler=False)
+    if not isinstance(trainer.strategy, strategies.DeepSpeedStrategy):  # DeepSpeed writes its own (strategies.py)
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+    return trainer
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -82,14 +86,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    done = resume.completed_result(out) if cfg.ckpt_path == "auto" else None
+    if done is not None:  # a requeued job, or a sweep run again into its folder, after this run had finished
+        log.info("%s holds a finished run: its result is returned, nothing is trained again (a fresh run: another "
+                 "hydra.run.dir, or ckpt_path=null)", out)
+        return done
     ckpt_path = resume.resolve_ckpt_path(cfg.ckpt_path, out)
     if ckpt_path:
         console.resuming()
-    # A resumed run logs into the MLflow run of its output folder; a fresh run records its run there.
-    run_id = resume.resumed_run_id(out) if ckpt_path else None
+    # A resumed run (and with ckpt_path=auto a run killed before its first checkpoint) logs into the MLflow run of
+    # its output folder, each step once; a fresh run records its run there.
+    run_id = resume.resumed_run_id(out) if ckpt_path or cfg.ckpt_path == "auto" else None
     logger = tracking.make_logger(cfg, run_id=run_id)
     if logger is not None and run_id is None:
         resume.save_run_info(out, logger.run_id)
+    elif logger is not None:
+        resume.log_each_step_once(logger)
+        count = int(logger.experiment.get_run(run_id).data.tags.get("resume_count", "0")) + 1
+        logger.experiment.set_tag(run_id, "resume_count", str(count))
     try:
         return _train(cfg, out, logger, ckpt_path)
     except _trial_pruned():
@@ -154,6 +168,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         if (out / final_eval.FILE).exists():
             tracking.log_file(logger, out / final_eval.FILE)
     if trainer.is_global_zero:
+        resume.save_run_info(out, logger.run_id if logger is not None else None, completed=metrics)
         # No in-training validation ran (max_steps below trainer.val_check_interval): no best checkpoint was kept.
         print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best or 'none (no validation during training)'}")
     if logger is not None:

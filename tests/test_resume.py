@@ -1,4 +1,5 @@
-"""Exact resume: a run killed with SIGKILL and resumed with ckpt_path=last ends where an uninterrupted run ends."""
+"""Exact resume: a run killed with SIGKILL and resumed (ckpt_path=auto, the default) ends where an uninterrupted run
+ends."""
 
 from pathlib import Path
 
@@ -37,10 +38,17 @@ def test_rng_states_round_trip():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-def test_ckpt_path_last_names_the_missing_file(tmp_path):
+def test_ckpt_path_last_names_the_missing_file_and_auto_starts_fresh_or_resumes(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*checkpoints/last.ckpt.*hydra.run.dir"):
         resolve_ckpt_path("last", tmp_path)
     assert resolve_ckpt_path(None, tmp_path) is None
+    assert resolve_ckpt_path("auto", tmp_path) is None  # nothing to resume: a fresh start
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt.prev").write_bytes(b"x")  # a crash between keeping the previous and renaming the new
+    assert resolve_ckpt_path("auto", tmp_path) == str(folder / "last.ckpt.prev")
+    (folder / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("auto", tmp_path) == str(folder / "last.ckpt")
 
 
 COMMON = ["trainer.max_steps=12", "checkpoint_every_n_steps=3", "trainer.val_check_interval=4", "data.val_size=4",
@@ -65,27 +73,44 @@ def histories(db, run_id):
     return out
 
 
+def points(db, run_id):
+    """{metric: {step: how many values were logged at that step}} for every metric."""
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        out[key] = {}
+        for m in client.get_metric_history(run_id, key):
+            out[key][m.step] = out[key].get(m.step, 0) + 1
+    return out
+
+
 @pytest.mark.slow
-def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_path):
+def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp_path):
+    """Killed between checkpoints, its last checkpoint then torn in half: the same command again (ckpt_path=auto,
+    the default) resumes from the previous checkpoint with a warning naming both files, ends with the uninterrupted
+    run's weights, in the same MLflow run, every metric step logged once. Run once more, it trains nothing."""
     # Uninterrupted reference: 12 steps (2 epochs of 10 batches: the resume crosses an epoch boundary).
     ref = launch(tmp_path, tmp_path / "ref", db="ref.db")
     out = finish(ref, check=False)
     assert ref.returncode == 0, out[-3000:]
 
-    # The same run, held before the first batch after its first checkpoint (tests/hold.py) and SIGKILLed there:
-    # it cannot finish before the kill, however the machine schedules the two processes.
+    # Held (tests/hold.py) one batch after its second checkpoint, and SIGKILLed there: it cannot finish before the
+    # kill, however the machine schedules the two processes; that batch's metrics are in MLflow, in no checkpoint.
     marker = tmp_path / "holding"
-    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
-                 f"+callbacks.hold.marker={marker}")
-    kill_when_held(run, marker)
+    hold = ["+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint", f"+callbacks.hold.marker={marker}",
+            "+callbacks.hold.checkpoints=2", "+callbacks.hold.batches_after=1"]
+    kill_when_held(launch(tmp_path, tmp_path / "run", *hold), marker)
     assert not (tmp_path / "run/final_model").exists()
-    killed_at = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert int(marker.read_text()) == killed_at  # held right after that checkpoint
-    assert 0 < killed_at < 2 * 12  # mid-training (global_step counts num_iterations=2 updates per batch)
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    previous = torch.load(f"{last}.prev", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < previous < killed_at < int(marker.read_text()) < 2 * 12  # (num_iterations=2 updates per batch)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn, as by a crash of the machine
 
-    resumed = launch(tmp_path, tmp_path / "run", "ckpt_path=last")
+    resumed = launch(tmp_path, tmp_path / "run")
     out = finish(resumed, check=False)
     assert resumed.returncode == 0, out[-3000:]
+    assert f"checkpoint {last} cannot be read" in out and f"resuming from the previous one, {last}.prev" in out
 
     want = load_file(tmp_path / "ref/final_model/model.safetensors")
     got = load_file(tmp_path / "run/final_model/model.safetensors")
@@ -93,9 +118,9 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
-    # One MLflow run for the killed and the resumed attempt, with the uninterrupted run's metrics.
+    # One MLflow run for the killed and the resumed attempt, with the uninterrupted run's metrics, each step once.
     client, (run_info,) = mlflow_runs(tmp_path)
-    assert run_info.info.status == "FINISHED" and run_info.data.tags["resumed_from"] == "last"
+    assert run_info.info.status == "FINISHED" and run_info.data.tags["resume_count"] == "1"
     _, (ref_info,) = mlflow_runs(f"sqlite:///{tmp_path}/ref.db")
     expected = histories(tmp_path / "ref.db", ref_info.info.run_id)
     actual = histories(tmp_path / "mlruns.db", run_info.info.run_id)
@@ -104,6 +129,15 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_and_metrics(tmp_pa
         assert expected[key].keys() == actual[key].keys(), key
         for step, value in expected[key].items():
             assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
+    counts = points(tmp_path / "mlruns.db", run_info.info.run_id)
+    assert counts == points(tmp_path / "ref.db", ref_info.info.run_id)
+    assert {n for steps in counts.values() for n in steps.values()} == {1}
+
+    # Finished: the same command once more returns the recorded result and logs nothing.
+    again = finish(launch(tmp_path, tmp_path / "run"))
+    assert "holds a finished run" in again
+    assert points(tmp_path / "mlruns.db", run_info.info.run_id) == counts
+    assert client.get_run(run_info.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from avrl.atomic import write_atomic
 from avrl.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def write_summary(sweep_dir: str | Path, rows: list[dict], objective: str) -> Pa
     in the sweep folder."""
     path = Path(sweep_dir) / SUMMARY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"objective": objective, "jobs": rows}, indent=2, default=str))
+    write_atomic(path, json.dumps({"objective": objective, "jobs": rows}, indent=2, default=str))
     common = [o for o in rows[0]["overrides"] if all(o in r["overrides"] for r in rows)] if len(rows) > 1 else []
     done = sum(r["status"] in ("COMPLETED", "COMPLETE") for r in rows)
     lines = [f"sweep summary: {done} of {len(rows)} jobs completed; {objective} per job"]
