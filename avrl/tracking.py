@@ -61,11 +61,53 @@ def hydra_choices() -> dict[str, str]:
 
 
 def sweep_arm() -> str:
-    """What sets this sweep job apart from the others but the seed: its overrides without seed=/seeds= (the report
-    pools the runs of one arm over seeds)."""
+    """What sets this sweep job apart from the others but the seed: its overrides without seed=/seeds= (the long
+    form of the `arm` tag; `run_label` gives the short one)."""
+    return " ".join(_arm_overrides()) or "default"
+
+
+def _arm_overrides() -> list[str]:
     hydra_cfg = hydra_config()
     overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
-    return " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seeds")) or "default"
+    return [o for o in overrides if _key(o) not in ("seed", "seeds")]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def varied_keys(sweep_dir) -> set[str] | None:
+    """The keys a sweep varies: those given as sweeps (a,b / choice / range / interval) on its command line or in
+    its preset's hydra.sweeper.params, read from <sweep dir>/multirun.yaml (the sweepers write it before the jobs
+    start); None without that file."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return None
+    hydra_cfg = OmegaConf.load(path).hydra
+    params = hydra_cfg.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg.overrides.task)
+    return {_key(o.input_line) for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()}
+
+
+# The leading parts of every sweep run's name; the seed ends it.
+NAMED = ("algorithm", "prompt", "seed", "seeds", "trial")
+
+
+def run_label(cfg: DictConfig, tags: dict) -> tuple[str, str]:
+    """A sweep job's short arm label and run name: its trial (an Optuna study), method and prompt, the other
+    overrides the sweep varies (value only for a config group, last key=value otherwise) and the seed, e.g.
+    ("sft · no_think", "sft · no_think · seed 43"): what tells the runs apart in the MLflow UI's name column."""
+    varied = varied_keys(hydra_config().sweep.dir)
+    parts = [f"trial {cfg.trial}"] if cfg.get("trial") is not None else []
+    parts += [tags.get("algorithm", ""), tags.get("prompt", "")]
+    for override in _arm_overrides():
+        key, value = _key(override), override.split("=", 1)[-1]
+        if key not in NAMED and key != "sweep" and (varied is None or key in varied):
+            parts.append(value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}")
+    arm = " · ".join(p for p in parts if p)
+    return arm, f"{arm} · seed {cfg.seed}"
 
 
 def record_failure(logger, error: BaseException) -> None:
@@ -102,21 +144,26 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
 
     tags = {g: cfg[g].get("name", "") for g in ("algorithm", "model", "prompt", "data", "reward") if g in cfg}
     tags.update(hydra_choices())
+    tags["method"] = tags.get("algorithm", "")
+    tags["seed"] = str(cfg.seed)
     tags["task"] = cfg.task
     tags["output_dir"] = str(cfg.output_dir)
     tags.update(slurm_tags())
     tags.update(version_tags())
     parent = parent_run_id()
-    if parent:
+    run_name = cfg.run_name or _default_run_name(cfg, tags)
+    if parent:  # arm, seed, method, prompt, model: what the MLflow UI's "Group by" offers
         tags["mlflow.parentRunId"] = parent
-        tags["arm"] = sweep_arm()
+        tags["arm"], name = run_label(cfg, tags)
+        tags["arm_overrides"] = sweep_arm()
+        run_name = cfg.run_name or name
     import mlflow
 
     training_experiment(mlflow.tracking.MlflowClient(cfg.logger.tracking_uri), cfg.logger)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         tracking_uri=cfg.logger.tracking_uri,
-        run_name=cfg.run_name or _default_run_name(cfg, tags),
+        run_name=run_name,
         tags=tags,
         artifact_location=cfg.logger.artifact_location,
     )

@@ -63,8 +63,7 @@ class SweepParentRun(Callback):
         (folder / TRACKING_URI_FILE).write_text(redact(absolute_sqlite(config.logger.tracking_uri)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if config.logger.enabled and parent_run_id(config.hydra.sweep.dir):
-            write_sweep_report(config)
+        write_sweep_report(config)
         if study_tags(config) and _trials_running(config):
             return  # other workers are still in the study: the last one to end closes its parent
         end_sweep_run(config, "FINISHED")
@@ -94,19 +93,36 @@ def _parent_run(config: DictConfig, study: dict | None):
         client.update_run(run.info.run_id, status="RUNNING")
         return run
     overrides = " ".join(config.hydra.overrides.task)
-    default_name = f"study {study['optuna_study']}" if study else f"sweep {overrides}".strip()
+    default_name = f"study {study['optuna_study']}" if study else sweep_name(list(config.hydra.overrides.task))
     return client.create_run(experiment_id, run_name=config.run_name or default_name,
                              tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {}),
-                                   **version_tags()})
+                                   "sweep_overrides": overrides, **version_tags()})
+
+
+def sweep_name(overrides: list[str]) -> str:
+    """The parent run's name: the sweep preset and what the command line sweeps, short enough for the MLflow UI's
+    name column, e.g. "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2" (every override is in tag sweep_overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parts = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if key == "sweep" or override.is_sweep_override() or (key == "seeds" and override.value() != 1):
+            parts.append(override.value() if key == "sweep" else override.input_line)
+    return ("sweep " + " · ".join(parts)).strip()
 
 
 def write_sweep_report(config: DictConfig) -> None:
-    """The ablation report (avrl/sweeps/report.py), written when a multirun ends; a report that cannot be written
-    is a warning, not a failed sweep (rerun it with python -m avrl.sweeps.report <sweep dir>)."""
+    """The ablation report (avrl/sweeps/report.py), written when a multirun ends (also when jobs failed), and the
+    address of the parent run in the MLflow UI; a report that cannot be written is a warning, not a failed sweep
+    (rerun it with python -m avrl.sweeps.report <sweep dir>)."""
     import logging
 
     from avrl.sweeps.report import write_report
 
+    parent = parent_run_id(config.hydra.sweep.dir)
+    if not config.logger.enabled or not parent:
+        return
     log = logging.getLogger(__name__)
     try:
         written = write_report(config.hydra.sweep.dir, config.logger.tracking_uri)
@@ -114,6 +130,21 @@ def write_sweep_report(config: DictConfig) -> None:
     except Exception as error:  # noqa: BLE001 - the sweep's jobs are done; say why and go on
         log.warning("the ablation report was not written (%s: %s); rerun: python -m avrl.sweeps.report %s",
                     type(error).__name__, error, config.hydra.sweep.dir)
+    uri = redact(absolute_sqlite(config.logger.tracking_uri))
+    experiment = _client(config.logger.tracking_uri).get_run(parent).info.experiment_id
+    print(f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): "
+          f"{run_url(uri, experiment, parent)}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  view with: mlflow ui --backend-store-uri {uri}")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the MLflow UI shows a run: on the tracking server itself; for a local store (SQLite, a folder), on the
+    address `mlflow ui` serves by default."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page}"
 
 
 def absolute_sqlite(uri: str) -> str:

@@ -2,14 +2,19 @@
 `python -m avrl.sweeps.report SWEEP_DIR` (the tracking URI is the one the sweep recorded in its folder).
 
 Into the sweep folder and onto the parent MLflow run (artifacts under report/):
-- report.md: one row per arm — the runs that differ only by seed (`seeds=N`, or `seed=1,2,3`) — with the mean and a
+- report.md: one row per arm — the runs that differ only by seed (`seeds=N`, or `seed=1,2,3`), one FINISHED run per
+  arm and seed (the newest; failed, killed, running and superseded runs are listed apart) — with the mean and a
   95% t-interval over seeds of the final model's accuracy in distribution (val), out of distribution (val_ood),
   with the audio muted (val_muted), the audio reliance (val - muted) and the accuracy per category; then paired
   comparisons of every arm with the first on the same evaluation items (a bootstrap over seeds and items of the
   difference in seed-averaged correctness: a difference whose 95% interval holds 0 is reported as not
   significant); then one row per run.
-- val_accuracy.png: val/accuracy against step for every run; accuracy_reward.png, format_reward.png,
-  completion_length.png: the RL runs' training curves (EchoInk-R1's figure).
+- val_accuracy.png: val/accuracy against step, one line per arm (the mean over seeds) in a band (the table's
+  interval); accuracy_reward.png, format_reward.png, completion_length.png: the RL runs' training curves (EchoInk-R1's
+  figure), drawn the same way; optuna_trials.png for an Optuna study: the objective by trial and the best so far.
+- on the parent run, the arm table as metrics, sweep/<metric>/<arm> mean, ... mean lower95, ... mean upper95 (the
+  interval's bounds; fractions, as the runs log them): the MLflow UI charts the comparison on the collapsed sweep,
+  a section per column of the table.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -33,12 +40,13 @@ import numpy as np  # noqa: E402
 from avrl.sweeps.parent_run import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
-CURVES = {
-    "val_accuracy.png": ("val/accuracy", "val/accuracy (greedy)"),
-    "accuracy_reward.png": ("train/rewards/accuracy/mean", "accuracy reward"),
-    "format_reward.png": ("train/rewards/format/mean", "format reward"),
-    "completion_length.png": ("train/completions/mean_length", "completion length (tokens)"),
+CURVES = {  # file: (metric, y axis, scale to its unit)
+    "val_accuracy.png": ("val/accuracy", "val/accuracy, greedy (% of items correct)", 100),
+    "accuracy_reward.png": ("train/rewards/accuracy/mean", "accuracy reward (mean over completions)", 1),
+    "format_reward.png": ("train/rewards/format/mean", "format reward (mean over completions)", 1),
+    "completion_length.png": ("train/completions/mean_length", "completion length (tokens, mean)", 1),
 }
+STEP_AXIS = "training step (optimizer updates)"
 COLUMNS = (("val/accuracy", "in-distribution"), ("val_ood/accuracy", "out-of-distribution"),
            ("val_muted/accuracy", "audio muted"), ("val/audio_reliance", "audio reliance"))
 BOOTSTRAP_SAMPLES = 10_000
@@ -50,19 +58,52 @@ def child_runs(client, parent_id: str):
     return parent, sorted(runs, key=lambda r: r.info.start_time)
 
 
+def arm_of(run) -> str:
+    return run.data.tags.get("arm") or run.info.run_name
+
+
+def seed_of(run) -> str:
+    return run.data.tags.get("seed") or run.data.params.get("seed", "")
+
+
+def one_run_per_cell(runs) -> tuple[list, list[tuple[object, str]]]:
+    """The runs the statistics use — one FINISHED run per cell (arm and seed), the newest when a cell was run again —
+    and the others with why they are left out (their status, or superseded): a failed attempt, a pruned trial or a
+    re-run is never pooled as one more seed."""
+    newest: dict[tuple[str, str], object] = {}
+    for r in runs:
+        if r.info.status == "FINISHED":
+            cell = (arm_of(r), seed_of(r))
+            if cell not in newest or r.info.start_time >= newest[cell].info.start_time:
+                newest[cell] = r
+    kept = {r.info.run_id for r in newest.values()}
+    left_out = []
+    for r in runs:
+        if r.info.run_id in kept:
+            continue
+        if r.info.status == "FINISHED":
+            why = f"superseded by {newest[(arm_of(r), seed_of(r))].info.run_name} (newer)"
+        else:
+            why = r.info.status + (f" (Optuna: {r.data.tags['optuna_state']})" if "optuna_state" in r.data.tags else "")
+        left_out.append((r, why))
+    return [r for r in runs if r.info.run_id in kept], left_out
+
+
 def arms(runs) -> dict[str, list]:
-    """Runs grouped by their `arm` tag (their overrides without the seed), in order of first appearance."""
+    """Runs grouped by their `arm` tag (what they are but the seed), in order of first appearance."""
     groups: dict[str, list] = {}
     for r in runs:
-        groups.setdefault(r.data.tags.get("arm") or r.info.run_name, []).append(r)
+        groups.setdefault(arm_of(r), []).append(r)
     return groups
 
 
 def arm_labels(groups: dict[str, list]) -> dict[str, str]:
-    """Each arm's overrides without those every arm shares (e.g. sweep=rl_vs_sft): what tells them apart."""
-    parts = {arm: arm.split() for arm in groups}
+    """Each arm's label without the parts every arm shares (e.g. the prompt, or sweep=rl_vs_sft in an older run's
+    overrides): what tells them apart. Labels are "a · b · c" (avrl/tracking.py), older ones overrides."""
+    sep = " · " if all(" · " in arm or "=" not in arm for arm in groups) else " "
+    parts = {arm: arm.split(sep) for arm in groups}
     common = set.intersection(*(set(p) for p in parts.values())) if len(parts) > 1 else set()
-    return {arm: " ".join(p for p in parts[arm] if p not in common) or arm for arm in groups}
+    return {arm: sep.join(p for p in parts[arm] if p not in common) or arm for arm in groups}
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:
@@ -75,26 +116,68 @@ def mean_interval(values: list[float]) -> tuple[float, float | None]:
     return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def _cell(values: list[float], scale: float = 100) -> str:
-    values = [v for v in values if v is not None and v == v]
-    if not values:
+def arm_columns(runs) -> list[tuple[str, str]]:
+    """The arm table's columns, (metric, header): the conditions, then val/accuracy per category."""
+    categories = sorted({k.split("/")[-1] for r in runs for k in r.data.metrics if k.startswith("val/accuracy/")})
+    return [*COLUMNS, *((f"val/accuracy/{c}", c) for c in categories)]
+
+
+def arm_statistics(groups: dict[str, list]) -> dict[str, dict[str, dict]]:
+    """arm -> metric -> {mean, ci_low, ci_high, seeds} over the arm's runs that logged the metric (no bounds for
+    a single seed)."""
+    columns = arm_columns([r for rs in groups.values() for r in rs])
+    out: dict[str, dict[str, dict]] = {}
+    for arm, rs in groups.items():
+        out[arm] = {}
+        for key, _ in columns:
+            values = [v for r in rs if (v := r.data.metrics.get(key)) is not None and v == v]
+            if not values:
+                continue
+            mean, half = mean_interval(values)
+            bounds = {} if half is None else {"ci_low": mean - half, "ci_high": mean + half}
+            out[arm][key] = {"mean": mean, **bounds, "seeds": len(values)}
+    return out
+
+
+def _cell(stat: dict | None, scale: float = 100) -> str:
+    if not stat:
         return ""
-    mean, half = mean_interval(values)
-    return f"{scale * mean:.2f}" if half is None else f"{scale * mean:.2f} ± {scale * half:.2f}"
+    if "ci_low" not in stat:
+        return f"{scale * stat['mean']:.2f}"
+    return f"{scale * stat['mean']:.2f} ± {scale * (stat['ci_high'] - stat['mean']):.2f}"
 
 
 def arm_table(groups: dict[str, list]) -> str:
-    runs = [r for rs in groups.values() for r in rs]
-    categories = sorted({k.split("/")[-1] for r in runs for k in r.data.metrics if k.startswith("val/accuracy/")})
-    header = ["arm", "method", "prompt", "seeds", *(label for _, label in COLUMNS), *categories]
+    columns = arm_columns([r for rs in groups.values() for r in rs])
+    header = ["arm", "method", "prompt", "seeds", *(label for _, label in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    labels = arm_labels(groups)
+    labels, stats = arm_labels(groups), arm_statistics(groups)
     for arm, rs in groups.items():
         tags = rs[0].data.tags
         cells = [labels[arm], tags.get("algorithm", ""), tags.get("prompt", ""), str(len(rs))]
-        cells += [_cell([r.data.metrics.get(key) for r in rs]) for key, _ in COLUMNS]
-        cells += [_cell([r.data.metrics.get(f"val/accuracy/{c}") for r in rs]) for c in categories]
+        cells += [_cell(stats[arm].get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parent_metrics(groups: dict[str, list]) -> dict[str, float]:
+    """The arm table as metrics for the parent run: sweep/<metric>/<arm> mean, ... mean lower95, ... mean upper95.
+    The MLflow UI puts the charts of keys that share all but their last part in one section (one per column of the
+    report), in the order of their names (an arm's mean, then its bounds)."""
+    labels, out = arm_labels(groups), {}
+    names = {"mean": "mean", "ci_low": "mean lower95", "ci_high": "mean upper95"}
+    for arm, by_metric in arm_statistics(groups).items():
+        name = re.sub(r"[^\w.\- :]", "", labels[arm].replace(" · ", " "))  # the characters MLflow takes in a key
+        for key, stat in by_metric.items():
+            out.update({f"sweep/{key}/{name} {names[s]}": stat[s] for s in names if s in stat})
+    return out
+
+
+def left_out_table(left_out) -> str:
+    """Markdown: the runs the statistics leave out, with why."""
+    lines = ["| run | arm | seed | status | left out because |", "|---|---|---|---|---|"]
+    for r, why in left_out:
+        lines.append(f"| {r.info.run_name} | {arm_of(r)} | {seed_of(r)} | {r.info.status} | {why} |")
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +188,7 @@ def run_table(runs, prefix: str = "val") -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m, t = r.data.metrics, r.data.tags
-        cells = [r.info.run_name, t.get("algorithm", ""), t.get("prompt", ""), r.data.params.get("seed", "")]
+        cells = [r.info.run_name, t.get("algorithm", ""), t.get("prompt", ""), seed_of(r)]
         cells += [_pct(m.get(f"{prefix}/accuracy/{c}")) for c in categories]
         cells.append(_pct(m.get(f"{prefix}/accuracy")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -199,23 +282,77 @@ def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:
     return "\n".join(head + lines) + "\n", rows
 
 
-def plot(client, runs, metric: str, ylabel: str, path: Path) -> bool:
-    """One line per run that logged `metric`; False (and no file) when none did."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for r in runs:
-        history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda h: h.step)
-        if history:
-            ax.plot([h.step for h in history], [h.value for h in history], label=r.info.run_name, marker=".")
-            drawn = True
+def plot(client, groups: dict[str, list], metric: str, ylabel: str, scale: float, path: Path) -> list[str]:
+    """One line per arm: the mean over its seeds at each step, in a band of the 95% t-interval (the arm table's).
+    The legend's labels; none (and no file) when no run logged `metric`."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    labels, drawn = arm_labels(groups), []
+    for arm, runs in groups.items():
+        at_step: dict[int, list[float]] = {}
+        for r in runs:
+            last = {h.step: h.value for h in sorted(client.get_metric_history(r.info.run_id, metric),
+                                                     key=lambda h: (h.step, h.timestamp))}
+            for step, value in last.items():
+                if value == value:
+                    at_step.setdefault(step, []).append(value)
+        if not at_step:
+            continue
+        steps = sorted(at_step)
+        stats = [mean_interval(at_step[s]) for s in steps]
+        mean = scale * np.array([m for m, _ in stats])
+        half = scale * np.array([np.nan if h is None else h for _, h in stats])
+        seeds = max(len(v) for v in at_step.values())
+        drawn.append(f"{labels[arm]} ({seeds} seed{'s' * (seeds > 1)})")
+        (line,) = ax.plot(steps, mean, marker=".", label=drawn[-1])
+        ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
     if drawn:
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        ax.set(xlabel=STEP_AXIS, ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title("mean over seeds; band: 95% t-interval over seeds", fontsize=9)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     plt.close(fig)
     return drawn
+
+
+def plot_study(runs, direction: str, path: Path) -> list[tuple[int, float]]:
+    """An Optuna study's runs (param `trial`, tag optuna_state): each completed trial's objective, the pruned ones'
+    value when they stopped, and the best so far, which it returns as (trial, value in the axis' unit); none (and
+    no file) without a completed trial."""
+    trials = sorted((int(r.data.params["trial"]), r) for r in runs if r.data.params.get("trial", "None") != "None")
+    objective = next((r.data.params.get("objective") for _, r in trials), None) or "val/accuracy"
+    scale, unit = (100, "%") if objective.endswith("accuracy") else (1, "as logged")
+
+    def points(state: str):
+        found = [(n, scale * r.data.metrics[objective]) for n, r in trials
+                 if r.data.tags.get("optuna_state") == state and objective in r.data.metrics]
+        return [n for n, _ in found], [v for _, v in found]
+
+    done, pruned = points("COMPLETE"), points("PRUNED")
+    if not done[0]:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(*done, "o", label="completed trial")
+    if pruned[0]:
+        ax.plot(*pruned, "x", color="grey", label="pruned trial (value when stopped)")
+    best = (np.maximum if direction == "maximize" else np.minimum).accumulate(done[1])
+    ax.step(done[0], best, where="post", label=f"best so far ({direction})")
+    ax.set(xlabel="trial number", ylabel=f"{objective} ({unit})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return list(zip(done[0], best.tolist(), strict=True))
+
+
+def study_direction(sweep_dir: Path) -> str:
+    """The study's direction, from the sweep's multirun.yaml (Optuna's default, maximize, without it)."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    return str(OmegaConf.load(path).hydra.sweeper.get("direction", "maximize")) if path.exists() else "maximize"
 
 
 def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list[Path]:
@@ -224,13 +361,18 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
     if not id_file.exists():
         raise FileNotFoundError(f"{id_file} not found: is {sweep_dir} the folder of a multirun logged to MLflow?")
     client = mlflow.tracking.MlflowClient(tracking_uri or recorded_tracking_uri(sweep_dir))
-    parent, runs = child_runs(client, id_file.read_text().strip())
-    if not runs:
+    parent, every_run = child_runs(client, id_file.read_text().strip())
+    if not every_run:
         raise ValueError(f"the sweep's parent run {parent.info.run_id} has no child runs")
+    runs, left_out = one_run_per_cell(every_run)
     groups = arms(runs)
     paired, rows = comparisons(client, groups)
-    text = [f"# {parent.info.run_name}\n", "Final model of each run; mean ± 95% t-interval over seeds (%).\n",
+    text = [f"# {parent.info.run_name}\n", "Final model of each run; mean ± 95% t-interval over seeds (%). One "
+            "FINISHED run per arm and seed (the newest); the others are listed under *Runs left out*.\n",
             arm_table(groups)]
+    if left_out:
+        text += ["\n## Runs left out (not FINISHED, or superseded by a newer run of the same arm and seed)\n",
+                 left_out_table(left_out)]
     if paired:
         text += ["\n## Paired comparisons (same items)\n", paired]
     text += ["\n## Runs\n", run_table(runs)]
@@ -239,14 +381,31 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
         text += ["\n## Environment (the runs' version tags)\n", environment]
     report = sweep_dir / "report.md"
     report.write_text("\n".join(text))
-    (sweep_dir / "report.json").write_text(json.dumps({"comparisons": rows}, indent=2))
+    summary = {"arms": {arm_labels(groups)[arm]: stats for arm, stats in arm_statistics(groups).items()},
+               "comparisons": rows,
+               "left_out": [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                             "reason": why} for r, why in left_out]}
+    (sweep_dir / "report.json").write_text(json.dumps(summary, indent=2))
     written = [report, sweep_dir / "report.json"]
-    for name, (metric, label) in CURVES.items():
-        if plot(client, runs, metric, label, sweep_dir / name):
+    for name, (metric, label, scale) in CURVES.items():
+        if plot(client, groups, metric, label, scale, sweep_dir / name):
             written.append(sweep_dir / name)
+    if "optuna_study" in parent.data.tags and plot_study(every_run, study_direction(sweep_dir),
+                                                         sweep_dir / "optuna_trials.png"):
+        written.append(sweep_dir / "optuna_trials.png")
+    log_parent_metrics(client, parent.info.run_id, parent_metrics(groups))
     for path in written:
         client.log_artifact(parent.info.run_id, str(path), "report")
     return written
+
+
+def log_parent_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(key, value, now, 0) for key, value in metrics.items()]
+    for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 def recorded_tracking_uri(sweep_dir: Path) -> str:

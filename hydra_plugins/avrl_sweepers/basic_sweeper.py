@@ -42,7 +42,8 @@ class AvrlBasicSweeper(BasicSweeper):
 
         sweep.write_summary(sweep_dir, rows, self.config.objective)
         failed = [r for r in rows if r["status"] != "COMPLETED"]
-        if failed:
+        if failed:  # (Hydra's on_multirun_end, which writes the report, runs only when the sweep returns)
+            parent_run.write_sweep_report(self.config)
             parent_run.end_sweep_run(self.config, "FAILED")
             raise sweep.SweepFailed(f"{len(failed)} of {len(rows)} jobs failed (jobs "
                                     f"{', '.join(str(r['job']) for r in failed)}); "

@@ -118,7 +118,6 @@ class OptunaSweeper(Sweeper):
     def _finish(self, study, rows: list[dict], sweep_dir: Path) -> None:
         import optuna
 
-
         sweep.write_summary(sweep_dir, rows, self.config.objective)
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if completed:
@@ -129,5 +128,6 @@ class OptunaSweeper(Sweeper):
                 parent_run.log_best_trial(self.config.logger.tracking_uri, parent, self.config.objective, best)
         print(f"dashboard: optuna-dashboard {redact(self.storage_url)}")
         if rows and not any(r["status"] in ("COMPLETE", "PRUNED") for r in rows):
+            parent_run.write_sweep_report(self.config)  # (on_multirun_end, which writes it, is not reached)
             parent_run.end_sweep_run(self.config, "FAILED")
             raise sweep.SweepFailed(f"all {len(rows)} trials of this invocation failed; see the summary above")
