@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import console, final_eval, resume, strategies, tracking
+from avrl import console, final_eval, preemption, resume, strategies, tracking
 from avrl.checkpoints import SafeCheckpointIO
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return _train(cfg, out, logger, ckpt_path)
     except _trial_pruned():
         raise  # not a failure: the run finished cleanly and the sweeper records the trial as pruned
+    except preemption.Stopped as stop:  # not a failure: preempted or out of time, its checkpoint saved
+        preemption.hand_over(stop, logger)  # marks the MLflow run, then requeues or exits
     except BaseException as error:
         tracking.record_failure(logger, error)
         raise
@@ -146,7 +148,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         trial.set_user_attr("mlflow_run_id", logger.run_id)
 
     module = build_module(cfg, processor, prompt)
-    trainer = build_trainer(cfg, logger, [SkippedItems(datamodule, out), *pruning])
+    stopper = preemption.StopOnSignal(out / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, logger, [SkippedItems(datamodule, out), stopper, *pruning])
     # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:

@@ -84,15 +84,44 @@ def points(db, run_id):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: 12 steps (2 epochs of 10 batches: a resume crosses an epoch boundary); its folder
+    holds ref/ and ref.db."""
+    folder = tmp_path_factory.mktemp("reference")
+    finish(launch(folder, folder / "ref", db="ref.db"))
+    return folder
+
+
+def assert_same_run(tmp_path, reference, run_dir):
+    """`run_dir` ends with the reference's weights, in one MLflow run of tmp_path's store holding the reference's
+    metrics, each step once; that run."""
+    want = load_file(reference / "ref/final_model/model.safetensors")
+    got = load_file(run_dir / "final_model/model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    client, (run_info,) = mlflow_runs(tmp_path)
+    assert run_info.info.status == "FINISHED"
+    _, (ref_info,) = mlflow_runs(f"sqlite:///{reference}/ref.db")
+    expected = histories(reference / "ref.db", ref_info.info.run_id)
+    actual = histories(tmp_path / "mlruns.db", run_info.info.run_id)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert expected[key].keys() == actual[key].keys(), key
+        for step, value in expected[key].items():
+            assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
+    counts = points(tmp_path / "mlruns.db", run_info.info.run_id)
+    assert counts == points(reference / "ref.db", ref_info.info.run_id)
+    assert {n for steps in counts.values() for n in steps.values()} == {1}
+    return run_info
+
+
 @pytest.mark.slow
-def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp_path):
+def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp_path, reference):
     """Killed between checkpoints, its last checkpoint then torn in half: the same command again (ckpt_path=auto,
     the default) resumes from the previous checkpoint with a warning naming both files, ends with the uninterrupted
     run's weights, in the same MLflow run, every metric step logged once. Run once more, it trains nothing."""
-    # Uninterrupted reference: 12 steps (2 epochs of 10 batches: the resume crosses an epoch boundary).
-    ref = launch(tmp_path, tmp_path / "ref", db="ref.db")
-    out = finish(ref, check=False)
-    assert ref.returncode == 0, out[-3000:]
 
     # Held (tests/hold.py) one batch after its second checkpoint, and SIGKILLed there: it cannot finish before the
     # kill, however the machine schedules the two processes; that batch's metrics are in MLflow, in no checkpoint.
@@ -112,32 +141,47 @@ def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp
     assert resumed.returncode == 0, out[-3000:]
     assert f"checkpoint {last} cannot be read" in out and f"resuming from the previous one, {last}.prev" in out
 
-    want = load_file(tmp_path / "ref/final_model/model.safetensors")
-    got = load_file(tmp_path / "run/final_model/model.safetensors")
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-
-    # One MLflow run for the killed and the resumed attempt, with the uninterrupted run's metrics, each step once.
-    client, (run_info,) = mlflow_runs(tmp_path)
-    assert run_info.info.status == "FINISHED" and run_info.data.tags["resume_count"] == "1"
-    _, (ref_info,) = mlflow_runs(f"sqlite:///{tmp_path}/ref.db")
-    expected = histories(tmp_path / "ref.db", ref_info.info.run_id)
-    actual = histories(tmp_path / "mlruns.db", run_info.info.run_id)
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert expected[key].keys() == actual[key].keys(), key
-        for step, value in expected[key].items():
-            assert actual[key][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
-    counts = points(tmp_path / "mlruns.db", run_info.info.run_id)
-    assert counts == points(tmp_path / "ref.db", ref_info.info.run_id)
-    assert {n for steps in counts.values() for n in steps.values()} == {1}
+    run_info = assert_same_run(tmp_path, reference, tmp_path / "run")
+    assert run_info.data.tags["resume_count"] == "1"
+    client, counts = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db"), points(
+        tmp_path / "mlruns.db", run_info.info.run_id)
 
     # Finished: the same command once more returns the recorded result and logs nothing.
     again = finish(launch(tmp_path, tmp_path / "run"))
     assert "holds a finished run" in again
     assert points(tmp_path / "mlruns.db", run_info.info.run_id) == counts
     assert client.get_run(run_info.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_run_after_a_checkpoint_at_the_next_step_and_it_resumes(tmp_path, reference):
+    """SIGUSR1 (SLURM's warning before a time limit; outside SLURM nothing requeues): the step running finishes,
+    last.ckpt is saved at it, the run exits (status 1) marked KILLED with the signal; the same command resumes from
+    that step and ends as the uninterrupted run, each metric step once."""
+    import os
+    import signal
+    import time
+
+    marker, release = tmp_path / "holding", tmp_path / "release"
+    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldUntilReleased",
+                 f"+callbacks.hold.marker={marker}", f"+callbacks.hold.release={release}",
+                 "checkpoint_every_n_steps=100")  # no checkpoint of its own before the signal
+    while not marker.exists():
+        assert run.poll() is None, finish(run, check=False)[-3000:]
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGUSR1)
+    release.touch()
+    out = finish(run, check=False)
+    assert run.returncode == 1, out[-3000:]
+    held_at = int(marker.read_text())
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] > held_at  # the step running when the signal came was finished, then saved
+    assert "stopped for SIGUSR1 after saving" in out and not (tmp_path / "run/final_model").exists()
+    _, (stopped,) = mlflow_runs(tmp_path)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["stopped"] == "SIGUSR1"
+
+    finish(launch(tmp_path, tmp_path / "run", "checkpoint_every_n_steps=100"))
+    assert assert_same_run(tmp_path, reference, tmp_path / "run").data.tags["resume_count"] == "1"
 
 
 @pytest.mark.slow
