@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Sampler
 
 from avrl.atomic import write_atomic
+from avrl.config import hydra_config
 
 
 def rng_state() -> dict:
@@ -110,9 +111,10 @@ RUN_INFO = "run_info.json"
 
 
 def save_run_info(out_dir: Path, run_id: str | None, completed: dict[str, float] | None = None) -> None:
-    """The MLflow run of this output folder, so that a resumed run logs into the same one; once the run has
-    finished, its result (`completed`), so that running it again returns that instead of training again."""
-    info = {"mlflow_run_id": run_id}
+    """The MLflow run of this output folder, so that a resumed run logs into the same one, and the job's command
+    line overrides; once the run has finished, its result (`completed`), so that running it again returns that
+    instead of training again."""
+    info = {"mlflow_run_id": run_id, "overrides": job_overrides()}
     if completed is not None:
         info["completed"] = {key: float(value) for key, value in completed.items()}
     write_atomic(out_dir / RUN_INFO, json.dumps(info, indent=2))
@@ -139,6 +141,33 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return path if path.exists() else previous if previous.exists() else None
 
 
+def job_overrides() -> list[str] | None:
+    """The running Hydra job's overrides (None outside a Hydra job: a test composing its config)."""
+    hydra_cfg = hydra_config()
+    return list(hydra_cfg.overrides.task) if hydra_cfg is not None else None
+
+
+# Overrides that may change between attempts of one run: where it logs, how it resumes, test-only callbacks.
+FREE_TO_CHANGE = ("hydra.", "ckpt_path", "logger.", "callbacks.")
+
+
+def check_same_job(out_dir: Path) -> None:
+    """ckpt_path=auto continues (or returns) what the folder holds only for the same command: another one (a
+    changed learning rate, say) into a folder that holds a run stops here, naming the difference."""
+    recorded, current = run_info(out_dir).get("overrides"), job_overrides()
+    if recorded is None or current is None:
+        return
+
+    def kept(overrides):
+        return sorted(o for o in overrides if not o.lstrip("+~").startswith(FREE_TO_CHANGE))
+
+    if kept(recorded) != kept(current):
+        differ = sorted(set(kept(recorded)) ^ set(kept(current)))
+        raise ValueError(f"{out_dir} holds a run of another command (overrides that differ: {' '.join(differ)}): "
+                         "ckpt_path=auto would continue it. Use another hydra.run.dir, or ckpt_path=last to resume "
+                         "it with the new overrides on purpose, or ckpt_path=null to start afresh there")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     """`ckpt_path=auto`: the output folder's last checkpoint if it has one, else None (a fresh start).
     `ckpt_path=last` is <output_dir>/checkpoints/last.ckpt and must exist; any other value is a path. Under
@@ -148,6 +177,8 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
         return None
     if ckpt_path == "auto":
         found = last_checkpoint(out_dir)
+        if found:
+            check_same_job(out_dir)
         return str(found) if found else None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():

@@ -87,7 +87,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = resume.completed_result(out) if cfg.ckpt_path == "auto" else None
-    if done is not None:  # a requeued job, or a sweep run again into its folder, after this run had finished
+    if done is not None:
+        resume.check_same_job(out)  # a requeued job, or a sweep run again into its folder, after this run had finished
         log.info("%s holds a finished run: its result is returned, nothing is trained again (a fresh run: another "
                  "hydra.run.dir, or ckpt_path=null)", out)
         return done

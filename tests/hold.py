@@ -45,15 +45,16 @@ class HoldAfterCheckpoint(Callback):
         threading.Event().wait()  # never set: only the test's SIGKILL ends the run from here
 
 
-class HoldUntilReleased(Callback):
-    """Before its first batch the run writes `marker`, then waits until the file `release` exists: the test changes
-    the run's surroundings at a known point (e.g. fails its Optuna trial from outside) and then lets it go on."""
+class HoldAt(Callback):
+    """Before the first batch at or after `step`, the run writes `marker` and waits until the file `release`
+    exists; a run started again after that (a requeued job, a resume) goes straight on. The test acts on the run
+    at a known step (signals it, cancels its job) and then lets it go on."""
 
-    def __init__(self, marker: str, release: str):
-        self.marker, self.release, self.held = Path(marker), Path(release), False
+    def __init__(self, marker: str, release: str, step: int = 0):
+        self.marker, self.release, self.step, self.held = Path(marker), Path(release), step, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.held:
+        if self.held or trainer.global_step < self.step or self.release.exists():
             return
         self.held = True
         announce(self.marker, trainer.global_step)

@@ -163,7 +163,7 @@ def test_a_signal_stops_the_run_after_a_checkpoint_at_the_next_step_and_it_resum
     import time
 
     marker, release = tmp_path / "holding", tmp_path / "release"
-    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldUntilReleased",
+    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAt",
                  f"+callbacks.hold.marker={marker}", f"+callbacks.hold.release={release}",
                  "checkpoint_every_n_steps=100")  # no checkpoint of its own before the signal
     while not marker.exists():
@@ -190,3 +190,20 @@ def test_deepspeed_resume_reaches_the_uninterrupted_weights(tmp_path, stage):
     """`ckpt_path=last` under DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo); the same on a GPU is in tests/test_gpu.py."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     check_deepspeed_resume(tmp_path, stage, "cpu")
+
+
+def test_auto_continues_a_folder_only_for_the_same_command(tmp_path, monkeypatch):
+    from avrl import resume
+
+    monkeypatch.setattr(resume, "job_overrides", lambda: ["optim.lr=1e-3", "seed=1", "+callbacks.hold.marker=a"])
+    resume.save_run_info(tmp_path, "run-1")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/last.ckpt").write_bytes(b"x")
+    # Where it logs, how it resumes and test callbacks may change between attempts; the experiment may not.
+    monkeypatch.setattr(resume, "job_overrides", lambda: ["seed=1", "optim.lr=1e-3", "logger.tracking_uri=x"])
+    assert resume.resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")
+    monkeypatch.setattr(resume, "job_overrides", lambda: ["optim.lr=1e-4", "seed=1"])
+    with pytest.raises(ValueError, match=r"holds a run of another command \(overrides that differ: optim.lr=1e-3 "
+                                         r"optim.lr=1e-4\).*ckpt_path=last"):
+        resume.resolve_ckpt_path("auto", tmp_path)
+    assert resume.resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")

@@ -221,7 +221,7 @@ def test_a_trial_failed_by_another_worker_while_it_runs_is_reported_not_told(tmp
         "-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=late",
         "hydra.sweeper.n_trials=1", "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2",
         "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
-        "+callbacks.hold._target_=tests.hold.HoldUntilReleased", f"+callbacks.hold.marker={marker}",
+        "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={marker}",
         f"+callbacks.hold.release={release}", f"hydra.sweep.dir={tmp_path}/sweep", log=tmp_path / "worker.log",
         tmp_path=tmp_path)
     wait_for(lambda: marker.exists() or worker.poll() is not None, "the held trial", limit=HANG_GUARD)

@@ -1,0 +1,1 @@
+"""avrl's Hydra launchers (Hydra finds plugins in the hydra_plugins package)."""
