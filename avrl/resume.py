@@ -151,18 +151,23 @@ def job_overrides() -> list[str] | None:
 FREE_TO_CHANGE = ("hydra.", "ckpt_path", "logger.", "callbacks.")
 
 
+def differing_overrides(recorded: list[str] | None, current: list[str] | None) -> list[str]:
+    """The overrides in one list and not the other, but those FREE_TO_CHANGE ([] where either is unknown)."""
+    if recorded is None or current is None:
+        return []
+
+    def kept(overrides):
+        return {o for o in overrides if not o.lstrip("+~").startswith(FREE_TO_CHANGE)}
+
+    return sorted(kept(recorded) ^ kept(current))
+
+
 def check_same_job(out_dir: Path) -> None:
     """ckpt_path=auto continues (or returns) what the folder holds only for the same command: another one (a
     changed learning rate, say) into a folder that holds a run stops here, naming the difference."""
     recorded, current = run_info(out_dir).get("overrides"), job_overrides()
-    if recorded is None or current is None:
-        return
-
-    def kept(overrides):
-        return sorted(o for o in overrides if not o.lstrip("+~").startswith(FREE_TO_CHANGE))
-
-    if kept(recorded) != kept(current):
-        differ = sorted(set(kept(recorded)) ^ set(kept(current)))
+    differ = differing_overrides(recorded, current)
+    if differ:
         raise ValueError(f"{out_dir} holds a run of another command (overrides that differ: {' '.join(differ)}): "
                          "ckpt_path=auto would continue it. Use another hydra.run.dir, or ckpt_path=last to resume "
                          "it with the new overrides on purpose, or ckpt_path=null to start afresh there")

@@ -40,6 +40,7 @@ class SlurmJobLeft(RuntimeError):
     NODE_FAIL, TIMEOUT, ...)."""
 
     def __init__(self, job_id: str, state: str, reason: str):
+        state = "NO_RESULT" if state == "COMPLETED" else state  # (its result file never appeared)
         super().__init__(f"SLURM job {job_id} ended {state}" + (f" ({reason})" if reason else "") + " without a result")
         self.job_id, self.state, self.reason = job_id, state, reason
 
@@ -50,7 +51,7 @@ class AvrlSlurmLauncher(SlurmLauncher):
         to_run = []
         for k, overrides in enumerate(job_overrides):
             folder = self._job_dir(overrides, initial_job_idx + k)
-            done = _completed(folder)
+            done = _completed(folder, overrides)
             if done is not None:
                 log.info("\t#%d : finished before, not submitted again (%s)", initial_job_idx + k, folder)
                 returns[k] = _finished(overrides, folder, done.get(str(self.config.objective)))
@@ -161,9 +162,14 @@ def final_state(job_id: str) -> tuple[str, str]:
     return "UNKNOWN", "no record left in slurmctld or accounting"
 
 
-def _completed(folder: Path) -> dict | None:
-    path = folder / "run_info.json"
-    return json.loads(path.read_text()).get("completed") if path.exists() else None
+def _completed(folder: Path, overrides) -> dict | None:
+    """The result recorded in a job's folder by a finished run of the same overrides (avrl/resume.py), or None."""
+    from avrl.resume import differing_overrides, run_info
+
+    info = run_info(folder)
+    if "completed" not in info or differing_overrides(info.get("overrides"), list(overrides)):
+        return None
+    return info["completed"]
 
 
 def _finished(overrides, folder: Path, value: Any) -> JobReturn:

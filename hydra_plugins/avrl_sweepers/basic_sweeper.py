@@ -35,7 +35,9 @@ class AvrlBasicSweeper(BasicSweeper):
             results = self.launcher.launch(batch, initial_job_idx=len(rows))
             for ret in results:
                 failed = ret.status != JobStatus.COMPLETED
-                rows.append(sweep.job_row(len(rows), ret.status.name, ret.overrides or [],
+                # A SLURM job that left the queue without a result carries SLURM's state (CANCELLED, ...).
+                status = getattr(ret._return_value, "state", None) if failed else None
+                rows.append(sweep.job_row(len(rows), status or ret.status.name, ret.overrides or [],
                                           None if failed else _number(ret.return_value),
                                           ret._return_value if failed else None))
             returns.append(results)

@@ -1,0 +1,53 @@
+"""Secrets in the forms users write them: URIs, query strings, overrides, YAML; and the settings that only look
+like secrets (token counts and ids) left alone."""
+
+import pytest
+
+from avrl.redaction import is_secret_name, redact, redact_param, scrub
+
+
+@pytest.mark.parametrize("text, clean", [
+    ("postgresql://bob:pw456@db.example/optuna", "postgresql://bob:***@db.example/optuna"),
+    ("https://ghp_TOKEN123@github.com/org/repo.git", "https://***@github.com/org/repo.git"),
+    ("http://h:5000/api?password=abc&x=1", "http://h:5000/api?password=***&x=1"),
+    ("https://h/?token=t0k&user=me", "https://h/?token=***&user=me"),
+    ("hydra.sweeper.storage=postgresql://u:pw@h/db", "hydra.sweeper.storage=postgresql://u:***@h/db"),
+    ("+db.password=pw123", "+db.password=***"),
+    ("a=1,+hub_token=xyz,b=2", "a=1,+hub_token=***,b=2"),  # Hydra's override_dirname
+    ("hf_key=hf_abc auth_header='Bearer x'", "hf_key=*** auth_header=***"),
+    ("db:\n  password: pw123\n  user: bob\n", "db:\n  password: ***\n  user: bob\n"),
+    ("endpoint=https://h/v1?api_key=zz", "endpoint=https://h/v1?api_key=***"),
+])
+def test_secrets_in_each_form_are_masked(text, clean):
+    assert redact(text) == clean
+
+
+@pytest.mark.parametrize("text", [
+    "postgresql://postgres@127.0.0.1:5432/db", "sqlite:////tmp/x.db", "http://server:5000/x", "pad_token_id: 151643",
+    "max_new_tokens: 256", "monkey=3", "key_field=4", "password: null", "token_file=/data/tokens.txt"])
+def test_what_only_looks_like_a_secret_is_kept(text):
+    assert redact(text) == text
+
+
+def test_params_by_name():
+    assert [is_secret_name(n) for n in ("hub_token", "db.password", "hf_key", "auth_header", "api_key", "pad_token_id",
+                                        "max_new_tokens", "reward.weights.format")] == [True] * 5 + [False] * 3
+    assert redact_param("hub_token", "hf_x") == "***" and redact_param("hub_token", None) is None
+    assert redact_param("notes", "see https://tok@h/x") == "see https://***@h/x"
+
+
+def test_scrub_rewrites_where_overrides_land_and_never_a_models_files(tmp_path):
+    job = tmp_path / "sweep/0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text("- +db.password=pw123\n- seed=1\n")
+    (job / "run.log").write_text("[INFO] storage postgresql://u:pw123@h/db\n")
+    (job / "final_model").mkdir()
+    (job / "final_model/tokenizer.json").write_text('{"added": "password=pw123"}')  # a vocabulary holds anything
+    pickle = tmp_path / "sweep/.submitit/7/7_submitted.pkl"
+    pickle.parent.mkdir(parents=True)
+    pickle.write_bytes(b"pw123")
+    assert {p.name for p in scrub(tmp_path / "sweep")} == {"overrides.yaml", "run.log"}
+    assert "pw123" not in (job / ".hydra/overrides.yaml").read_text() + (job / "run.log").read_text()
+    assert "pw123" in (job / "final_model/tokenizer.json").read_text() and pickle.exists()
+    scrub(tmp_path / "sweep", pickles=True)
+    assert not pickle.exists()
