@@ -21,6 +21,7 @@ from avrl.atomic import write_atomic
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
 from avrl.policy import Policy
+from avrl.redaction import scrub
 from avrl.sampling import rollout_keys
 from avrl.scoring import accuracy_metrics, score_batch
 from avrl.train import prompt_spec
@@ -75,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scrub(out / ".hydra")  # the overrides Hydra saved there, secrets included
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
     audio = cfg.eval.get("audio", "real")
     datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)

@@ -48,7 +48,10 @@ class StopOnSignal(Callback):
         self.pending: int | None = None  # the signal the run stops for, its checkpoint saved
         self.previous: dict[int, object] = {}
 
-    def on_fit_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        """Installed after Lightning's own handlers (set up once on_fit_start has run), which they replace: under
+        SLURM, Lightning's would save a checkpoint of its own at the signal, mid-step, and requeue the job a second
+        time; its SIGTERM handling would stop the run before this checkpoint is written."""
         if threading.current_thread() is not threading.main_thread():
             return  # Python installs signal handlers from the main thread only (a run inside a test thread)
         for number in SIGNALS:

@@ -74,15 +74,18 @@ def _written_by_hydra_or_avrl(path: Path) -> bool:
 
 def scrub(folder: str | Path, pickles: bool = False) -> list[Path]:
     """Rewrite, atomically, each file under `folder` where overrides land (see above) that holds a secret; with
-    `pickles`, remove submitit's job pickles too (they hold the job's overrides; a finished sweep needs none:
-    a re-run submits afresh). The files changed."""
+    `pickles`, remove the pickles of submitit's finished jobs too (they hold the job's overrides; a re-run of the
+    sweep submits afresh). The files changed."""
     from avrl.atomic import write_atomic
 
     changed = []
-    for path in sorted(Path(folder).rglob("*")):
+    paths = sorted(Path(folder).rglob("*"))
+    finished = {p.parent for p in paths if p.name.endswith("_result.pkl")}  # (a running job's pickle stays: a
+    for path in paths:                                                      # requeue reads it)
         if pickles and path.suffix == ".pkl" and ".submitit" in path.parts:
-            path.unlink(missing_ok=True)
-            changed.append(path)
+            if path.parent in finished:
+                path.unlink(missing_ok=True)
+                changed.append(path)
             continue
         if not path.is_file() or not _written_by_hydra_or_avrl(path):
             continue

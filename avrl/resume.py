@@ -21,6 +21,7 @@ from torch.utils.data import Sampler
 
 from avrl.atomic import write_atomic
 from avrl.config import hydra_config
+from avrl.redaction import redact
 
 
 def rng_state() -> dict:
@@ -142,9 +143,10 @@ def last_checkpoint(out_dir: Path) -> Path | None:
 
 
 def job_overrides() -> list[str] | None:
-    """The running Hydra job's overrides (None outside a Hydra job: a test composing its config)."""
+    """The running Hydra job's overrides, secrets masked (None outside a Hydra job: a test composing its
+    config)."""
     hydra_cfg = hydra_config()
-    return list(hydra_cfg.overrides.task) if hydra_cfg is not None else None
+    return [redact(o) for o in hydra_cfg.overrides.task] if hydra_cfg is not None else None
 
 
 # Overrides that may change between attempts of one run: where it logs, how it resumes, test-only callbacks.

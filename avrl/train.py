@@ -16,7 +16,7 @@ from avrl.checkpoints import SafeCheckpointIO
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
-from avrl.redaction import redact
+from avrl.redaction import redact, scrub
 from avrl.scoring import accuracy_metrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scrub(out / ".hydra")  # the overrides Hydra saved there, secrets included
     done = resume.completed_result(out) if cfg.ckpt_path == "auto" else None
     if done is not None:
         resume.check_same_job(out)  # a requeued job, or a sweep run again into its folder, after this run had finished

@@ -43,11 +43,13 @@ def test_scrub_rewrites_where_overrides_land_and_never_a_models_files(tmp_path):
     (job / "run.log").write_text("[INFO] storage postgresql://u:pw123@h/db\n")
     (job / "final_model").mkdir()
     (job / "final_model/tokenizer.json").write_text('{"added": "password=pw123"}')  # a vocabulary holds anything
-    pickle = tmp_path / "sweep/.submitit/7/7_submitted.pkl"
-    pickle.parent.mkdir(parents=True)
-    pickle.write_bytes(b"pw123")
+    pickle, running = tmp_path / "sweep/.submitit/7/7_submitted.pkl", tmp_path / "sweep/.submitit/8/8_submitted.pkl"
+    for path in (pickle, running):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"pw123")
+    (pickle.parent / "7_0_result.pkl").write_bytes(b"done")
     assert {p.name for p in scrub(tmp_path / "sweep")} == {"overrides.yaml", "run.log"}
     assert "pw123" not in (job / ".hydra/overrides.yaml").read_text() + (job / "run.log").read_text()
     assert "pw123" in (job / "final_model/tokenizer.json").read_text() and pickle.exists()
     scrub(tmp_path / "sweep", pickles=True)
-    assert not pickle.exists()
+    assert not pickle.exists() and running.exists()  # job 8 has no result yet: a requeue would need its pickle

@@ -23,7 +23,7 @@ def job_row(job: int, status: str, overrides: list[str], value=None, error: Base
             **extra) -> dict:
     if isinstance(error, BaseException):
         error = f"{type(error).__name__}: {error}"
-    return {"job": job, "status": status, "value": value, "overrides": list(overrides),
+    return {"job": job, "status": status, "value": value, "overrides": [redact(o) for o in overrides],
             "error": redact(error) if error else None, **extra}
 
 

@@ -129,6 +129,7 @@ def follow(jobs) -> list[BaseException | None]:
                 gone_since.setdefault(k, time.monotonic())
                 if time.monotonic() - gone_since[k] > LEFT_QUEUE_GRACE_S and not job.paths.result_pickle.exists():
                     outcomes[k] = SlurmJobLeft(job.job_id, *final_state(job.job_id))
+                    job.paths.submitted_pickle.unlink(missing_ok=True)  # (it holds the overrides, secrets too)
             else:
                 gone_since.pop(k, None)
         if len(outcomes) < len(jobs):
@@ -164,10 +165,11 @@ def final_state(job_id: str) -> tuple[str, str]:
 
 def _completed(folder: Path, overrides) -> dict | None:
     """The result recorded in a job's folder by a finished run of the same overrides (avrl/resume.py), or None."""
+    from avrl.redaction import redact
     from avrl.resume import differing_overrides, run_info
 
     info = run_info(folder)
-    if "completed" not in info or differing_overrides(info.get("overrides"), list(overrides)):
+    if "completed" not in info or differing_overrides(info.get("overrides"), [redact(o) for o in overrides]):
         return None
     return info["completed"]
 

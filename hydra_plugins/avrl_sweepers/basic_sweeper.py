@@ -11,6 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from avrl.redaction import scrub
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
 
@@ -27,6 +28,7 @@ class AvrlBasicSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        scrub(sweep_dir)  # the overrides as given, secrets included: masked here, in the jobs' .hydra at the end
 
         returns, rows = [], []
         while not self.is_done():
@@ -43,6 +45,7 @@ class AvrlBasicSweeper(BasicSweeper):
             returns.append(results)
 
         sweep.write_summary(sweep_dir, rows, self.config.objective)
+        scrub(sweep_dir, pickles=True)
         failed = [r for r in rows if r["status"] != "COMPLETED"]
         if failed:  # (Hydra's on_multirun_end, which writes the report, runs only when the sweep returns)
             parent_run.write_sweep_report(self.config)

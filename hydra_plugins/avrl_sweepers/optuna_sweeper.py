@@ -15,7 +15,7 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from avrl.redaction import redact
+from avrl.redaction import redact, scrub
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
 
@@ -51,6 +51,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        scrub(sweep_dir)  # the overrides as given, secrets included (the storage URL's password)
         log.info("Optuna study %r in %s: %d of %d trials done", self.study_name, redact(self.storage_url),
                  search.counted_trials(study), self.n_trials)
 
@@ -119,6 +120,7 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         sweep.write_summary(sweep_dir, rows, self.config.objective)
+        scrub(sweep_dir, pickles=True)
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if completed:
             best = study.best_trial
