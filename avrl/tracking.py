@@ -79,16 +79,17 @@ def _key(override: str) -> str:
 def varied_keys(sweep_dir) -> set[str] | None:
     """The keys a sweep varies: those given as sweeps (a,b / choice / range / interval) on its command line or in
     its preset's hydra.sweeper.params, read from <sweep dir>/multirun.yaml (the sweepers write it before the jobs
-    start); None without that file."""
+    start); None without that file, or when it cannot be read (the name then holds all the job's overrides)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     path = Path(sweep_dir) / "multirun.yaml"
-    if not path.exists():
+    try:  # unresolved: an override may hold an interpolation (${seed}) that only the job can resolve
+        hydra_cfg = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
+        params = hydra_cfg["sweeper"].get("params") or {}
+        lines = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg["overrides"]["task"])
+        return {_key(o.input_line) for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - a name is not worth failing the job for
         return None
-    hydra_cfg = OmegaConf.load(path).hydra
-    params = hydra_cfg.sweeper.get("params") or {}
-    lines = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg.overrides.task)
-    return {_key(o.input_line) for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()}
 
 
 # The leading parts of every sweep run's name; the seed ends it.
@@ -96,11 +97,13 @@ NAMED = ("algorithm", "prompt", "seed", "seeds", "trial")
 
 
 def run_label(cfg: DictConfig, tags: dict) -> tuple[str, str]:
-    """A sweep job's short arm label and run name: its trial (an Optuna study), method and prompt, the other
-    overrides the sweep varies (value only for a config group, last key=value otherwise) and the seed, e.g.
-    ("sft · no_think", "sft · no_think · seed 43"): what tells the runs apart in the MLflow UI's name column."""
-    varied = varied_keys(hydra_config().sweep.dir)
-    parts = [f"trial {cfg.trial}"] if cfg.get("trial") is not None else []
+    """A sweep job's short arm label and run name: its method and prompt, the other overrides the sweep varies
+    (value only for a config group, last key=value otherwise) and the seed, e.g. ("sft · no_think",
+    "sft · no_think · seed 43"); an Optuna trial's number instead of its values. What tells the runs apart in the
+    MLflow UI's name column."""
+    trial = cfg.get("trial") is not None
+    varied = set() if trial else varied_keys(hydra_config().sweep.dir)  # a trial's values: its params
+    parts = [f"trial {cfg.trial}"] if trial else []
     parts += [tags.get("algorithm", ""), tags.get("prompt", "")]
     for override in _arm_overrides():
         key, value = _key(override), override.split("=", 1)[-1]

@@ -62,10 +62,11 @@ def test_sft_and_omni_run_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_path):
-    """`seeds=2` on a two-arm sweep: four children under one parent, each arm's two runs differing only by seed;
-    the report is written when the sweep ends (arms pooled over seeds with intervals, paired comparisons, one row
-    per run, the plots) and rewritten by `python -m avrl.sweeps.report DIR` with no tracking URI given."""
-    run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2",
+    """`seeds=2` on a two-arm sweep: four children under one parent, each arm's two runs differing only by seed and
+    named so, tagged for the MLflow UI's Group by; the report is written when the sweep ends (arms pooled over seeds
+    with intervals, paired comparisons, one row per run, the plots), its arm table logged on the parent run, the
+    parent's address printed, and rewritten by `python -m avrl.sweeps.report DIR` with no tracking URI given."""
+    out = run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2",
             "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2",
             "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
@@ -80,6 +81,17 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     assert sorted(len(v) for v in by_arm.values()) == [2, 2]
     assert all(sorted(int(c.data.params["seed"]) for c in v) == [42, 43] for v in by_arm.values())
     assert sorted(v[0].data.tags["algorithm"] for v in by_arm.values()) == ["grpo", "sft"]
+    assert sorted(by_arm) == ["grpo · no_think", "sft · no_think"]
+    assert sorted(c.info.run_name for c in children) == ["grpo · no_think · seed 42", "grpo · no_think · seed 43",
+                                                         "sft · no_think · seed 42", "sft · no_think · seed 43"]
+    for c in children:  # what the UI's Group by offers
+        tags = c.data.tags
+        assert tags["seed"] == c.data.params["seed"] and tags["method"] == tags["algorithm"]
+        assert tags["prompt"] == "no_think" and tags["model"] == "tiny_qwen2_audio"
+    parent = parents[0]
+    assert parent.info.run_name == "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"
+    assert (f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): http://127.0.0.1:5000/"
+            f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}") in out.stdout
     assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
     assert parents[0].info.status == "FINISHED"
     for run in (*parents, *children):  # what decides the numbers, on every run (avrl/versions.py)
@@ -103,11 +115,15 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
         assert len(arms) == 2 and len(runs_table) == 4
         for members in by_arm.values():
             method = members[0].data.tags["algorithm"]
-            (row,) = [r for r in arms if r.startswith(f"| algorithm={method} | {method} |")]  # shared overrides cut
+            (row,) = [r for r in arms if r.startswith(f"| {method} | {method} |")]  # the shared prompt cut
             cells = [c.strip() for c in row.strip("|").split("|")]
             values = [m.data.metrics["val/accuracy"] for m in members]
             mean, sd = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
-            assert cells[3] == "2" and cells[4] == f"{100 * mean:.2f} ± {100 * t.ppf(0.975, 1) * sd / math.sqrt(2):.2f}"
+            half = t.ppf(0.975, 1) * sd / math.sqrt(2)
+            assert cells[3] == "2" and cells[4] == f"{100 * mean:.2f} ± {100 * half:.2f}"
+            on_parent = client.get_run(parent.info.run_id).data.metrics  # the same numbers, charted by the UI
+            assert on_parent[f"sweep/val/accuracy/{method} mean"] == pytest.approx(mean)
+            assert on_parent[f"sweep/val/accuracy/{method} mean upper95"] == pytest.approx(mean + half)
         assert "Paired comparisons" in text
     from PIL import Image
 
@@ -117,6 +133,30 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
             assert im.format == "PNG"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.md", "report/val_accuracy.png", "report/report.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_an_optuna_study_names_its_trials_and_plots_them(tmp_path):
+    """Each trial's run is named by its number (its values are its params); the study's report plots the objective
+    by trial and the best so far, the same values as the study holds."""
+    import optuna
+    from PIL import Image
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    run_cli("-m", "search=grpo_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+            "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
+            "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep",
+            tmp_path=tmp_path)
+    _, runs = mlflow_runs(tmp_path)
+    names = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert names == ["trial 0 · grpo · no_think · seed 42", "trial 1 · grpo · no_think · seed 42"]
+    (study_name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=study_name, storage=storage).trials
+    arms = json.loads((tmp_path / "sweep/report.json").read_text())["arms"]
+    assert {arm: stats["val/accuracy"]["mean"] for arm, stats in arms.items()} == pytest.approx(
+        {f"trial {t.number}": t.value for t in trials})
+    with Image.open(tmp_path / "sweep/optuna_trials.png") as image:
+        image.verify()
 
 
 @pytest.mark.slow
@@ -170,6 +210,9 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     assert [j["status"] for j in summary["jobs"]] == ["FAILED", "COMPLETED"]
     assert "no_such_loss" in summary["jobs"][0]["error"] and summary["jobs"][1]["value"] is not None
     assert "sweep summary: 1 of 2 jobs completed" in out.stdout
+    report = (tmp_path / "sweep/report.md").read_text()  # written for a failed sweep too, the failed run apart
+    left_out = report.split("## Runs left out", 1)[1].split("\n## ", 1)[0]
+    assert "| FAILED | FAILED |" in left_out and "no_such_loss" in left_out
 
     client, runs = mlflow_runs(tmp_path)
     by_loss = {r.data.params.get("algorithm.loss_type"): r for r in runs if "mlflow.parentRunId" in r.data.tags}

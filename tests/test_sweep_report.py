@@ -168,6 +168,20 @@ def test_sweep_runs_are_named_by_what_differs_arm_and_seed(tmp_path, monkeypatch
     assert max(map(len, names)) <= 40  # the UI's name column
 
 
+def test_a_name_without_the_sweeps_file_holds_every_override(tmp_path, monkeypatch):
+    """An override with an interpolation only the job resolves is read as written; without multirun.yaml every
+    override but the seed is in the name (long, but never two runs under one name)."""
+    task = ["trainer.max_steps=2", r"+callbacks.hold.marker=/tmp/held-$\{seed\}", "seed=1"]  # as Hydra escapes it
+    monkeypatch.setattr(tracking, "hydra_config", lambda: OmegaConf.create(
+        {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}}))
+    cfg, tags = OmegaConf.create({"seed": 1}), {"algorithm": "grpo", "prompt": "no_think"}
+    assert tracking.run_label(cfg, tags)[1] == r"grpo · no_think · max_steps=2 · marker=/tmp/held-$\{seed\} · seed 1"
+    sweep_line = ["trainer.max_steps=2", "+callbacks.hold.marker=/tmp/held-${seed}", "seed=1,2"]  # multirun.yaml's
+    OmegaConf.save({"hydra": {"sweeper": {"params": None}, "overrides": {"task": sweep_line}}},
+                   tmp_path / "multirun.yaml")
+    assert tracking.run_label(cfg, tags)[1] == "grpo · no_think · seed 1"
+
+
 def test_the_parent_is_named_by_its_preset_and_what_the_command_line_sweeps():
     assert sweep_name(["sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2"]) == \
         "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"

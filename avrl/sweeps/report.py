@@ -339,6 +339,7 @@ def plot_study(runs, direction: str, path: Path) -> list[tuple[int, float]]:
     best = (np.maximum if direction == "maximize" else np.minimum).accumulate(done[1])
     ax.step(done[0], best, where="post", label=f"best so far ({direction})")
     ax.set(xlabel="trial number", ylabel=f"{objective} ({unit})")
+    ax.set_title("Optuna study: the objective of each trial's final model", fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
