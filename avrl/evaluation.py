@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from avrl import tracking
+from avrl import spool, tracking
 from avrl.atomic import write_atomic
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
@@ -83,6 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()
     datamodule.write_skipped(out)
     logger = tracking.make_logger(cfg)
+    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))  # a server gone mid-run: logging waits on disk
     policy = load_for_eval(cfg, processor)
 
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
@@ -120,6 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
         logger.experiment.set_tag(logger.run_id, "eval_audio", audio)
+        spool.finish(logger)
     if version:
         print(f"{cfg.data.name} version {version}, protocol {protocol}")
     if audio != "real":

@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from avrl.redaction import redact
+
 log = logging.getLogger(__name__)
 WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "log_artifact", "log_table", "set_terminated",
           "update_run", "delete_tag")
@@ -82,7 +84,7 @@ class SpoolingClient:
                     self._offline_since = time.monotonic()
                     self._next_probe = self._offline_since + PROBE_EVERY_S
                     log.warning("MLflow server %s unreachable: training goes on, its logging waits in %s",
-                                self.tracking_uri, self.folder)
+                                redact(self.tracking_uri), self.folder)
                 return self._spool(name, args, kwargs)
 
         return write
@@ -98,7 +100,7 @@ class SpoolingClient:
             return False
         sent = replay(self.folder, self._client)
         self._offline_since = None
-        log.warning("MLflow server %s is back: %d spooled calls sent", self.tracking_uri, sent)
+        log.warning("MLflow server %s is back: %d spooled calls sent", redact(self.tracking_uri), sent)
         return True
 
     def flush(self) -> bool:
@@ -202,3 +204,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def attach(logger, out_dir: Path, tracking_uri: str) -> None:
+    """Route the logger's MLflow writes through a SpoolingClient kept in the run's output folder."""
+    if logger is not None and not isinstance(logger._mlflow_client, SpoolingClient):  # (Lightning's attribute)
+        logger._mlflow_client = SpoolingClient(logger._mlflow_client, Path(out_dir) / FOLDER, tracking_uri)
+
+
+def finish(logger) -> None:
+    """At the end of a run: send what waits; if the server is still away, say where it waits and how to send it."""
+    client = getattr(logger, "_mlflow_client", None)
+    if not isinstance(client, SpoolingClient) or client.flush():
+        return
+    uri = redact(client.tracking_uri)
+    print(f"MLflow server {uri} still unreachable: {client.pending()} calls of this run wait in {client.folder}\n"
+          f"  send them when it is back: python -m avrl.spool {client.folder} --tracking-uri {uri}")

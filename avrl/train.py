@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avrl import console, final_eval, preemption, resume, strategies, tracking
+from avrl import console, final_eval, preemption, resume, spool, strategies, tracking
 from avrl.checkpoints import SafeCheckpointIO
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # its output folder, each step once; a fresh run records its run there.
     run_id = resume.resumed_run_id(out) if ckpt_path or cfg.ckpt_path == "auto" else None
     logger = tracking.make_logger(cfg, run_id=run_id)
+    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))  # a server gone mid-run: logging waits on disk
     if logger is not None and run_id is None:
         resume.save_run_info(out, logger.run_id)
     elif logger is not None:
@@ -115,6 +116,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except BaseException as error:
         tracking.record_failure(logger, error)
         raise
+    finally:
+        spool.finish(logger)  # what waited for an absent MLflow server is sent, or its place is printed
 
 
 def _trial_pruned() -> type[BaseException] | tuple:
