@@ -92,3 +92,65 @@ def test_a_refused_call_is_an_error_not_an_outage(tmp_path, server):
     with pytest.raises(MlflowException, match="tag too long"):
         client.set_tag("r", "k", "v")
     assert client.pending() == 0
+
+
+@pytest.mark.slow
+def test_a_run_outlives_its_mlflow_server_going_away_and_coming_back_on_the_same_port(tmp_path):
+    """The server is stopped after step 2 and started again (same port, same store) at step 5: the run finishes,
+    FINISHED in MLflow, every step of every metric there once, nothing left in the spool."""
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from tests.conftest import finish, start_cli
+    from tests.services import free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+
+    def serve():
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
+                                   "--artifacts-destination", str(tmp_path / "art"), "--workers", "1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not spool.healthy(uri):
+            assert server.poll() is None, "mlflow server exited at start"
+            time.sleep(0.2)
+        return server
+
+    def held(marker, run):
+        while not marker.exists():
+            assert run.poll() is None, finish(run, check=False)[-3000:]
+            time.sleep(0.2)
+
+    server = serve()
+    holds = [f"+callbacks.{name}.{key}={value}" for name, step in (("away", 2), ("back", 5)) for key, value in
+             (("_target_", "tests.hold.HoldAt"), ("marker", tmp_path / f"{name}.held"),
+              ("release", tmp_path / f"{name}.go"), ("step", step))]
+    run = start_cli(f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=8", "trainer.val_check_interval=4",
+                    "data.val_size=4", "data.batch_size=2", "algorithm.num_generations=2",
+                    "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", *holds,
+                    env={"MLFLOW_TRACKING_URI": uri}, log=tmp_path / "run.log")
+    try:
+        held(tmp_path / "away.held", run)
+        server.terminate()
+        server.wait()
+        (tmp_path / "away.go").touch()
+        held(tmp_path / "back.held", run)
+        server = serve()
+        (tmp_path / "back.go").touch()
+        console = finish(run)
+        client = mlflow.tracking.MlflowClient(uri)
+        (found,) = client.search_runs([client.get_experiment_by_name("avrl").experiment_id])
+        assert found.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(found.info.run_id, "train/loss"))
+        assert steps == list(range(8)), steps
+        for key in found.data.metrics:
+            history = [m.step for m in client.get_metric_history(found.info.run_id, key)]
+            assert len(history) == len(set(history)), key
+        assert "unreachable: training goes on" in console and not (tmp_path / "run/mlflow_spool").exists()
+    finally:
+        server.terminate()
+        server.wait()

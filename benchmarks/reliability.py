@@ -1,0 +1,95 @@
+"""What crash safety costs a training step: `python benchmarks/reliability.py [--out benchmarks/reliability.json]`.
+
+- checkpoint: one save of a checkpoint as Lightning writes it (TorchCheckpointIO: into memory, then into the file
+  through fsspec) and as avrl does (SafeCheckpointIO: beside the target, fsynced, renamed, the previous kept), for
+  the tiny default model's full training state (weights + AdamW moments, ~4 MB) and a 256 MB state; per step at
+  the default checkpoint_every_n_steps (50).
+- logging: one `log_metrics` of a step's ~20 metrics into a SQLite MLflow store, through MLflow's client and
+  through avrl's SpoolingClient (server up), and the cost of spooling a call to disk while the server is away.
+
+Medians over repetitions; the machine is printed with the figures. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPEATS = 15
+
+
+def median_ms(fn, repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def training_state(parameters: int) -> dict:
+    moments = {"exp_avg": torch.randn(parameters), "exp_avg_sq": torch.rand(parameters)}
+    return {"state_dict": {"w": torch.randn(parameters)}, "global_step": 1,
+            "optimizer_states": [{"state": {0: moments}}]}
+
+
+def bench_checkpoint(folder: Path) -> dict:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from safetensors.torch import load_file
+
+    from avrl.checkpoints import SafeCheckpointIO
+    from avrl.config import asset_path
+
+    tiny = sum(t.numel() for t in load_file(Path(asset_path("tiny_qwen2_audio")) / "model.safetensors").values())
+    rows = {}
+    for name, parameters in (("tiny default model", tiny), ("256 MB state", 256 * 2**20 // 12)):
+        state = training_state(parameters)
+        row = {"parameters": parameters, "megabytes": round(3 * parameters * 4 / 2**20, 1)}
+        for io_name, io in (("lightning_ms", TorchCheckpointIO()), ("avrl_safe_ms", SafeCheckpointIO())):
+            row[io_name] = round(median_ms(lambda io=io: io.save_checkpoint(state, folder / "last.ckpt")), 2)
+        row["extra_per_step_ms_at_every_50"] = round((row["avrl_safe_ms"] - row["lightning_ms"]) / 50, 3)
+        rows[name] = row
+    return rows
+
+
+def bench_logging(folder: Path) -> dict:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from avrl import spool
+
+    metrics = {f"train/metric_{k}": float(k) for k in range(20)}
+    uri = f"sqlite:///{folder}/mlruns.db"
+    direct = MLFlowLogger(experiment_name="bench", tracking_uri=uri)
+    spooled = MLFlowLogger(experiment_name="bench", tracking_uri=uri)
+    spool.attach(spooled, folder, uri)
+    steps = iter(range(10**6))
+    row = {"mlflow_client_ms": median_ms(lambda: direct.log_metrics(metrics, step=next(steps))),
+           "spooling_client_up_ms": median_ms(lambda: spooled.log_metrics(metrics, step=next(steps)))}
+    client = spooled._mlflow_client
+    client._offline_since, client._next_probe = time.monotonic(), float("inf")  # the server is away
+    row["spooled_to_disk_ms"] = median_ms(lambda: spooled.log_metrics(metrics, step=next(steps)))
+    return {key: round(value, 2) for key, value in row.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                              "cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+                  "date": time.strftime("%Y-%m-%d"), "checkpoint": bench_checkpoint(Path(tmp)),
+                  "logging": bench_logging(Path(tmp))}
+    print(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
