@@ -68,6 +68,33 @@ def test_a_resumed_study_does_not_replay_its_random_trials():
     assert not set(draws(0)) & set(draws(3))  # a resume after 3 trials draws new points
 
 
+def test_heartbeats_survive_a_database_blip(tmp_path, caplog):
+    """The first two heartbeats fail as a dropped connection does; the thread retries, logs, and records again."""
+    import threading
+
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=60)
+    study = optuna.create_study(storage=storage)
+    trial_id = study.ask()._trial_id
+    calls, recorded = [], threading.Event()
+    real = storage.record_heartbeat
+
+    def flaky(trial):
+        calls.append(trial)
+        if len(calls) <= 2:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("terminating connection"))
+        real(trial)
+        recorded.set()
+
+    storage.record_heartbeat = flaky
+    with caplog.at_level("WARNING", logger="avrl.sweeps.optuna_search"):
+        with search.Heartbeat(storage, trial_id, interval=60):
+            assert recorded.wait(timeout=60)  # (a hang guard: the retries come after 1 s and 2 s)
+    assert len(calls) == 3 and storage._get_stale_trial_ids(study._study_id) == []
+    assert "retrying in 1 s" in caplog.text and "recorded again after 2 failed attempts" in caplog.text
+
+
 def test_the_grpo_search_preset_composes_into_a_search_space(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

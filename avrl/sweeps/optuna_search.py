@@ -7,6 +7,7 @@ that is not Hydra plumbing lives here, so it can be read and tested without Hydr
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -19,6 +20,10 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+
+from avrl.redaction import redact
+
+log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -168,8 +173,23 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
+        """A database blip (a restart, a dropped connection) must not end the heartbeats: another worker would then
+        fail this live trial as stale and its result would be thrown away. Failed beats are retried sooner, with
+        backoff (1, 2, 4 ... s, never longer than the interval), and logged; the next good one says so."""
+        failures = 0
         while not self._stop.is_set():
-            self.storage.record_heartbeat(self.trial_id)
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as error:
+                failures += 1
+                wait = min(float(self.interval), 2.0 ** (failures - 1))
+                log.warning("heartbeat of trial %d not recorded (%s: %s); retrying in %.0f s", self.trial_id,
+                            type(error).__name__, redact(str(error))[:300], wait)
+                self._stop.wait(wait)
+                continue
+            if failures:
+                log.warning("heartbeat of trial %d recorded again after %d failed attempts", self.trial_id, failures)
+                failures = 0
             self._stop.wait(self.interval)
 
     def __enter__(self):
