@@ -20,7 +20,7 @@ from tests.conftest import ROOT, mlflow_runs, run_cli
 services.APT_PACKAGES.setdefault("chromium", ["chromium", "chromium-driver"])
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1200")
+                  "--disable-dev-shm-usage", "--window-size=1600,1200")
 WAIT = 120  # seconds: a hang guard for each thing the page must show, far above a render on a busy machine
 
 

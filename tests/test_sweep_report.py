@@ -80,8 +80,9 @@ def test_one_finished_run_per_arm_and_seed_the_rest_listed_apart(sweep):
     left = {row[0]: row for row in rows(text, "## Runs left out")}
     assert sorted(left) == ["grpo failed attempt", "grpo seed 2 first", "sft · no_think · seed 3",
                             "sft · no_think · seed 4"]
-    assert left["grpo failed attempt"][3] == "FAILED" and left["sft · no_think · seed 3"][3] == "KILLED"
-    assert left["sft · no_think · seed 4"][3] == "RUNNING"
+    assert left["grpo failed attempt"][3:] == ["FAILED", "did not finish"]
+    assert left["sft · no_think · seed 3"][3:] == ["KILLED", "did not finish"]
+    assert left["sft · no_think · seed 4"][3:] == ["RUNNING", "still running"]
     assert left["grpo seed 2 first"][4] == "superseded by grpo · no_think · seed 2 (newer)"
     assert len(rows(text, "## Runs\n")) == 4
     assert {p.name for p in written} >= {"report.md", "report.json", "val_accuracy.png"}

@@ -83,8 +83,9 @@ def one_run_per_cell(runs) -> tuple[list, list[tuple[object, str]]]:
             continue
         if r.info.status == "FINISHED":
             why = f"superseded by {newest[(arm_of(r), seed_of(r))].info.run_name} (newer)"
-        else:
-            why = r.info.status + (f" (Optuna: {r.data.tags['optuna_state']})" if "optuna_state" in r.data.tags else "")
+        else:  # (SCHEDULED: stopped by a signal, to be resumed)
+            why = {"RUNNING": "still running", "SCHEDULED": "waiting to resume"}.get(r.info.status, "did not finish")
+            why += f" (Optuna: {r.data.tags['optuna_state']})" if "optuna_state" in r.data.tags else ""
         left_out.append((r, why))
     return [r for r in runs if r.info.run_id in kept], left_out
 
