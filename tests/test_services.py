@@ -151,6 +151,46 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
               f"{sum(seconds) / len(seconds):.1f} s per trial (mean of {len(seconds)})")
 
 
+@pytest.mark.slow
+@pytest.mark.services
+def test_a_trial_outlives_its_database_connections_being_terminated(postgres_url, tmp_path):
+    """pg_terminate_backend on every connection of the study's database while a trial's job is held: the worker's
+    heartbeats go on (a dead connection is replaced; a failed beat is retried); a second worker that then asks for
+    a trial (and so checks for stale ones) does not fail it; released, the trial completes."""
+    import optuna
+    import psycopg
+    from optuna.trial import TrialState
+
+    storage = services.create_database(postgres_url, "blip")
+    marker, release = tmp_path / "held", tmp_path / "go"
+    study_args = ["-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=blip",
+                  "hydra.sweeper.heartbeat_interval=1", *QUICK]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
+    first = start_cli(*study_args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/first",
+                      "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={marker}",
+                      f"+callbacks.hold.release={release}", env=env, log=tmp_path / "first.log")
+    services.wait_for(lambda: marker.exists() or first.poll() is not None, "the held trial", first.log,
+                      limit=HANG_GUARD)
+    with psycopg.connect(f"{postgres_url}/postgres", autocommit=True) as connection:
+        terminated, at = connection.execute("SELECT count(pg_terminate_backend(pid)), now() FROM pg_stat_activity "
+                                            "WHERE datname = 'blip' AND pid <> pg_backend_pid()").fetchone()
+    assert terminated >= 1
+
+    def beating_again() -> bool:  # a heartbeat recorded after the connections were terminated
+        assert first.poll() is None, first.log.read_text()[-3000:]
+        with psycopg.connect(storage, autocommit=True) as connection:
+            (last,) = connection.execute("SELECT max(heartbeat) FROM trial_heartbeats").fetchone()
+        return last is not None and last.replace(tzinfo=None) > at.replace(tzinfo=None)
+
+    services.wait_for(beating_again, "a heartbeat after the blip", first.log, limit=HANG_GUARD)
+    finish(start_cli(*study_args, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/second", env=env,
+                     log=tmp_path / "second.log"))
+    release.touch()
+    finish(first)
+    study = optuna.load_study(study_name="blip", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
 # ------------------------------------------------------------------------------------------------ SLURM
 @pytest.mark.slow
 @pytest.mark.services

@@ -101,13 +101,15 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
     from avrl.db import require_driver
 
     require_driver(url, "hydra.sweeper.storage")
+    # A database server restarted, or a connection it dropped: each connection is checked before use and replaced.
+    engine = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
     if heartbeat_interval:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period or 2 * heartbeat_interval,
-                                              heartbeat_stale_trial_callback=stale_trial_callback)
-    return optuna.storages.RDBStorage(url)
+                                              heartbeat_stale_trial_callback=stale_trial_callback, **engine)
+    return optuna.storages.RDBStorage(url, **engine)
 
 
 def study_lock(storage_url: str, study_name: str):
