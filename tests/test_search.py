@@ -95,6 +95,35 @@ def test_heartbeats_survive_a_database_blip(tmp_path, caplog):
     assert "retrying in 1 s" in caplog.text and "recorded again after 2 failed attempts" in caplog.text
 
 
+def test_a_trial_the_cluster_ended_is_asked_again_with_its_parameters_and_counted_once(monkeypatch):
+    class Left(RuntimeError):
+        state = "PREEMPTED"
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    space = {"lr": FloatDistribution(1e-6, 1e-3, log=True)}
+    first = search.ask(study, space)
+    assert not search.retry(study, first, ValueError("a bug of its own"))  # the job's own fault: no retry
+    assert search.retry(study, first, Left("SLURM job 7 ended PREEMPTED without a result"))
+    study.tell(first, None, TrialState.FAIL)
+    assert search.counted_trials(study) == 0  # the failed attempt no longer counts towards n_trials
+    second = search.ask(study, space)
+    assert second.params == first.params and second.user_attrs == {"retry_of": 0, "attempt": 2}
+    assert search.retry(study, second, RuntimeError("Job not requeued because: timed-out too many times."))
+    study.tell(second, None, TrialState.FAIL)
+    third = search.ask(study, space)
+    assert third.user_attrs == {"retry_of": 0, "attempt": 3} and not search.retry(study, third, Left("again"))
+    study.tell(third, None, TrialState.FAIL)
+    assert search.counted_trials(study) == 1  # three attempts of one trial: counted once
+
+    cancelled = []
+    monkeypatch.setattr("subprocess.run", lambda args, **kw: cancelled.append(args) or
+                        __import__("subprocess").CompletedProcess(args, 0, "", ""))
+    from types import SimpleNamespace
+
+    search.cancel_job(SimpleNamespace(number=2, user_attrs={"slurm_job": "12_3"}))  # (a stale trial, frozen)
+    assert cancelled == [["scancel", "12_3"]]
+
+
 def test_the_grpo_search_preset_composes_into_a_search_space(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

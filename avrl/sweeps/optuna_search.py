@@ -154,7 +154,45 @@ def counted_trials(study: optuna.Study) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,)))
+    trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+    return sum(RETRIED not in t.user_attrs for t in trials)  # a retried trial counts once: as its retry
+
+
+# A trial whose job the cluster took away (not its own fault) is asked again with the same parameters, up to
+# MAX_ATTEMPTS in all: the failed one gets RETRIED (it no longer counts towards n_trials), the retry RETRY_OF.
+RETRIED, RETRY_OF, ATTEMPT = "retried", "retry_of", "attempt"
+MAX_ATTEMPTS = 3
+CLUSTER_ENDED = ("PREEMPTED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def ended_by_the_cluster(error: BaseException | None) -> bool:
+    """Preemption, a time limit (also after submitit's requeues ran out), a node failure."""
+    return error is not None and (getattr(error, "state", "") in CLUSTER_ENDED
+                                  or "timed-out too many times" in str(error))
+
+
+def retry(study: optuna.Study, trial: optuna.Trial, error: BaseException | None) -> bool:
+    """Enqueue the same parameters again when the cluster ended the trial's job; whether it did."""
+    attempt = int(trial.user_attrs.get(ATTEMPT, 1))
+    if not ended_by_the_cluster(error) or attempt >= MAX_ATTEMPTS:
+        return False
+    first = trial.user_attrs.get(RETRY_OF, trial.number)
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: first, ATTEMPT: attempt + 1})
+    trial.set_user_attr(RETRIED, True)
+    log.warning("trial %d: the cluster ended its job (%s); its parameters are asked again (attempt %d of %d)",
+                trial.number, redact(str(error))[:200], attempt + 1, MAX_ATTEMPTS)
+    return True
+
+
+def cancel_job(trial) -> None:
+    """Cancel the SLURM job of a trial failed as stale (its worker is gone; the job would run on for nothing)."""
+    job = trial.user_attrs.get("slurm_job")
+    if job:
+        import subprocess
+
+        out = subprocess.run(["scancel", str(job)], capture_output=True, text=True)
+        log.warning("trial %d: its SLURM job %s cancelled%s", trial.number, job,
+                    "" if out.returncode == 0 else f" (scancel: {out.stderr.strip()[:200]})")
 
 
 def ask(study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:

@@ -75,8 +75,11 @@ class OptunaSweeper(Sweeper):
     def _worker_lost(self, study, trial) -> None:
         """Optuna failed a trial whose worker stopped sending heartbeats (killed, or its machine lost): its MLflow
         run, left RUNNING by the dead job, is marked FAILED with the reason."""
+        from avrl.sweeps import optuna_search as search
+
         reason = "its worker stopped sending heartbeats (killed, or its machine lost)"
         log.warning("trial %d FAIL: %s", trial.number, reason)
+        search.cancel_job(trial)
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id and self.config.logger.enabled:
             parent_run.mark_trial(self.config.logger.tracking_uri, run_id, "FAIL", reason)
@@ -110,6 +113,8 @@ class OptunaSweeper(Sweeper):
             if reason:
                 trial.set_user_attr("reason", redact(reason)[:2000])
                 log.warning("trial %d %s: %s", trial.number, state.name, reason)
+            if state == optuna.trial.TrialState.FAIL:
+                search.retry(study, trial, error)  # preempted or out of time: the same parameters again
             study.tell(trial, value, state)
         run_id = stored.user_attrs.get("mlflow_run_id")
         if run_id and self.config.logger.enabled:
