@@ -51,12 +51,14 @@ class _Media:
 
 
 def _not_utf8(error: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
-    """Where and what the first byte that is not UTF-8 is: "line L, column C: byte 0x.. is not UTF-8 (...)"."""
+    """Where and what the first byte that is not UTF-8 is: "L: not UTF-8 text: byte 0x.. at column C (...)", the
+    line L and column C (in bytes) counted from 1 in `data`, the file's bytes; `offset`: where the decoded part starts
+    (the error's positions are relative to it)."""
     at = offset + error.start
     line_start = data.rfind(b"\n", 0, at) + 1
     line, column = data.count(b"\n", 0, at) + 1, at - line_start + 1
-    return (f"{line}: not UTF-8 text: byte 0x{data[at]:02x} at column {column} (is the file in another encoding, "
-            f"such as Latin-1 or Windows-1252? save it as UTF-8)")
+    return (f"{line}: not UTF-8 text: byte 0x{data[at]:02x} at column {column} (in bytes; is the file in another "
+            f"encoding, such as Latin-1 or Windows-1252? save it as UTF-8)")
 
 
 def _read_bytes(path: Path) -> bytes:
