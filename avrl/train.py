@@ -90,24 +90,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     scrub(out / ".hydra")  # the overrides Hydra saved there, secrets included
     done = resume.completed_result(out) if cfg.ckpt_path == "auto" else None
     if done is not None:
-        resume.check_same_job(out)  # a requeued job, or a sweep run again into its folder, after this run had finished
+        resume.check_same_job(out)  # a requeued job, or a sweep run again into its folder, after it had finished
         log.info("%s holds a finished run: its result is returned, nothing is trained again (a fresh run: another "
                  "hydra.run.dir, or ckpt_path=null)", out)
         return done
     ckpt_path = resume.resolve_ckpt_path(cfg.ckpt_path, out)
-    if ckpt_path:
-        console.resuming()
-    # A resumed run (and with ckpt_path=auto a run killed before its first checkpoint) logs into the MLflow run of
-    # its output folder, each step once; a fresh run records its run there.
-    run_id = resume.resumed_run_id(out) if ckpt_path or cfg.ckpt_path == "auto" else None
-    logger = tracking.make_logger(cfg, run_id=run_id)
-    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))  # a server gone mid-run: logging waits on disk
-    if logger is not None and run_id is None:
-        resume.save_run_info(out, logger.run_id)
-    elif logger is not None:
-        resume.log_each_step_once(logger)
-        count = int(logger.experiment.get_run(run_id).data.tags.get("resume_count", "0")) + 1
-        logger.experiment.set_tag(run_id, "resume_count", str(count))
+    logger = open_run(cfg, out, ckpt_path)
     try:
         return _train(cfg, out, logger, ckpt_path)
     except _trial_pruned():
@@ -119,6 +107,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     finally:
         spool.finish(logger)  # what waited for an absent MLflow server is sent, or its place is printed
+
+
+def open_run(cfg: DictConfig, out: Path, ckpt_path: str | None):
+    """The job's MLflow logger (None with logger=none). A resumed run (and, with ckpt_path=auto, a run killed
+    before its first checkpoint) logs into the MLflow run of its output folder, each metric step once, counting
+    its resumes; a fresh run records its run there. Writes wait on disk while the server is away (spool.py)."""
+    if ckpt_path:
+        console.resuming()
+    run_id = resume.resumed_run_id(out) if ckpt_path or cfg.ckpt_path == "auto" else None
+    logger = tracking.make_logger(cfg, run_id=run_id)
+    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))
+    if logger is not None and run_id is None:
+        resume.save_run_info(out, logger.run_id)
+    elif logger is not None:
+        resume.log_each_step_once(logger)
+        count = int(logger.experiment.get_run(run_id).data.tags.get("resume_count", "0")) + 1
+        logger.experiment.set_tag(run_id, "resume_count", str(count))
+    return logger
 
 
 def _trial_pruned() -> type[BaseException] | tuple:
