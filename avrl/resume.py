@@ -50,13 +50,14 @@ def set_rng_state(state: dict) -> None:
 class EpochSampler(Sampler[int]):
     """A shuffled order per epoch that depends only on (seed, epoch), not on any global generator, split evenly
     over the ranks of a distributed run (rank r takes every world-th index), and able to start an epoch after its
-    first `skip_batches` batches (set on resume). It does its own rank split so that a resumed distributed run
+    first batches (`resume_at`, set on resume). It does its own rank split so that a resumed distributed run
     continues exactly too (avrl's Trainer is built with use_distributed_sampler=False)."""
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip_batches = 0, 0
+        self.epoch = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it already used), set on resume
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
@@ -64,8 +65,11 @@ class EpochSampler(Sampler[int]):
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
-        start, self.skip_batches = self.skip_batches * self.batch_size, 0
-        yield from mine[start:].tolist()
+        # Only the epoch the checkpoint was taken in is cut: a checkpoint at an epoch's last batch resumes at the
+        # start of the next epoch, which Lightning begins without it.
+        skip = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
+        self.resume_at = None
+        yield from mine[skip * self.batch_size:].tolist()
 
     def __len__(self) -> int:
         return self.size // self.world_size
@@ -105,7 +109,7 @@ class ResumeState(Callback):
         sampler = getattr(getattr(trainer.train_dataloader, "batch_sampler", None), "sampler", None)
         if not isinstance(sampler, EpochSampler):
             raise RuntimeError("exact resume needs the train loader's EpochSampler (avrl's AudioQADataModule)")
-        sampler.skip_batches = self.batches_in_epoch
+        sampler.resume_at = (self.epoch, self.batches_in_epoch)
 
 
 RUN_INFO = "run_info.json"

@@ -20,9 +20,15 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
     sampler.set_epoch(1)
     assert list(sampler) != first
     sampler.set_epoch(0)
-    sampler.skip_batches = 2
+    sampler.resume_at = (0, 2)
     assert list(sampler) == first[6:]
     assert list(sampler) == first  # the skip applies once, to the resumed epoch only
+    # A checkpoint at epoch 0's last batch: Lightning resumes at the start of epoch 1, which is not cut.
+    sampler.resume_at = (0, 3)
+    sampler.set_epoch(1)
+    fresh = EpochSampler(10, 3, seed=5)
+    fresh.set_epoch(1)
+    assert list(sampler) == list(fresh)  # epoch 1 whole (the fault: cut by epoch 0's 3 batches, 9 of 10 items gone)
 
 
 def test_epoch_sampler_splits_an_epoch_over_ranks():

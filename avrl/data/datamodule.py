@@ -61,7 +61,7 @@ def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
     if path is None:
         raise ValueError(f"data config {cfg.name!r} has no {split}_path (set data.{split}_path=...)")
     items, skipped = READERS[cfg.format](path, cfg.get("root"), cfg.get("on_error", "raise"),
-                                         check_audio=cfg.get("check_audio", True))
+                                         check_audio=cfg.check_audio)
     limit = cfg.get("limit")
     return ItemList(items[:limit] if limit else items), skipped
 
