@@ -20,8 +20,10 @@ SECRET_WORDS = {"password", "passwd", "pwd", "token", "secret", "secrets", "cred
 MASK = "***"
 _WORD = r"[A-Za-z0-9]+"
 
-_PASSWORD_IN_URI = re.compile(r"(//[^:/@\s]+:)[^@\s/]+@")  # scheme://user:PASSWORD@host
-_TOKEN_IN_HTTP_URI = re.compile(r"(https?://)[^:/@\s]+@")  # https://TOKEN@host
+# Hydra writes an override's colons escaped (https\://...), once or twice over in YAML and JSON: both forms.
+_ESC = r"(?:\\{1,2})?"
+_PASSWORD_IN_URI = re.compile(rf"(//[^:/@\s\\]+{_ESC}:)[^@\s/]+@")  # scheme://user:PASSWORD@host
+_TOKEN_IN_HTTP_URI = re.compile(rf"(https?{_ESC}://)[^:/@\s\\]+@")  # https://TOKEN@host
 _NAMED = r"[+~]{0,2}[A-Za-z0-9_.\-/]+"
 _ASSIGNMENT = re.compile(rf"(?P<name>{_NAMED})(?P<sep>=|: )(?P<value>'[^']*'|\"[^\"]*\"|[^\s,&'\"]+)")
 

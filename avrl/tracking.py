@@ -67,9 +67,10 @@ def sweep_arm() -> str:
 
 
 def _arm_overrides() -> list[str]:
+    """The job's overrides but its seed, secrets masked (they name the run and tag it)."""
     hydra_cfg = hydra_config()
     overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
-    return [o for o in overrides if _key(o) not in ("seed", "seeds")]
+    return [redact(o) for o in overrides if _key(o) not in ("seed", "seeds")]
 
 
 def _key(override: str) -> str:

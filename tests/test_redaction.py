@@ -17,6 +17,8 @@ from avrl.redaction import is_secret_name, redact, redact_param, scrub
     ("hf_key=hf_abc auth_header='Bearer x'", "hf_key=*** auth_header=***"),
     ("db:\n  password: pw123\n  user: bob\n", "db:\n  password: ***\n  user: bob\n"),
     ("endpoint=https://h/v1?api_key=zz", "endpoint=https://h/v1?api_key=***"),
+    ("- +notes=https\\://tok@h/x", "- +notes=https\\://***@h/x"),  # as Hydra writes an override, colon escaped
+    ('"storage=postgresql\\\\://u\\\\:pw@h"', '"storage=postgresql\\\\://u\\\\:***@h"'),  # the same in JSON
 ])
 def test_secrets_in_each_form_are_masked(text, clean):
     assert redact(text) == clean
@@ -53,3 +55,23 @@ def test_scrub_rewrites_where_overrides_land_and_never_a_models_files(tmp_path):
     assert "pw123" in (job / "final_model/tokenizer.json").read_text() and pickle.exists()
     scrub(tmp_path / "sweep", pickles=True)
     assert not pickle.exists() and running.exists()  # job 8 has no result yet: a requeue would need its pickle
+
+
+SECRETS = ("Pw-s3cret-1", "hf_s3cret2", "tok3nS3cret")
+
+
+@pytest.mark.slow
+def test_a_secret_in_a_multirun_override_reaches_no_output_file_and_nothing_in_mlflow(tmp_path):
+    """Secrets in three forms given on a sweep's command line: no byte of them in any file of the sweep folder
+    (configs, logs, checkpoints, summaries, report) or of the MLflow store (its database and artifacts)."""
+    from tests.conftest import run_cli
+
+    run_cli("-m", "algorithm=grpo,sft", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=4",
+            "data.batch_size=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",
+            f"+db.password={SECRETS[0]}", f"+hub_token={SECRETS[1]}", f"+notes=https://{SECRETS[2]}@example.org/x",
+            f"hydra.sweep.dir={tmp_path}/sweep", f"logger.artifact_location={tmp_path}/artifacts", tmp_path=tmp_path)
+    files = [p for folder in ("sweep", "artifacts") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    files.append(tmp_path / "mlruns.db")
+    assert len(files) > 20 and (tmp_path / "sweep/0/.hydra/overrides.yaml").exists()
+    found = [(str(p), s) for p in files for s in SECRETS if s.encode() in p.read_bytes()]
+    assert found == []

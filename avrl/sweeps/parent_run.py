@@ -92,8 +92,9 @@ def _parent_run(config: DictConfig, study: dict | None):
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")
         return run
-    overrides = " ".join(config.hydra.overrides.task)
-    default_name = f"study {study['optuna_study']}" if study else sweep_name(list(config.hydra.overrides.task))
+    given = [redact(o) for o in config.hydra.overrides.task]  # the command line, secrets masked
+    overrides = " ".join(given)
+    default_name = f"study {study['optuna_study']}" if study else sweep_name(given)
     return client.create_run(experiment_id, run_name=config.run_name or default_name,
                              tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {}),
                                    "sweep_overrides": overrides, **version_tags()})
