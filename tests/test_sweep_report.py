@@ -85,6 +85,9 @@ def test_one_finished_run_per_arm_and_seed_the_rest_listed_apart(sweep):
     assert left["sft · no_think · seed 4"][3:] == ["RUNNING", "still running"]
     assert left["grpo seed 2 first"][4] == "superseded by grpo · no_think · seed 2 (newer)"
     assert len(rows(text, "## Runs\n")) == 4
+    in_report = {r.info.run_name: r.data.tags["in_report"] for r in report.child_runs(sweep.client, sweep.parent)[1]}
+    assert sorted(name for name, used in in_report.items() if used == "false") == sorted(left)
+    assert sum(used == "true" for used in in_report.values()) == 4
     assert {p.name for p in written} >= {"report.md", "report.json", "val_accuracy.png"}
 
     # The same numbers on the parent run, as metrics the MLflow UI charts on the collapsed sweep.

@@ -14,7 +14,7 @@ Into the sweep folder and onto the parent MLflow run (artifacts under report/):
   figure), drawn the same way; optuna_trials.png for an Optuna study: the objective by trial and the best so far.
 - on the parent run, the arm table as metrics, sweep/<metric>/<arm> mean, ... mean lower95, ... mean upper95 (the
   interval's bounds; fractions, as the runs log them): the MLflow UI charts the comparison on the collapsed sweep,
-  a section per column of the table.
+  a section per column of the table; on each child, tag in_report (true: one of the runs the statistics use).
 """
 
 from __future__ import annotations
@@ -396,6 +396,11 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
                                                          sweep_dir / "optuna_trials.png"):
         written.append(sweep_dir / "optuna_trials.png")
     log_parent_metrics(client, parent.info.run_id, parent_metrics(groups))
+    # The MLflow UI's Group by pools every child of an arm; filtering on tags.in_report = "true" gives it the
+    # report's runs.
+    for run, used in [*((r, "true") for r in runs), *((r, "false") for r, _ in left_out)]:
+        if run.data.tags.get("in_report") != used:
+            client.set_tag(run.info.run_id, "in_report", used)
     for path in written:
         client.log_artifact(parent.info.run_id, str(path), "report")
     return written
