@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from avrl.atomic import write_atomic
 from avrl.config import hydra_config
 from avrl.redaction import redact
 from avrl.versions import version_tags
@@ -59,8 +60,8 @@ class SweepParentRun(Callback):
             run = _parent_run(config, None)
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / PARENT_RUN_FILE).write_text(run.info.run_id)
-        (folder / TRACKING_URI_FILE).write_text(redact(absolute_sqlite(config.logger.tracking_uri)))
+        write_atomic(folder / PARENT_RUN_FILE, run.info.run_id)
+        write_atomic(folder / TRACKING_URI_FILE, redact(absolute_sqlite(config.logger.tracking_uri)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         write_sweep_report(config)

@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from avrl.atomic import write_atomic  # noqa: E402
 from avrl.sweeps.parent_run import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
@@ -382,12 +383,12 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
     if environment:
         text += ["\n## Environment (the runs' version tags)\n", environment]
     report = sweep_dir / "report.md"
-    report.write_text("\n".join(text))
+    write_atomic(report, "\n".join(text))
     summary = {"arms": {arm_labels(groups)[arm]: stats for arm, stats in arm_statistics(groups).items()},
                "comparisons": rows,
                "left_out": [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
                              "reason": why} for r, why in left_out]}
-    (sweep_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(sweep_dir / "report.json", json.dumps(summary, indent=2))
     written = [report, sweep_dir / "report.json"]
     for name, (metric, label, scale) in CURVES.items():
         if plot(client, groups, metric, label, scale, sweep_dir / name):
