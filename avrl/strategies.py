@@ -200,6 +200,28 @@ class DeepSpeed(DeepSpeedStrategy):
                     shutil.rmtree(old, ignore_errors=True)
         self.barrier("avrl_checkpoint_pointed")
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's load, for the tags above: Lightning recognises a DeepSpeed folder by its one fixed tag
+        (a `checkpoint` subfolder) and refuses any other; the engine reads the tag `latest` names."""
+        if self.load_full_weights and self.zero_stage_3:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from pathlib import Path
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        folder = Path(checkpoint_path)
+        latest = folder / "latest"
+        if not latest.is_file() or not (folder / latest.read_text().strip()).is_dir():
+            raise FileNotFoundError(f"{folder} is not a DeepSpeed checkpoint folder (no file `latest` naming a tag "
+                                    "folder beside it)")
+        module = self.lightning_module
+        _, state = self.deepspeed_engine.load_checkpoint(
+            str(folder), load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+            load_lr_scheduler_states=False, load_module_strict=module.strict_loading)
+        if state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+        return state
+
     def teardown(self) -> None:
         """transformers' "ZeRO-3 is on" is process-wide: a later run in this process (the next job of a local
         sweep) would otherwise load its model partitioned, without DeepSpeed."""
