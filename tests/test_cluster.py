@@ -1,7 +1,8 @@
-"""A sweep on a shared SLURM cluster outlives what happens to its jobs (tests/services.py's single-node slurmctld,
-without accounting): a requeued or signalled job resumes into the same MLflow run and ends as an uninterrupted
-run; a cancelled job becomes a row of its own, the others are collected, and the same command runs only it again.
-Every wait is for a state (a marker file, a job's state, a result), never for a length of time."""
+"""A sweep on a shared SLURM cluster outlives what happens to its jobs (tests/services.py's single-node slurmctld;
+every test twice, as clusters have either: without accounting, and with it, slurmdbd on MariaDB): a requeued or
+signalled job resumes into the same MLflow run and ends as an uninterrupted run; a cancelled job becomes a row of its
+own, the others are collected, and the same command runs only it again. Every wait is for a state (a marker file, a
+job's state, a result), never for a length of time."""
 
 from __future__ import annotations
 
@@ -26,17 +27,46 @@ LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.lau
             "hydra.launcher.tasks_per_node=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@pytest.fixture(scope="module", params=[False, True], ids=["no_accounting", "accounting"])
+def cluster(request):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed here")
-    with services.slurm() as (env, folder):
-        yield env, folder
+    with services.slurm(accounting=request.param) as (env, folder):
+        yield env, folder, request.param
 
 
 def squeue(env) -> dict[str, str]:
     """{job id: state} of the jobs in the queue."""
     out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True, check=True)
     return dict(line.split() for line in out.stdout.splitlines())
+
+
+def accounted_state(env, job_id: str) -> str:
+    """The job's state in SLURM accounting (sacct), once slurmdbd has recorded its end."""
+    def state() -> str:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], env=env, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    services.wait_for(lambda: state().split(" ")[0] not in ("", "PENDING", "RUNNING", "REQUEUED"),
+                      f"the accounting record of the end of SLURM job {job_id}")
+    return state().split(" ")[0]  # "CANCELLED by 0"
+
+
+def final_state_without_slurmctld(env, job_id: str) -> tuple[str, str]:
+    """The launcher's final_state of `job_id` where `scontrol show job` no longer knows it (past MinJobAge)."""
+    from hydra_plugins.avrl_launchers import slurm_launcher
+
+    run = subprocess.run
+
+    def forgetful(command, *args, **kwargs):
+        if command[:2] == ["scontrol", "show"]:
+            return subprocess.CompletedProcess(command, 1, "", "slurm_load_jobs error: Invalid job id specified\n")
+        return run(command, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", env["SLURM_CONF"])
+        patch.setattr(slurm_launcher.subprocess, "run", forgetful)
+        return slurm_launcher.final_state(job_id)
 
 
 def wait_for_file(path: Path, process) -> None:
@@ -60,7 +90,7 @@ def test_a_requeued_or_signalled_job_resumes_into_one_run_with_the_uninterrupted
     """Held at step 3 (between checkpoints), interrupted, released: the job ends COMPLETED after its requeue
     (PENDING for SLURM's BeginTime first) in one MLflow child run, FINISHED, resumed once, every step of every
     metric once, with the weights of the same run without SLURM."""
-    env, _ = cluster
+    env, _, accounting = cluster
     want = load_file(_reference(tmp_path) / "final_model/model.safetensors")
     marker, release = tmp_path / "held", tmp_path / "release"
     sweep = start_cli("-m", *LAUNCHER, *RUN, f"hydra.sweep.dir={tmp_path}/sweep",
@@ -83,6 +113,8 @@ def test_a_requeued_or_signalled_job_resumes_into_one_run_with_the_uninterrupted
     got = load_file(tmp_path / "sweep/0/final_model/model.safetensors")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    if accounting:  # accounting holds the job's last run (its requeue), not the interrupted one
+        assert accounted_state(env, job_id) == "COMPLETED"
 
 
 def _reference(tmp_path: Path) -> Path:
@@ -94,7 +126,7 @@ def test_a_cancelled_job_is_a_row_the_others_are_collected_and_the_same_command_
     """Three seeds, the second job scancel-ed while it runs: a summary with 2 COMPLETED rows and 1 CANCELLED, the
     report of the completed runs, no MLflow run left RUNNING; the same command into the same folder submits only
     the cancelled cell, which resumes from its checkpoint, and the report then pools the three seeds."""
-    env, _ = cluster
+    env, _, accounting = cluster
     held = tmp_path / "held"
     command = ["-m", *LAUNCHER, *RUN, "seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep",
                "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={held}" + "-${seed}",
@@ -117,6 +149,9 @@ def test_a_cancelled_job_is_a_row_the_others_are_collected_and_the_same_command_
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.data.params.get("seed"): r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {
         "1": "FINISHED", "2": "KILLED", "3": "FINISHED"}
+    if accounting:  # once slurmctld has forgotten the job (MinJobAge), the launcher asks sacct: the same answer
+        assert accounted_state(env, job_of_seed_2) == "CANCELLED"
+        assert final_state_without_slurmctld(env, job_of_seed_2) == ("CANCELLED", "")
 
     (tmp_path / "release-2").touch()
     console = finish(start_cli(*command, env=run_env, log=tmp_path / "again.log"))
