@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 APT_PACKAGES = {"postgresql": ["postgresql"], "slurm": ["slurm-wlm", "munge"],
-                "slurm accounting": ["slurmdbd", "mariadb-server"]}
+                "slurm accounting": ["slurmdbd", "mariadb-server"], "chromium": ["chromium", "chromium-driver"]}
 _APT_UPDATED: list[bool] = []
 
 

@@ -210,8 +210,9 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
         console = finish(out, check=False)
         assert out.returncode == 1, console[-4000:]
         assert "1 of 2 jobs failed" in console and "sweep summary: 1 of 2 jobs completed" in console
-        # This cluster has no accounting (no slurmdbd): submitit's sacct warning is said once, explained.
-        assert console.count("SLURM accounting is off on this cluster") == 1 and "Bypassing sacct" not in console
+        # This cluster has no accounting (no slurmdbd): submitit's sacct warning, if any, is said once, explained
+        # (avrl's launcher follows the jobs through squeue and their result files, so submitit rarely asks sacct).
+        assert console.count("SLURM accounting is off on this cluster") <= 1 and "Bypassing sacct" not in console
         assert "submitit WARNING" not in console and "srun` command is available" not in console
         summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())
         assert [j["status"] for j in summary["jobs"]] == ["FAILED", "COMPLETED"]
