@@ -16,7 +16,6 @@ import pytest
 from tests import services
 from tests.conftest import ROOT, mlflow_runs, run_cli
 
-# (tests/services.py installs what a service names here with apt-get, as root, where it is missing.)
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1600,1200")
