@@ -117,10 +117,17 @@ def hand_over(stop: Stopped, logger) -> None:
                 logger.experiment.set_terminated(logger.run_id, "FAILED")
             raise
     if requeue:
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        subprocess.run(["scontrol", "requeue", slurm_job_id()], check=False)
     raise StoppedForSignal(f"stopped for {name} after saving {stopper.checkpoint_path}; "
                      + ("the job is requeued and resumes from it" if requeue else
                         "run the same command again (same output folder) to resume from it"))
+
+
+def slurm_job_id() -> str:
+    """This SLURM job's id as scontrol and scancel take it: an array task's is <array job>_<task> (its own
+    SLURM_JOB_ID is refused by them as an invalid job id)."""
+    array = [os.environ.get(k) for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")]
+    return "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"]
 
 
 def _is_submitits(handler) -> bool:

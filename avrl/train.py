@@ -159,8 +159,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     if trial and logger is not None:
         trial.set_user_attr("mlflow_run_id", logger.run_id)
     if trial and "SLURM_JOB_ID" in os.environ:  # a trial failed as stale has its job cancelled (optuna_search.py)
-        array = [os.environ.get(k) for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")]
-        trial.set_user_attr("slurm_job", "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"])
+        trial.set_user_attr("slurm_job", preemption.slurm_job_id())
 
     module = build_module(cfg, processor, prompt)
     stopper = preemption.StopOnSignal(out / "checkpoints" / "last.ckpt")

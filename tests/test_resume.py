@@ -213,3 +213,13 @@ def test_auto_continues_a_folder_only_for_the_same_command(tmp_path, monkeypatch
                                          r"optim.lr=1e-4\).*ckpt_path=last"):
         resume.resolve_ckpt_path("auto", tmp_path)
     assert resume.resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")
+
+
+def test_the_slurm_job_id_is_the_form_scontrol_and_scancel_take(monkeypatch):
+    from avrl.preemption import slurm_job_id
+
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    assert slurm_job_id() == "5"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert slurm_job_id() == "3_1"  # an array task: scancel 5 answers "invalid job id"
