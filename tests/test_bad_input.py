@@ -319,7 +319,7 @@ def test_a_two_process_ddp_run_counts_each_ranks_skips_once_and_keeps_them_acros
            "trainer.precision=32-true", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
            "checkpoint_every_n_steps=2", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
            "data=avqa", f"data.train_path={train}", f"data.val_path={val}", "data.batch_size=2",
-           "data.on_error=skip", "+data.check_audio=false", "save_final_model=false"]
+           "data.on_error=skip", "data.check_audio=false", "save_final_model=false"]
     run_cli(*run, "trainer.max_steps=2", tmp_path=tmp_path)
 
     def listed():
