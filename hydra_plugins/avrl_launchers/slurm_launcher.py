@@ -24,6 +24,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
+from avrl.redaction import redact
+
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 except ImportError:  # no slurm extra: Hydra imports every plugin module, so this one must import without it
@@ -72,7 +74,7 @@ class AvrlSlurmLauncher(SlurmLauncher):
         executor.update_parameters(**{_executor_key(k): v for k, v in self.params.items() if k not in skip})
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         for number, overrides in zip(numbers, job_overrides, strict=True):
-            log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
+            log.info("\t#%d : %s", number, " ".join(redact(o) for o in filter_overrides(overrides)))
         jobs = executor.map_array(self, *zip(*[(list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
                                                 for o, n in zip(job_overrides, numbers, strict=True)]))
         returns = []
@@ -165,7 +167,6 @@ def final_state(job_id: str) -> tuple[str, str]:
 
 def _completed(folder: Path, overrides) -> dict | None:
     """The result recorded in a job's folder by a finished run of the same overrides (avrl/resume.py), or None."""
-    from avrl.redaction import redact
     from avrl.resume import differing_overrides, run_info
 
     info = run_info(folder)
