@@ -31,6 +31,12 @@ PREVIOUS = ".prev"
 METADATA = 2**20  # room for a checkpoint's non-tensor bytes (its pickled structure, the zip records)
 
 
+def is_deepspeed_folder(path: Path) -> bool:
+    """A DeepSpeed checkpoint folder: the engine's files under a tag (avrl's: one per step), named in `latest`."""
+    latest = Path(path) / "latest"
+    return latest.is_file() and (Path(path) / latest.read_text().strip()).is_dir()
+
+
 def previous_of(path: Path) -> Path:
     return path.with_name(path.name + PREVIOUS)
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from avrl import spool, tracking
 from avrl.atomic import write_atomic
+from avrl.checkpoints import is_deepspeed_folder
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
 from avrl.policy import Policy
@@ -40,7 +41,7 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
-    elif ckpt is not None and ckpt.is_dir() and not is_deepspeed_checkpoint(ckpt):
+    elif ckpt is not None and ckpt.is_dir() and not is_deepspeed_folder(ckpt):
         model = load_model(cfg.model, path=str(ckpt))
     else:
         model = load_model(cfg.model)
@@ -53,16 +54,10 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
     return Policy(model.eval(), processor, families.get(cfg.model.family))
 
 
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    """A DeepSpeed checkpoint is a folder: the engine's files under a tag (avrl's: one per step), named in latest."""
-    latest = path / "latest"
-    return latest.is_file() and (path / latest.read_text().strip()).is_dir()
-
-
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained model's weights in a Lightning checkpoint (the module's `model.*` entries, prefix removed). From
     a DeepSpeed folder: the fp32 master weights, gathered from the ZeRO partitions by DeepSpeed's zero_to_fp32."""
-    if is_deepspeed_checkpoint(ckpt):
+    if is_deepspeed_folder(ckpt):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # its tag from `latest`

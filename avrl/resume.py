@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Sampler
 
 from avrl.atomic import write_atomic
+from avrl.checkpoints import previous_of
 from avrl.config import hydra_config
 from avrl.redaction import redact
 
@@ -142,8 +143,7 @@ def completed_result(out_dir: Path) -> dict[str, float] | None:
 def last_checkpoint(out_dir: Path) -> Path | None:
     """The folder's last checkpoint (a file, or a DeepSpeed folder), or its kept previous one; None if neither."""
     path = out_dir / "checkpoints" / "last.ckpt"
-    previous = path.with_name(path.name + ".prev")
-    return path if path.exists() else previous if previous.exists() else None
+    return path if path.exists() else previous_of(path) if previous_of(path).exists() else None
 
 
 def job_overrides() -> list[str] | None:

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 from avrl.redaction import redact
@@ -122,11 +121,9 @@ class SpoolingClient:
 
 
 def healthy(tracking_uri: str, timeout: float = 2.0) -> bool:
-    try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout)
-        return True
-    except Exception:
-        return False
+    from avrl.tracking import unanswered  # (the same question check_reachable asks at start)
+
+    return unanswered(tracking_uri, timeout) is None
 
 
 def encode(value):

@@ -209,9 +209,10 @@ class DeepSpeed(DeepSpeedStrategy):
 
         from lightning.pytorch.trainer.states import TrainerFn
 
+        from avrl.checkpoints import is_deepspeed_folder
+
         folder = Path(checkpoint_path)
-        latest = folder / "latest"
-        if not latest.is_file() or not (folder / latest.read_text().strip()).is_dir():
+        if not is_deepspeed_folder(folder):
             raise FileNotFoundError(f"{folder} is not a DeepSpeed checkpoint folder (no file `latest` naming a tag "
                                     "folder beside it)")
         module = self.lightning_module

@@ -203,21 +203,29 @@ def _default_run_name(cfg: DictConfig, tags: dict) -> str:
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when an MLflow server does not answer (MLflow's own client would retry for
     minutes, after the model has loaded). Local stores (sqlite, file) need no check."""
+    reason = unanswered(tracking_uri, timeout)
+    if reason is not None:
+        raise ConnectionError(
+            f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason}). Start it, point "
+            f"MLFLOW_TRACKING_URI / logger.tracking_uri elsewhere, or run with logger=none.")
+
+
+def unanswered(tracking_uri: str, timeout: float) -> object | None:
+    """Why an http(s) tracking server does not answer its /health, or None when it answers (with any status: a
+    401 or 404 is an answer) or the store is local."""
     import urllib.error
     import urllib.request
 
     if not tracking_uri.startswith(("http://", "https://")):
-        return
+        return None
     url = re.sub(r"//[^/@]*@", "//", tracking_uri.rstrip("/"))  # credentials are not needed to see the host
     try:
         urllib.request.urlopen(url + "/health", timeout=timeout)
     except urllib.error.HTTPError:
-        pass  # it answered (with an error status, e.g. 401 or 404): it is reachable
+        pass  # it answered (with an error status): it is reachable
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConnectionError(
-            f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason}). Start it, point "
-            f"MLFLOW_TRACKING_URI / logger.tracking_uri elsewhere, or run with logger=none.") from None
+        return getattr(e, "reason", e)
+    return None
 
 
 def log_table(logger, rows: list[dict], artifact_file: str) -> None:
