@@ -11,7 +11,7 @@ import pytest
 from avrl.data import audio_controls
 from avrl.data.synthetic import CONDITIONS, QUESTIONS, SAMPLE_RATE, make_item
 from avrl.sweeps import report
-from tests.conftest import mlflow_runs
+from tests.support import mlflow_runs
 
 
 # ---------------------------------------------------------------------------------------------- audio controls
@@ -47,7 +47,7 @@ def test_eval_with_muted_audio_feeds_silence(tmp_path, monkeypatch):
     from avrl.data.datamodule import AudioQADataModule
     from avrl.models import load_processor
     from avrl.train import prompt_spec
-    from tests.conftest import compose
+    from tests.support import compose
 
     cfg = compose(["data.test_size=4", "data.eval_batch_size=4"])
     processor = load_processor(cfg.model)
@@ -163,7 +163,7 @@ def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
     from avrl.policy import Policy
     from avrl.scoring import accuracy_metrics, score_batch
     from avrl.train import prompt_spec, reward_functions
-    from tests.conftest import compose
+    from tests.support import compose
 
     cfg = compose([f"prompt={prompt}", "data.val_size=32", "data.eval_batch_size=32"])
     processor, spec = load_processor(cfg.model), prompt_spec(cfg)
@@ -184,7 +184,7 @@ def test_a_prompt_mix_shows_each_training_item_in_one_format_and_sft_follows_it(
     from avrl.data.datamodule import AudioQADataModule
     from avrl.models import load_processor
     from avrl.train import prompt_mix, prompt_spec
-    from tests.conftest import compose
+    from tests.support import compose
 
     cfg = compose(["algorithm=sft", "data.prompt_mix=[no_think,think]", "data.batch_size=16"])
     processor, spec = load_processor(cfg.model), prompt_spec(cfg)

@@ -18,8 +18,8 @@ from avrl.data.items import DataError
 from avrl.data.media import check_audio_header
 from avrl.data.readers import read_avqa, read_mmau
 from avrl.resume import EpochSampler
-from tests.conftest import compose, mlflow_runs, run_cli, write_wav
-from tests.helpers import avqa_record, write_jsonl
+from tests.support import compose, mlflow_runs, run_cli, write_wav
+from tests.support.helpers import avqa_record, write_jsonl
 
 BOM = b"\xef\xbb\xbf"
 

@@ -1,4 +1,4 @@
-"""A sweep on a shared SLURM cluster outlives what happens to its jobs (tests/services.py's single-node slurmctld;
+"""A sweep on a shared SLURM cluster outlives what happens to its jobs (support/services.py's single-node slurmctld;
 every test twice, as clusters have either: without accounting, and with it, slurmdbd on MariaDB): a requeued or
 signalled job resumes into the same MLflow run and ends as an uninterrupted run; a cancelled job becomes a row of its
 own, the others are collected, and the same command runs only it again. Every wait is for a state (a marker file, a
@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import services
-from tests.conftest import finish, mlflow_runs, run_cli, start_cli
+from tests.support import finish, mlflow_runs, run_cli, services, start_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -103,7 +102,7 @@ def test_a_requeued_or_signalled_job_resumes_into_one_run_with_the_uninterrupted
     want = load_file(_reference(tmp_path) / "final_model/model.safetensors")
     marker, release = tmp_path / "held", tmp_path / "release"
     sweep = start_cli("-m", *LAUNCHER, *RUN, f"hydra.sweep.dir={tmp_path}/sweep",
-                      "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={marker}",
+                      "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
                       f"+callbacks.hold.release={release}", "+callbacks.hold.step=3",
                       env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}, log=tmp_path / "sweep.log")
     wait_for_file(marker, sweep)
@@ -139,7 +138,7 @@ def test_a_cancelled_job_is_a_row_the_others_are_collected_and_the_same_command_
     env, _, accounting = cluster
     held = tmp_path / "held"
     command = ["-m", *LAUNCHER, *RUN, "seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep",
-               "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={held}" + "-${seed}",
+               "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={held}" + "-${seed}",
                f"+callbacks.hold.release={tmp_path}/release" + "-${seed}", "+callbacks.hold.step=3"]
     run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
     sweep = start_cli(*command, env=run_env, log=tmp_path / "sweep.log")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, HANG_GUARD, ROOT, compose
+from tests.support import CONF, HANG_GUARD, ROOT, compose
 
 
 def options(group):

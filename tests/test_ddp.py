@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.conftest import assert_same_trained_weights, final_weights_of_cli_run
-from tests.helpers import EQUIVALENCE_RUN as COMMON
+from tests.support import assert_same_trained_weights, final_weights_of_cli_run
+from tests.support.helpers import EQUIVALENCE_RUN as COMMON
 
 
 def run(run_dir, *overrides):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import mlflow_runs, mlflow_server, run_cli
+from tests.support import mlflow_runs, mlflow_server, run_cli
 
 
 def assert_quiet_console(console: str) -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from avrl.evaluation import evaluate
-from tests.conftest import SHARED, write_wav
-from tests.helpers import mmau_reference as mmau_string_match
+from tests.support import SHARED, write_wav
+from tests.support.helpers import mmau_reference as mmau_string_match
 
 
 def mmau_subset(tmp_path, n=12):
@@ -92,7 +92,7 @@ def test_eval_of_lora_adapters(cfg_factory, tmp_path):
                       "algorithm.num_generations=4", "algorithm.lora.merge_on_save=true"))
     assert (tmp_path / "out/final_model/adapter_config.json").exists()
     from avrl.models import load_model
-    from tests.conftest import compose
+    from tests.support import compose
 
     merged = load_model(compose().model, path=str(tmp_path / "out/final_model_merged"))  # a plain checkpoint
     assert not any("lora_" in k for k in merged.state_dict())

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.models import families
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 COMMON = ["model=tiny_qwen3_omni", "data.val_size=2", "data.test_size=3", "data.batch_size=2",
           "algorithm.max_completion_length=8", "eval.max_new_tokens=8", "logger=none",

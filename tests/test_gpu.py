@@ -1,7 +1,7 @@
 """GPU checks (`pytest -m gpu` on any CUDA machine; skipped with the reason elsewhere) and their CPU half, which the
 regular suite runs: precision that trains (bf16-mixed against fp32; each preset's fp32 master weights), DeepSpeed over
 NCCL (equivalence with the plain strategy, NaN skipping, resume: bodies shared with the CPU tests in
-tests/deepspeed_checks.py), the 7B shapes' published sizes, and the GPU benchmark's code path and memory plan.
+tests/support/deepspeed_checks.py), the 7B shapes' published sizes, and the GPU benchmark's code path and memory plan.
 
 Written without a GPU to run them on (no GPU was lent to the sessions that wrote them): the first GPU run is
 their first run. Needs only torch, transformers, lightning, peft, hydra-core, omegaconf, pytest (and deepspeed for
@@ -12,9 +12,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
-from tests.deepspeed_checks import check_deepspeed_resume, check_skipped_update
-from tests.helpers import STRATEGY_RUN
+from tests.support import ROOT, assert_same_trained_weights, final_weights_of_cli_run
+from tests.support.deepspeed_checks import check_deepspeed_resume, check_skipped_update
+from tests.support.helpers import STRATEGY_RUN
 
 SHAPES = ROOT / "avrl/assets/shapes"
 # The DeepSpeed equivalence run of tests/test_strategies.py, on one GPU in fp32 (bf16 rollouts would sample different
@@ -40,7 +40,7 @@ def test_qwen2_audio_7b_shape_has_the_published_parameter_count():
 @pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_a_skipped_update_under_deepspeed_on_cuda_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path,
                                                                             stage, restored_environment):
-    """NaN skipping over NCCL: the weights after a skipped update are the plain strategy's (tests/deepspeed_checks.py;
+    """NaN skipping over NCCL: the weights after a skipped update are the plain strategy's (support/deepspeed_checks.py;
     on CPU in tests/test_reliability.py)."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     check_skipped_update(cfg_factory, monkeypatch, tmp_path, stage, "gpu")
@@ -49,7 +49,7 @@ def test_a_skipped_update_under_deepspeed_on_cuda_leaves_no_gradient_behind(cfg_
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_deepspeed_resume_on_cuda_reaches_the_uninterrupted_weights(tmp_path, stage):
-    """`ckpt_path=last` under DeepSpeed over NCCL (tests/deepspeed_checks.py; on CPU in tests/test_resume.py)."""
+    """`ckpt_path=last` under DeepSpeed over NCCL (support/deepspeed_checks.py; on CPU in tests/test_resume.py)."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     check_deepspeed_resume(tmp_path, stage, "gpu")
 
@@ -152,7 +152,7 @@ def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, t
     from transformers import Qwen2AudioForConditionalGeneration
 
     from avrl.evaluation import checkpoint_weights
-    from tests.conftest import run_cli
+    from tests.support import run_cli
 
     if trainer.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
@@ -239,7 +239,7 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
     the projection is written; without --smoke and without CUDA it refuses, saying why."""
     import json
 
-    from tests.conftest import run_cli
+    from tests.support import run_cli
 
     run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
     report = json.loads((tmp_path / "bench.json").read_text())["gpu"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from avrl.train import train
-from tests.conftest import compose, mlflow_runs
+from tests.support import compose, mlflow_runs
 
 TRAIN_METRICS = [
     "train/loss", "train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/accuracy/std",
@@ -131,7 +131,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_updates(cfg_factor
     from safetensors.torch import load_file
     from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     calls = {"n": 0}
     original = Qwen2MLP.forward  # inside each checkpointed decoder layer (whose own forward transformers wraps)

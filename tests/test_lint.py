@@ -4,7 +4,7 @@ order, over the package, the plugins and the tests."""
 import subprocess
 import sys
 
-from tests.conftest import HANG_GUARD, ROOT
+from tests.support import HANG_GUARD, ROOT
 
 
 def test_ruff_finds_nothing():

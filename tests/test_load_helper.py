@@ -1,9 +1,9 @@
-"""tests/load.py, the artificial CPU load under which the suite is shown not to race the clock."""
+"""tests/support/load.py, the artificial CPU load under which the suite is shown not to race the clock."""
 
 import json
 import sys
 
-from tests.load import main
+from tests.support.load import main
 
 
 def test_runs_the_command_under_load_and_stops_at_the_first_failure(tmp_path):

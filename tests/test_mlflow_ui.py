@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import services
-from tests.conftest import ROOT, mlflow_runs, run_cli
+from tests.support import ROOT, mlflow_runs, run_cli, services
 
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

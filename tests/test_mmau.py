@@ -4,7 +4,7 @@
 import pytest
 
 from avrl.mmau import mmau_match
-from tests.helpers import mmau_reference
+from tests.support.helpers import mmau_reference
 
 CASES = [
     ("Man", "Man", ["Man", "Woman"]),                       # shared word? no: 'woman' is its own token

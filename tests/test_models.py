@@ -9,7 +9,7 @@ from avrl.data.items import QAItem
 from avrl.data.media import with_media
 from avrl.models import families, load_model, load_processor
 from avrl.models import multimodal as mm
-from tests.conftest import compose, write_wav
+from tests.support import compose, write_wav
 
 
 # Audio tokens of a 1 s and a 1.5 s clip (100 mel frames per second): Qwen2-Audio's and Qwen2.5-Omni's rule is
@@ -79,7 +79,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
 import deepspeed, torch
 from transformers.integrations import HfDeepSpeedConfig
 import avrl.models.loading as loading
-from tests.conftest import compose
+from tests.support import compose
 deepspeed.init_distributed("gloo", verbose=False)
 keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
 if {mutate}:
@@ -100,7 +100,7 @@ def test_a_second_model_built_under_zero3_runs_forward(mutate):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, cli_env
+    from tests.support import ROOT, cli_env
 
     out = subprocess.run([sys.executable, "-c", TWO_ZERO3_MODELS.replace("{mutate}", str(mutate))], cwd=ROOT,
                          env=cli_env(pythonpath=ROOT), capture_output=True, text=True, timeout=600)

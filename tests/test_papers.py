@@ -10,8 +10,8 @@ import pytest
 from avrl.data.readers import read_avqa, read_avqa_r1
 from avrl.protocols import prediction
 from avrl.rewards import echoink_accuracy, echoink_format, r1_aqa_accuracy, r1_aqa_format
-from tests.conftest import compose
-from tests.helpers import ITEM, spec
+from tests.support import compose
+from tests.support.helpers import ITEM, spec
 
 
 # ---------------------------------------------------------------------------------------------------- rewards

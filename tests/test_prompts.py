@@ -1,7 +1,7 @@
 import pytest
 
 from avrl.prompts import PromptSpec, extract_answer, parse_letter, predicted_text, render_question, target_answer
-from tests.helpers import ITEM, spec
+from tests.support.helpers import ITEM, spec
 
 
 def test_r1_aqa_no_think_wording():

@@ -6,8 +6,8 @@ import pytest
 
 from avrl.data.items import DataError
 from avrl.data.readers import read_avqa, read_avqa_r1, read_mmau
-from tests.conftest import SHARED, write_wav
-from tests.helpers import avqa_record, write_jsonl
+from tests.support import SHARED, write_wav
+from tests.support.helpers import avqa_record, write_jsonl
 
 
 def test_avqa(tmp_path):

@@ -64,7 +64,7 @@ SECRETS = ("Pw-s3cret-1", "hf_s3cret2", "tok3nS3cret")
 def test_a_secret_in_a_multirun_override_reaches_no_output_file_and_nothing_in_mlflow(tmp_path):
     """Secrets in three forms given on a sweep's command line: no byte of them in any file of the sweep folder
     (configs, logs, checkpoints, summaries, report) or of the MLflow store (its database and artifacts)."""
-    from tests.conftest import run_cli
+    from tests.support import run_cli
 
     run_cli("-m", "algorithm=grpo,sft", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=4",
             "data.batch_size=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",

@@ -14,9 +14,9 @@ from avrl.data.items import DataError
 from avrl.data.readers import read_avqa, read_avqa_r1
 from avrl.models import load_processor
 from avrl.train import prompt_spec, train
-from tests.conftest import compose, mlflow_runs, write_wav
-from tests.deepspeed_checks import check_skipped_update, nan_on_calls
-from tests.helpers import avqa_record, write_jsonl
+from tests.support import compose, mlflow_runs, write_wav
+from tests.support.deepspeed_checks import check_skipped_update, nan_on_calls
+from tests.support.helpers import avqa_record, write_jsonl
 
 FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=2", "data.batch_size=2",
         "algorithm.num_generations=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",

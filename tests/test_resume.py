@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from avrl.resume import EpochSampler, resolve_ckpt_path, rng_state, set_rng_state
-from tests.conftest import finish, kill_when_held, mlflow_runs, start_cli
-from tests.deepspeed_checks import check_deepspeed_resume
+from tests.support import finish, kill_when_held, mlflow_runs, start_cli
+from tests.support.deepspeed_checks import check_deepspeed_resume
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_and_skips_batches():
@@ -129,10 +129,10 @@ def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp
     the default) resumes from the previous checkpoint with a warning naming both files, ends with the uninterrupted
     run's weights, in the same MLflow run, every metric step logged once. Run once more, it trains nothing."""
 
-    # Held (tests/hold.py) one batch after its second checkpoint, and SIGKILLed there: it cannot finish before the
+    # Held (support/hold.py) one batch after its second checkpoint, and SIGKILLed there: it cannot finish before the
     # kill, however the machine schedules the two processes; that batch's metrics are in MLflow, in no checkpoint.
     marker = tmp_path / "holding"
-    hold = ["+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint", f"+callbacks.hold.marker={marker}",
+    hold = ["+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint", f"+callbacks.hold.marker={marker}",
             "+callbacks.hold.checkpoints=2", "+callbacks.hold.batches_after=1"]
     kill_when_held(launch(tmp_path, tmp_path / "run", *hold), marker)
     assert not (tmp_path / "run/final_model").exists()
@@ -169,7 +169,7 @@ def test_a_signal_stops_the_run_after_a_checkpoint_at_the_next_step_and_it_resum
     import time
 
     marker, release = tmp_path / "holding", tmp_path / "release"
-    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAt",
+    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.support.hold.HoldAt",
                  f"+callbacks.hold.marker={marker}", f"+callbacks.hold.release={release}",
                  "checkpoint_every_n_steps=100")  # no checkpoint of its own before the signal
     while not marker.exists():

@@ -5,7 +5,7 @@ import torch
 
 from avrl.data.items import QAItem
 from avrl.rewards import accuracy_reward, format_reward, score
-from tests.helpers import ITEM, spec
+from tests.support.helpers import ITEM, spec
 
 
 @pytest.mark.parametrize("completion,expected", [
@@ -52,7 +52,7 @@ def test_weighted_sum_keeps_each_function():
 
 def test_user_reward_by_target(tmp_path):
     from avrl.train import reward_functions
-    from tests.conftest import compose
+    from tests.support import compose
 
     cfg = compose(["+reward.functions.brevity._target_=tests.test_rewards.brevity",
                    "+reward.functions.brevity._partial_=true", "+reward.weights.brevity=0.1"])

@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from avrl.sweeps import optuna_search as search
-from tests.conftest import mlflow_runs, run_cli
+from tests.support import mlflow_runs, run_cli
 
 
 def test_sweep_syntax_maps_to_optuna_distributions():
@@ -128,7 +128,7 @@ def test_the_grpo_search_preset_composes_into_a_search_space(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tests.conftest import CONF
+    from tests.support import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["search=grpo_optuna"], return_hydra_config=True)
@@ -269,15 +269,15 @@ def test_a_trial_failed_by_another_worker_while_it_runs_is_reported_not_told(tmp
     """Another worker's heartbeat check can fail a trial that is still running (its beats came late). The worker
     running it then finds the trial finished: it says why and records no result (Optuna refuses to tell a finished
     trial), instead of crashing. The run is held at a known point while the trial is failed from outside."""
-    from tests.conftest import HANG_GUARD, finish, start_cli
-    from tests.services import wait_for
+    from tests.support import HANG_GUARD, finish, start_cli
+    from tests.support.services import wait_for
 
     storage, marker, release = f"sqlite:///{tmp_path}/optuna.db", tmp_path / "holding", tmp_path / "go"
     worker = start_cli(
         "-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=late",
         "hydra.sweeper.n_trials=1", "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2",
         "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
-        "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={marker}",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
         f"+callbacks.hold.release={release}", f"hydra.sweep.dir={tmp_path}/sweep", log=tmp_path / "worker.log",
         tmp_path=tmp_path)
     wait_for(lambda: marker.exists() or worker.poll() is not None, "the held trial", limit=HANG_GUARD)

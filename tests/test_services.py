@@ -1,4 +1,4 @@
-"""Scale-out paths against the real services users grow into, started on localhost (tests/services.py): an Optuna
+"""Scale-out paths against the real services users grow into, started on localhost (support/services.py): an Optuna
 study on PostgreSQL shared by several workers, a sweep through a real SLURM cluster, MLflow servers that hold the
 runs and serve their artifacts. Marked `services` (and slow): they install PostgreSQL / SLURM with apt-get where
 they are missing and skip, saying why, where that cannot be done."""
@@ -15,8 +15,7 @@ import time
 import pytest
 
 from avrl import db
-from tests import services
-from tests.conftest import HANG_GUARD, ROOT, finish, mlflow_runs, mlflow_server, run_cli, start_cli
+from tests.support import HANG_GUARD, ROOT, finish, mlflow_runs, mlflow_server, run_cli, services, start_cli
 
 # A trial or job of a few seconds: two steps, a small validation, no final controls.
 QUICK = ["trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
@@ -167,7 +166,7 @@ def test_a_trial_outlives_its_database_connections_being_terminated(postgres_url
                   "hydra.sweeper.heartbeat_interval=1", *QUICK]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
     first = start_cli(*study_args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/first",
-                      "+callbacks.hold._target_=tests.hold.HoldAt", f"+callbacks.hold.marker={marker}",
+                      "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
                       f"+callbacks.hold.release={release}", env=env, log=tmp_path / "first.log")
     services.wait_for(lambda: marker.exists() or first.poll() is not None, "the held trial", first.log,
                       limit=HANG_GUARD)

@@ -12,7 +12,7 @@ from avrl.data.items import QAItem
 from avrl.data.media import with_media
 from avrl.models import families, load_model, load_processor
 from avrl.policy import Policy
-from tests.conftest import ROOT, compose, write_wav
+from tests.support import ROOT, compose, write_wav
 
 G = 3
 SAMPLING = dict(max_new_tokens=12, temperature=1.5, top_p=1.0, top_k=0)

@@ -104,8 +104,8 @@ def test_a_run_outlives_its_mlflow_server_going_away_and_coming_back_on_the_same
 
     import mlflow
 
-    from tests.conftest import finish, start_cli
-    from tests.services import free_port
+    from tests.support import finish, start_cli
+    from tests.support.services import free_port
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -127,7 +127,7 @@ def test_a_run_outlives_its_mlflow_server_going_away_and_coming_back_on_the_same
 
     server = serve()
     holds = [f"+callbacks.{name}.{key}={value}" for name, step in (("away", 2), ("back", 5)) for key, value in
-             (("_target_", "tests.hold.HoldAt"), ("marker", tmp_path / f"{name}.held"),
+             (("_target_", "tests.support.hold.HoldAt"), ("marker", tmp_path / f"{name}.held"),
               ("release", tmp_path / f"{name}.go"), ("step", step))]
     run = start_cli(f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=8", "trainer.val_check_interval=4",
                     "data.val_size=4", "data.batch_size=2", "algorithm.num_generations=2",

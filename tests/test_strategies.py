@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from avrl.strategies import bucket_sizes, resolve_auto, text_hidden_size
-from tests.conftest import ROOT, assert_same_trained_weights, final_weights_of_cli_run
-from tests.helpers import STRATEGY_RUN
+from tests.support import ROOT, assert_same_trained_weights, final_weights_of_cli_run
+from tests.support.helpers import STRATEGY_RUN
 
 PAPER_ZERO3 = ROOT / "conf/deepspeed/echoink_zero3.json"
 
@@ -111,7 +111,7 @@ CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precis
 
 def run(run_dir, *overrides, stubs=False):
     return final_weights_of_cli_run(run_dir, *COMMON, *overrides,
-                                    pythonpath=ROOT / "tests/cpu_stubs" if stubs else None)
+                                    pythonpath=ROOT / "tests/support/cpu_stubs" if stubs else None)
 
 
 @pytest.mark.slow

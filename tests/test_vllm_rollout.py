@@ -8,7 +8,7 @@ from avrl.algorithms.grpo import grpo_loss
 from avrl.models import families, load_model
 from avrl.models.lora import apply_lora
 from avrl.vllm_rollout import checkpoint_name, importance_weights, weights_for_sync
-from tests.conftest import ROOT, compose
+from tests.support import ROOT, compose
 
 
 def saved_names(asset):

@@ -40,7 +40,7 @@ class RecordMetrics(Callback):
 def run(out_dir: Path) -> list[dict]:
     """The golden run, in this process; its recorded rows."""
     from avrl.train import train
-    from tests.conftest import compose
+    from tests.support import compose
 
     record = out_dir / "metrics.jsonl"
     callback = [f"+callbacks.golden._target_={__name__}.RecordMetrics", f"+callbacks.golden.path={record}"]

@@ -1,7 +1,7 @@
 """Run a command under an artificial CPU load, to show that the tests do not race the clock on a busy machine.
 
-    python -m tests.load -- python -m pytest                 # the suite once, with one busy process per core
-    python -m tests.load --runs 3 -- python -m pytest -m slow  # three times in a row; stops at the first failure
+    python -m tests.support.load -- python -m pytest               # the suite once, with one busy process per core
+    python -m tests.support.load --runs 3 -- python -m pytest -m slow  # three times in a row; stops at the first fail
 
 The load is `--workers` processes (default: one per core) spinning in pure Python at normal priority, so the
 command's processes get about half the CPU they would get on an idle machine. They are started before the first

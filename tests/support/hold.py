@@ -2,7 +2,7 @@
 file and then waits, before its next batch, until it is killed. The test kills it only after seeing the marker, so
 the kill always lands mid-training whatever the scheduler does (no sleeps, no race with the end of the run).
 
-Used through the `callbacks` config key: `+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint
+Used through the `callbacks` config key: `+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint
 +callbacks.hold.marker=<path>` (run.py's folder, the repository root, is on the run's sys.path)."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_trained_weights, finish, kill_when_held, start_cli
+from tests.support import ROOT, assert_same_trained_weights, finish, kill_when_held, start_cli
 
 
 def nan_on_calls(monkeypatch, calls):
@@ -69,7 +69,7 @@ def check_deepspeed_resume(tmp_path, stage: str, accelerator: str) -> None:
 
     finish(launch(tmp_path / "ref"))
     marker = tmp_path / "holding"
-    run = launch(tmp_path / "run", "+callbacks.hold._target_=tests.hold.HoldAfterCheckpoint",
+    run = launch(tmp_path / "run", "+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint",
                  f"+callbacks.hold.marker={marker}")
     kill_when_held(run, marker)
     assert (tmp_path / "run/checkpoints/last.ckpt").is_dir() and not (tmp_path / "run/final_model").exists()

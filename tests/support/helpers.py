@@ -4,7 +4,7 @@ import json
 import re
 
 from avrl.data.items import QAItem
-from tests.conftest import compose
+from tests.support import compose
 
 # The short GRPO run whose final weights the equivalence tests compare across strategies (DDP, ZeRO, GPU).
 EQUIVALENCE_RUN = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4",
