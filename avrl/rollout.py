@@ -1,8 +1,6 @@
-"""Rollout backends (`rollout=hf|vllm`, conf/rollout/): one `generate(policy, batch, media, G, keys) -> Rollout`.
-
-`hf` samples with the policy's own transformers generate() and the keyed sampler; `vllm` (avrl/vllm_rollout.py,
-GPU only) with a colocated vLLM engine that also reports each token's sampling log-probability and takes the
-policy's weights after every update (`sync`).
+"""What a rollout returns (`Rollout`) and the `hf` backend: sampling with the policy's own transformers generate()
+and the keyed sampler. Every backend has `generate(policy, batch, media, G, keys) -> Rollout`; the `vllm` one is in
+avrl/vllm_rollout.py, and avrl/rollout_backends.py picks one from `rollout=hf|vllm` (conf/rollout/).
 """
 
 from __future__ import annotations
@@ -40,14 +38,3 @@ class HFRollout:
 
     def sync(self, model) -> None:
         """Nothing to do: the next rollout samples from the model being trained."""
-
-
-def build_rollout(rollout_cfg: DictConfig, model_cfg: DictConfig, algo: DictConfig, processor):
-    backend = rollout_cfg.get("backend", "hf")
-    if backend == "hf":
-        return HFRollout(algo)
-    if backend == "vllm":
-        from avrl.vllm_rollout import VLLMRollout
-
-        return VLLMRollout(model_cfg, algo, rollout_cfg, processor.stop_token_ids, processor.tokenizer.pad_token_id)
-    raise ValueError(f"rollout.backend must be 'hf' or 'vllm', got {backend!r}")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from avrl.config import flatten, hydra_config
 from avrl.db import require_driver
 from avrl.redaction import redact, redact_param, redacted
-from avrl.sweeps.parent_run import parent_run_id
+from avrl.sweeps.files import parent_run_id
 from avrl.versions import version_tags
 
 TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")

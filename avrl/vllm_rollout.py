@@ -23,6 +23,7 @@ import torch
 
 from avrl.models import families
 from avrl.models.families import Family
+from avrl.rollout import Rollout
 
 
 def checkpoint_name(name: str, family: Family) -> str:
@@ -83,8 +84,6 @@ class VLLMRollout:
     def generate(self, policy, batch: dict, media: dict, G: int, keys: list[int]):
         """G completions per prompt, grouped contiguously, right-padded, with vLLM's sampling log-probs (the
         encoder outputs in `media` are not used: vLLM encodes the audio itself)."""
-        from avrl.rollout import Rollout
-
         ids, mask, logps = self._sample(batch["prompts"], [it.waveform for it in batch["items"]], batch.get("images"),
                                         keys, G, policy.processor.sampling_rate)
         device = batch["input_ids"].device

@@ -78,7 +78,8 @@ def test_a_tiny_random_encoder_hears_the_difference_between_two_tones(family):
 
     from avrl.models import multimodal as mm
     from avrl.models.processing import AudioTextProcessor
-    from avrl.models.tiny import build_tokenizer, feature_extractor
+    from avrl.models.tiny import build_tokenizer
+    from avrl.models.tiny_sizes import feature_extractor
 
     spec = families.get(family)
     tokenizer = build_tokenizer(spec.special_tokens)

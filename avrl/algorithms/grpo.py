@@ -16,7 +16,8 @@ from avrl.algorithms.base import AudioLMModule
 from avrl.models import load_model
 from avrl.policy import prompt_slice
 from avrl.rewards import score
-from avrl.rollout import Rollout, build_rollout
+from avrl.rollout import Rollout
+from avrl.rollout_backends import build_rollout
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 

@@ -13,35 +13,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
+from transformers import PreTrainedTokenizerFast
 
 from avrl.data.synthetic import QUESTIONS
 from avrl.models import families
 from avrl.models.processing import AudioTextProcessor
+from avrl.models.tiny_sizes import feature_extractor
 
-WINDOW_SECONDS = 2
-MEL_BINS = 128
-
-
-def text_config(tokenizer, hidden: int, **extra) -> dict:
-    """The tiny language model's sizes, shared by every family's builder (avrl/models/families)."""
-    return dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra,
-    )
-
-
-def audio_config(hidden: int, **extra) -> dict:
-    """The tiny audio encoder's sizes, shared by every family's builder; the family adds its own keys."""
-    return dict(d_model=hidden, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=4 * hidden,
-                num_mel_bins=MEL_BINS, **extra)
-
-
-def feature_extractor() -> WhisperFeatureExtractor:
-    """Whisper's log-mel features over the tiny models' 2 s window."""
-    return WhisperFeatureExtractor(feature_size=MEL_BINS, chunk_length=WINDOW_SECONDS)
 PROMPT_TEMPLATES = [
     "{question} Please choose the answer from the following options: {choices}. "
     "Output the final answer in <answer> </answer>.",

@@ -9,12 +9,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from avrl.atomic import write_atomic
-from avrl.config import hydra_config
 from avrl.redaction import redact
+from avrl.sweeps.files import PARENT_RUN_FILE, TRACKING_URI_FILE, parent_run_id
+from avrl.sweeps.report import write_report
+from avrl.tracking import check_reachable, training_experiment
 from avrl.versions import version_tags
-
-PARENT_RUN_FILE = "mlflow_parent_run_id"
-TRACKING_URI_FILE = "mlflow_tracking_uri"  # the URI the sweep logged to (credentials removed): the report reads it
 
 
 class SweepNotStarted(SystemExit):
@@ -33,7 +32,6 @@ class SweepParentRun(Callback):
         # Hydra turns a callback's exception into a warning and runs the jobs anyway, each then a top-level run
         # outside the sweep (or failing on the same store): stop the sweep here instead, before any job starts.
         from avrl import db
-        from avrl.tracking import check_reachable  # (tracking imports this module)
 
         study = study_tags(config)
         try:
@@ -85,7 +83,6 @@ def _trials_running(config: DictConfig) -> bool:
 def _parent_run(config: DictConfig, study: dict | None):
     """A new parent run; for an Optuna study, the study's parent when it has one (a resumed study, or one that
     other workers run too), set RUNNING again."""
-    from avrl.tracking import training_experiment  # (tracking imports this module)
 
     client = _client(config.logger.tracking_uri)
     experiment_id = training_experiment(client, config.logger)
@@ -120,7 +117,6 @@ def write_sweep_report(config: DictConfig) -> None:
     (rerun it with python -m avrl.sweeps.report <sweep dir>)."""
     import logging
 
-    from avrl.sweeps.report import write_report
 
     parent = parent_run_id(config.hydra.sweep.dir)
     if not config.logger.enabled or not parent:
@@ -184,19 +180,6 @@ def _find_study_run(client, experiment_id: str, tags: dict[str, str]):
     runs = client.search_runs([experiment_id], filter_string=query, max_results=1,
                               order_by=["attributes.start_time ASC"])
     return runs[0] if runs else None
-
-
-def parent_run_id(sweep_dir: str | Path | None = None) -> str | None:
-    """The sweep's parent run, when this job is part of a multirun (or of the sweep in `sweep_dir`)."""
-    from hydra.types import RunMode
-
-    if sweep_dir is None:
-        hydra_cfg = hydra_config()
-        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-            return None
-        sweep_dir = hydra_cfg.sweep.dir
-    path = Path(sweep_dir) / PARENT_RUN_FILE
-    return path.read_text().strip() if path.exists() else None
 
 
 def mark_trial(tracking_uri: str, run_id: str, state: str, reason: str = "") -> None:

@@ -20,6 +20,7 @@ Into the sweep folder and onto the parent MLflow run (artifacts under report/):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import matplotlib
 
@@ -38,7 +38,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from avrl.atomic import write_atomic  # noqa: E402
-from avrl.sweeps.parent_run import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
+from avrl.sweeps.files import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
 CURVES = {  # file: (metric, y axis, scale to its unit)
@@ -251,11 +251,24 @@ def per_item(client, run) -> dict[str, dict[str, float]]:
     if local.exists():
         return json.loads(local.read_text())
     try:  # (MLflow draws a progress bar per file downloaded from a server: one per run, in the sweep's console)
-        no_bar = mock.patch.dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="0")
-        with tempfile.TemporaryDirectory() as tmp, no_bar:
+        with tempfile.TemporaryDirectory() as tmp, _without_progress_bar():
             return json.loads(Path(client.download_artifacts(run.info.run_id, FILE, tmp)).read_text())
     except Exception:  # an older run, or one that failed before its final evaluation
         return {}
+
+
+@contextlib.contextmanager
+def _without_progress_bar():
+    """MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=0 for the duration (MLflow reads it at each download)."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
 
 def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:

@@ -30,7 +30,7 @@ def build_tiny(tokenizer, hidden: int = 64):
         Qwen2VLImageProcessorPil,
     )
 
-    from avrl.models.tiny import audio_config, text_config
+    from avrl.models.tiny_sizes import audio_config, text_config
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5OmniThinkerConfig(

@@ -41,7 +41,7 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
 def build_tiny(tokenizer, hidden: int = 64):
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    from avrl.models.tiny import WINDOW_SECONDS, audio_config, text_config
+    from avrl.models.tiny_sizes import WINDOW_SECONDS, audio_config, text_config
 
     config = Qwen2AudioConfig(
         audio_config=audio_config(hidden, max_source_positions=WINDOW_SECONDS * 50),  # 100 frames/s, conv stride 2

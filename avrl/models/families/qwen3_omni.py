@@ -47,7 +47,7 @@ def split_experts(name: str, tensor: torch.Tensor):
 def build_tiny(tokenizer, hidden: int = 64):
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from avrl.models.tiny import audio_config, text_config
+    from avrl.models.tiny_sizes import audio_config, text_config
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3OmniMoeThinkerConfig(
