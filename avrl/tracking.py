@@ -9,17 +9,31 @@ import re
 import tempfile
 from pathlib import Path
 
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import flatten, hydra_config
 from avrl.db import require_driver
 from avrl.redaction import redact, redact_param, redacted
-from avrl.sweeps.files import parent_run_id
 from avrl.versions import version_tags
 
 TAG_GROUPS = ("algorithm", "model", "prompt", "data", "reward", "trainer", "experiment", "sweep")
 # MLflow 3's UI opens an experiment by its kind; unset, it files training runs under its GenAI pages.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A sweep's folder holds its parent run's id (each job reads it to nest its run) and the tracking URI it logged to.
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+TRACKING_URI_FILE = "mlflow_tracking_uri"  # credentials removed: the report reads it
+
+
+def parent_run_id(sweep_dir: str | Path | None = None) -> str | None:
+    """The sweep's parent run, when this job is part of a multirun (or of the sweep in `sweep_dir`)."""
+    if sweep_dir is None:
+        hydra_cfg = hydra_config()
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        sweep_dir = hydra_cfg.sweep.dir
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.exists() else None
 
 
 def training_experiment(client, logger_cfg: DictConfig) -> str:

@@ -13,8 +13,8 @@ from scipy.stats import t
 
 from avrl import tracking
 from avrl.sweeps import report
-from avrl.sweeps.files import PARENT_RUN_FILE
 from avrl.sweeps.parent_run import run_url, sweep_name
+from avrl.tracking import PARENT_RUN_FILE
 
 
 def interval(values):

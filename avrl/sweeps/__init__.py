@@ -1,6 +1,5 @@
 """Everything about sweeps (`python run.py -m`) in one package:
 
-- files.py: the files a sweep keeps in its folder (the parent run id, the tracking URI)
 - parent_run.py: the sweep's parent MLflow run and its nested children; Optuna trial states on the runs
 - optuna_search.py: the Optuna study behind `hydra/sweeper=avrl_optuna` (search space, storage, sampler, pruner,
   heartbeats, trial outcomes, pruning during training)

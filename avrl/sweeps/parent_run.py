@@ -10,9 +10,8 @@ from omegaconf import DictConfig
 
 from avrl.atomic import write_atomic
 from avrl.redaction import redact
-from avrl.sweeps.files import PARENT_RUN_FILE, TRACKING_URI_FILE, parent_run_id
 from avrl.sweeps.report import write_report
-from avrl.tracking import check_reachable, training_experiment
+from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE, check_reachable, parent_run_id, training_experiment
 from avrl.versions import version_tags
 
 

@@ -38,7 +38,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from avrl.atomic import write_atomic  # noqa: E402
-from avrl.sweeps.files import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
+from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
 CURVES = {  # file: (metric, y axis, scale to its unit)
