@@ -224,10 +224,10 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_smoke_writes_its_figures(tmp_path):
-    """`python -m avrl.bench --smoke`: one short step of avrl (both prefix paths) and of TRL on both prompt shapes,
-    the audio, prefix and scaling rows, and the summary table, as JSON."""
+    """`python -m benchmarks.speed --smoke`: one short step of avrl (both prefix paths) and of TRL on both prompt
+    shapes, the audio, prefix and scaling rows, and the summary table, as JSON."""
     pytest.importorskip("trl")
-    run_cli("--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
+    run_cli("--smoke", "--out", str(tmp_path / "bench.json"), module="benchmarks.speed")
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["trl"]) == {"short_prompts", "audio_length_prompts"}
     for row in report["trl"].values():

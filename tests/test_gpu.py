@@ -106,8 +106,8 @@ def test_the_benchmarks_omni_prompt_holds_an_image_block_then_an_audio_block():
     pixels are 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens."""
     from transformers import AutoConfig
 
-    from avrl.bench_audio import ASSETS, media_batch
     from avrl.models import families
+    from benchmarks.gpu import ASSETS, media_batch
 
     config = AutoConfig.from_pretrained(ASSETS / "tiny_qwen2_5_omni")
     family = families.get("qwen2_5_omni")
@@ -123,11 +123,11 @@ def test_the_benchmarks_omni_prompt_holds_an_image_block_then_an_audio_block():
 
 
 def test_full_fine_tuning_of_the_7b_fits_no_zero_setup_of_one_141_gb_gpu_with_128_gib_of_host_memory():
-    """The memory plan `python -m avrl.bench gpu` prints (DeepSpeed's own estimators): full fine-tuning of the 8.4B
-    Qwen2-Audio fits none of ZeRO-2/3 with or without offload on the lent GPU machine (one H200, 128 GiB of host
+    """The memory plan `python -m benchmarks.speed gpu` prints (DeepSpeed's own estimators): full fine-tuning of the
+    8.4B Qwen2-Audio fits none of ZeRO-2/3 with or without offload on the lent GPU machine (one H200, 128 GiB of host
     memory); with 2 TiB of host memory ZeRO-3 offloading everything fits, leaving a few GiB on the GPU."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    from avrl.bench_audio import full_fine_tuning_plan
+    from benchmarks.gpu import full_fine_tuning_plan
 
     gib = 2**30
     parameters, embeddings = 8_397_094_912, 156032 * 4096
@@ -178,9 +178,9 @@ def one_adamw_step(model, batch, ids, mask, ref, advantages, G, precision: str, 
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     from avrl.algorithms.grpo import grpo_loss
-    from avrl.bench_audio import _Processor
     from avrl.models import families
     from avrl.policy import Policy
+    from benchmarks.gpu import _Processor
 
     model = copy.deepcopy(model)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -205,9 +205,9 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
     signs agree on CPU). A step that lost bf16's updates or its gradients' direction would be far outside these."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    from avrl.bench_audio import _Processor, media_batch
     from avrl.models import families
     from avrl.policy import Policy
+    from benchmarks.gpu import _Processor, media_batch
 
     device = torch.device(device)
     torch.manual_seed(0)
@@ -235,13 +235,13 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
 
 
 def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_a_gpu(tmp_path):
-    """`python -m avrl.bench gpu --smoke` runs the same step on the tiny sizes (here on CPU): every phase is timed and
-    the projection is written; without --smoke and without CUDA it refuses, saying why."""
+    """`python -m benchmarks.speed gpu --smoke` runs the same step on the tiny sizes (here on CPU): every phase is timed
+    and the projection is written; without --smoke and without CUDA it refuses, saying why."""
     import json
 
     from tests.support import run_cli
 
-    run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="avrl.bench")
+    run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="benchmarks.speed")
     report = json.loads((tmp_path / "bench.json").read_text())["gpu"]
     for shape in ("qwen2_audio_7b", "qwen2_5_omni_7b_thinker"):
         for path in ("shared_prefix", "repeated_prefix"):
@@ -254,5 +254,5 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
             "zero2", "zero2_offload_optimizer", "zero3", "zero3_offload_optimizer", "zero3_offload_all"}
     assert report["qwen2_5_omni_7b_thinker"]["media_per_prompt"] == "10 s of audio and a 56 x 56 image"
     if not torch.cuda.is_available():
-        out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="avrl.bench", check=False)
+        out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="benchmarks.speed", check=False)
         assert out.returncode != 0 and "needs a CUDA device" in out.stderr

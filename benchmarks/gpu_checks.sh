@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks on an offline CUDA machine that has torch, transformers, lightning and peft (the lent H200 image).
-#   bash experiments/gpu_checks.sh wheels   # here, with network: the other dependencies as wheels in .whl/
-#   bash experiments/gpu_checks.sh run      # there: install .whl/, run `pytest -m gpu` and `python -m avrl.bench gpu`
-#   bash experiments/gpu_checks.sh run tests | run bench   # one of the two (to split them over two device calls)
-# Figures go to experiments/bench_gpu.json and, where the device tool sets $OUT, to $OUT as well.
+#   bash benchmarks/gpu_checks.sh wheels   # here, with network: the other dependencies as wheels in .whl/
+#   bash benchmarks/gpu_checks.sh run      # there: install .whl/, run `pytest -m gpu` and `python -m benchmarks.speed gpu`
+#   bash benchmarks/gpu_checks.sh run tests | run bench   # one of the two (to split them over two device calls)
+# Figures go to benchmarks/bench_gpu.json and, where the device tool sets $OUT, to $OUT as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # What the GPU checks need beyond torch/transformers/lightning/peft (README, GPU checks): Hydra's config stack,
@@ -32,8 +32,8 @@ case "${1:-run}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     status=0
     if [ "${2:-all}" != bench ]; then python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -rs || status=$?; fi
-    if [ "${2:-all}" != tests ]; then python3 -m avrl.bench gpu --out experiments/bench_gpu.json || status=$?; fi
-    if [ -n "${OUT:-}" ]; then cp experiments/bench_gpu.json "$OUT/" 2>/dev/null || true; fi
+    if [ "${2:-all}" != tests ]; then python3 -m benchmarks.speed gpu --out benchmarks/bench_gpu.json || status=$?; fi
+    if [ -n "${OUT:-}" ]; then cp benchmarks/bench_gpu.json "$OUT/" 2>/dev/null || true; fi
     exit $status ;;
-  *) echo "usage: bash experiments/gpu_checks.sh wheels | run [all|tests|bench]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_checks.sh wheels | run [all|tests|bench]" >&2; exit 2 ;;
 esac

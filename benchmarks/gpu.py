@@ -1,6 +1,6 @@
 """One GRPO step of an audio model timed by phase (rollout / reference log-probs / update), as GRPOModule runs it:
-used by `python -m avrl.bench gpu` (the 7B models' real sizes) and `python -m avrl.bench prefix` (CPU sizes, 30 s of
-audio, shared vs repeated prefix).
+used by `python -m benchmarks.speed gpu` (the 7B models' real sizes) and `python -m benchmarks.speed prefix` (CPU
+sizes, 30 s of audio, shared vs repeated prefix).
 
 `gpu` — R1-AQA's per-device batch with random bf16 weights, gradient checkpointing and LoRA adapters, on two
 shapes: Qwen2-Audio-7B-Instruct (avrl/assets/shapes/qwen2_audio_7b; 10 s of audio per prompt) and the
@@ -23,13 +23,13 @@ import contextlib
 import os
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
 
-ASSETS = Path(__file__).parent / "assets"
+from avrl.config import ASSETS
+
 PAPER_GPU_HOURS = (32, 40)  # R1-AQA: 4-5 h on 8 H800 for its 1,000 steps (README of xiaomi-research/r1-aqa)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "include_audio_encoder": False}
@@ -172,10 +172,10 @@ def peak_memory_mb(device) -> float:
 
 
 def run_gpu(smoke: bool) -> dict:
-    """`python -m avrl.bench gpu`: R1-AQA's step at each 7B shape's sizes, shared and repeated prefix, and the
+    """`python -m benchmarks.speed gpu`: R1-AQA's step at each 7B shape's sizes, shared and repeated prefix, and the
     memory plan of full fine-tuning."""
     if not torch.cuda.is_available() and not smoke:
-        raise SystemExit("python -m avrl.bench gpu needs a CUDA device (use --smoke to run its code path on CPU)")
+        raise SystemExit("python -m benchmarks.speed gpu needs a CUDA device (use --smoke to run its code path on CPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts, G, length, steps = (2, 8, 256, 3) if not smoke else (1, 2, 4, 1)

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m avrl.bench [trl|audio|prefix|scaling|all|gpu] [--smoke] [--out bench.json]`.
+"""Benchmarks: `python -m benchmarks.speed [trl|audio|prefix|scaling|all|gpu] [--smoke] [--out bench.json]`.
 
 - trl: avrl's GRPO step against TRL's GRPOTrainer on the same randomly initialised text-only Qwen2 model, same G,
   prompts per step, completion length, beta, loss type, fp32, no gradient checkpointing; each framework runs in
@@ -9,12 +9,12 @@
 - audio: one GRPO loss forward+backward through a trainable Qwen2-Audio encoder (small, 30 s window) with the
   encoder run once per prompt (avrl) versus on G copies of the features (the published trainers).
 - prefix: one GRPO step of a Qwen2-Audio model (CPU sizes) on 30 s of audio (790 prompt tokens), G = 8 and 16,
-  shared vs repeated prefix, by phase (avrl/bench_audio.py).
+  shared vs repeated prefix, by phase (benchmarks/gpu.py).
 - scaling: step time as the prompt length (128 .. 2048) and G (2 .. 16) grow, both paths, one table.
 - gpu (not part of `all`; a CUDA device): one R1-AQA GRPO step on Qwen2-Audio-7B's and on the Qwen2.5-Omni-7B
   thinker's real sizes in bf16 (LoRA), by phase, shared and repeated prefix, with the projection to GPU-hours per
-  1,000 steps, and DeepSpeed's memory plan for full fine-tuning (avrl/bench_audio.py). Write it to
-  experiments/bench_gpu.json.
+  1,000 steps, and DeepSpeed's memory plan for full fine-tuning (benchmarks/gpu.py). Write it to
+  benchmarks/bench_gpu.json.
 
 Figures are printed (a summary table at the end) and written as JSON; nothing here is asserted (the tests run
 `--smoke`, one short step of each). Each measurement runs in a fresh process, so its peak memory is its own.
@@ -93,7 +93,7 @@ def text_reward(texts: list[str]) -> list[float]:
 
 
 def peak_memory_mb() -> float:
-    from avrl.bench_audio import peak_memory_mb
+    from benchmarks.gpu import peak_memory_mb
 
     return peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -261,7 +261,7 @@ def run_audio(seconds: float, G: int, prompts: int, smoke: bool) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 def _child(kind: str, params: dict) -> dict:
     """Run one measurement in a fresh process (its peak memory is its own)."""
-    cmd = [sys.executable, "-m", "avrl.bench", "_child", kind, json.dumps(params)]
+    cmd = [sys.executable, "-m", "benchmarks.speed", "_child", kind, json.dumps(params)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -320,9 +320,9 @@ def run_audio_step(size: str, seconds: float, G: int, length: int, steps: int, s
     """One GRPO step of a randomly initialised Qwen2-Audio (the text model's sizes, a small encoder, frozen)."""
     from transformers import Qwen2AudioConfig
 
-    from avrl.bench_audio import build, measure_step, media_batch
     from avrl.config import asset_path
     from avrl.models import families
+    from benchmarks.gpu import build, measure_step, media_batch
 
     tiny = Qwen2AudioConfig.from_pretrained(asset_path("tiny_qwen2_audio"))
     config = Qwen2AudioConfig(
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         fn = {"avrl": run_avrl, "trl": run_trl, "audio": run_audio, "audio_step": run_audio_step}[kind]
         print(json.dumps(fn(**params)))
         return {}
-    parser = argparse.ArgumentParser(prog="python -m avrl.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="?", default="all",
                         choices=["all", "trl", "audio", "prefix", "scaling", "gpu"])
     parser.add_argument("--smoke", action="store_true", help="one short step of each, tiny sizes (CI)")
@@ -432,14 +432,14 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.filterwarnings("ignore", message=pattern)
     torch.set_num_threads(os.cpu_count() or 1)
     report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "command": "python -m avrl.bench " + " ".join(argv)}
+              "command": "python -m benchmarks.speed " + " ".join(argv)}
     for name, fn in (("trl", bench_trl), ("audio", bench_audio), ("prefix", bench_prefix),
                      ("scaling", bench_scaling)):
         if args.which in ("all", name):
             print(f"{name}:", flush=True)
             report[name] = fn(args.smoke)
     if args.which == "gpu":
-        from avrl.bench_audio import run_gpu
+        from benchmarks.gpu import run_gpu
 
         print("gpu:", flush=True)
         report["gpu"] = run_gpu(args.smoke)
