@@ -6,7 +6,9 @@ import hydra
 from omegaconf import DictConfig
 
 import avrl.config  # noqa: F401  (registers the ${avrl_asset:...} resolver before Hydra composes)
-from avrl.console import quiet_launcher
+from avrl.console import quiet, quiet_launcher
+from avrl.evaluation import evaluate
+from avrl.train import train
 
 # conf/hydra/sweeper/basic.yaml shadows Hydra's basic sweeper on purpose (see that file); Hydra would say so on
 # every run.
@@ -16,16 +18,10 @@ quiet_launcher()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from avrl.console import quiet
-
     quiet()
     if cfg.task == "train":
-        from avrl.train import train
-
         metrics = train(cfg)
     elif cfg.task == "eval":
-        from avrl.evaluation import evaluate
-
         metrics = evaluate(cfg)
     else:
         raise ValueError(f"task must be 'train' or 'eval', got {cfg.task!r}")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from avrl import schemas
+from avrl.models.tiny import build
 
 ASSETS = Path(__file__).parent / "assets"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -20,8 +24,6 @@ def asset_path(name: str) -> str:
 
 def tiny_init_path(family: str) -> str:
     """A randomly initialised tiny checkpoint of `family`, built on first use into avrl's cache folder."""
-    from avrl.models.tiny import build
-
     path = Path.home() / ".cache" / "avrl" / f"tiny-init-{family}"
     if not (path / "config.json").exists():
         build(path, family)
@@ -48,8 +50,6 @@ def mmau_file(version: str) -> str:
 
 
 def register_resolvers() -> None:
-    from avrl import schemas
-
     schemas.register()  # the typed schemas the group YAMLs extend (avrl/schemas.py)
     if not OmegaConf.has_resolver("avrl_conf"):
         OmegaConf.register_new_resolver("avrl_conf", conf_path)
@@ -76,8 +76,6 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
 
 def hydra_config():
     """The running job's Hydra config; None when not under @hydra.main (tests that compose configs)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 

@@ -5,8 +5,14 @@ any machine reaching the database wait on."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 from collections.abc import Iterator
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
 
 from avrl.redaction import redact
 
@@ -35,9 +41,6 @@ def require_driver(url: str, setting: str) -> None:
     own error, "Failed to import DB access module", names neither). `setting` is the config key that holds it."""
     if not is_database_url(url):
         return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
     try:
         dialect = make_url(url).get_dialect()
     except (ArgumentError, NoSuchModuleError) as error:
@@ -57,17 +60,12 @@ def lock(url: str, name: str) -> Iterator[None]:
     machine that reaches the database waits on it); for SQLite, an exclusive file lock beside the database file,
     one file per name (every process on the machines that share that file). Held on its own connection, so the
     work done inside may use the database freely."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":  # one process: nothing to share
             yield
             return
-        import fcntl
 
         with open(f"{parsed.database}.{hashlib.sha1(name.encode()).hexdigest()[:12]}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

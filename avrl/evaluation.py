@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from peft import PeftModel
 from tqdm import tqdm
 
 from avrl import spool, tracking
@@ -21,6 +22,7 @@ from avrl.atomic import write_atomic
 from avrl.checkpoints import is_deepspeed_folder
 from avrl.data.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
+from avrl.models.lora import apply_lora
 from avrl.policy import Policy
 from avrl.redaction import scrub
 from avrl.sampling import rollout_keys
@@ -38,15 +40,12 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
     if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
     if ckpt is not None and ckpt.is_dir() and (ckpt / "adapter_config.json").exists():
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(load_model(cfg.model), str(ckpt))
     elif ckpt is not None and ckpt.is_dir() and not is_deepspeed_folder(ckpt):
         model = load_model(cfg.model, path=str(ckpt))
     else:
         model = load_model(cfg.model)
         if cfg.algorithm.get("lora"):  # a LoRA run's checkpoint holds the PEFT-wrapped model's names
-            from avrl.models.lora import apply_lora
 
             model = apply_lora(model, cfg.algorithm.lora)
         if ckpt is not None:

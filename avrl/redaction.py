@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from avrl.atomic import write_atomic
+
 SECRET_WORDS = {"password", "passwd", "pwd", "token", "secret", "secrets", "credential", "credentials", "auth",
                 "authorization", "apikey", "api_key"}
 MASK = "***"
@@ -78,8 +80,6 @@ def scrub(folder: str | Path, pickles: bool = False) -> list[Path]:
     """Rewrite, atomically, each file under `folder` where overrides land (see above) that holds a secret; with
     `pickles`, remove the pickles of submitit's finished jobs too (they hold the job's overrides; a re-run of the
     sweep submits afresh). The files changed."""
-    from avrl.atomic import write_atomic
-
     changed = []
     paths = sorted(Path(folder).rglob("*"))
     finished = {p.parent for p in paths if p.name.endswith("_result.pkl")}  # (a running job's pickle stays: a

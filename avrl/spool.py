@@ -22,7 +22,13 @@ import shutil
 import time
 from pathlib import Path
 
+import mlflow
+import requests
+from mlflow.entities import Metric, Param, RunTag
+
+from avrl.atomic import write_atomic
 from avrl.redaction import redact
+from avrl.tracking import unanswered
 
 log = logging.getLogger(__name__)
 WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "log_artifact", "log_table", "set_terminated",
@@ -37,8 +43,6 @@ FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
 
 def unreachable(error: BaseException) -> bool:
     """Whether an MLflow call failed because the server could not be reached (not because it refused the call)."""
-    import requests
-
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
@@ -121,15 +125,11 @@ class SpoolingClient:
 
 
 def healthy(tracking_uri: str, timeout: float = 2.0) -> bool:
-    from avrl.tracking import unanswered  # (the same question check_reachable asks at start)
-
     return unanswered(tracking_uri, timeout) is None
 
 
 def encode(value):
     """A call argument as JSON: MLflow's entities by their fields."""
-    from mlflow.entities import Metric, Param, RunTag
-
     if isinstance(value, Metric):
         return {"__metric__": [value.key, value.value, value.timestamp, value.step]}
     if isinstance(value, Param):
@@ -156,8 +156,6 @@ def _keep_artifact(folder: Path, args: list, kwargs: dict) -> tuple[list, dict]:
 
 
 def decode(value):
-    from mlflow.entities import Metric, Param, RunTag
-
     if isinstance(value, list):
         return [decode(v) for v in value]
     if isinstance(value, dict):
@@ -174,8 +172,6 @@ def decode(value):
 def replay(folder: Path, client) -> int:
     """Send the spooled calls in order; the count sent is recorded after each, so that a replay cut short sends
     the rest next time and none twice. The spool is removed once all are sent."""
-    from avrl.atomic import write_atomic
-
     calls, sent_file = folder / CALLS, folder / "sent"
     if not calls.exists():
         return 0
@@ -193,7 +189,6 @@ def main() -> None:
     parser.add_argument("spool", help="the run's <output_dir>/mlflow_spool folder")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     args = parser.parse_args()
-    import mlflow
 
     client = mlflow.tracking.MlflowClient(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     print(f"sent {replay(Path(args.spool), client)} calls")

@@ -7,9 +7,18 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import traceback
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import mlflow
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import flatten, hydra_config
@@ -55,8 +64,6 @@ def training_experiment(client, logger_cfg: DictConfig) -> str:
 def _settled(write, written):
     """`write()`, or, when it fails because another process wrote first, what `written()` finds instead (the
     error stands when nothing was written)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return write()
     except MlflowException:
@@ -95,8 +102,6 @@ def varied_keys(sweep_dir) -> set[str] | None:
     """The keys a sweep varies: those given as sweeps (a,b / choice / range / interval) on its command line or in
     its preset's hydra.sweeper.params, read from <sweep dir>/multirun.yaml (the sweepers write it before the jobs
     start); None without that file, or when it cannot be read (the name then holds all the job's overrides)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     path = Path(sweep_dir) / "multirun.yaml"
     try:  # unresolved: an override may hold an interpolation (${seed}) that only the job can resolve
         hydra_cfg = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
@@ -130,8 +135,6 @@ def run_label(cfg: DictConfig, tags: dict) -> tuple[str, str]:
 
 def record_failure(logger, error: BaseException) -> None:
     """Mark the job's run FAILED (KILLED on Ctrl-C) with the traceback as the artifact error.txt."""
-    import traceback
-
     if logger is None:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,9 +149,6 @@ def record_failure(logger, error: BaseException) -> None:
 def make_logger(cfg: DictConfig, run_id: str | None = None):
     """Lightning's MLFlowLogger for this job, with tags and params already logged; None when logging is off.
     With `run_id` (a resumed run) it continues that run: params and config were logged by the first attempt."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from lightning.pytorch.loggers import MLFlowLogger
-
     if not cfg.logger.enabled or rank_zero_only.rank != 0:  # in DDP, rank 0 alone owns the run
         return None
     require_driver(cfg.logger.tracking_uri, "logger.tracking_uri")
@@ -175,7 +175,6 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         tags["arm"], name = run_label(cfg, tags)
         tags["arm_overrides"] = sweep_arm()
         run_name = cfg.run_name or name
-    import mlflow
 
     training_experiment(mlflow.tracking.MlflowClient(cfg.logger.tracking_uri), cfg.logger)
     logger = MLFlowLogger(
@@ -227,9 +226,6 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
 def unanswered(tracking_uri: str, timeout: float) -> object | None:
     """Why an http(s) tracking server does not answer its /health, or None when it answers (with any status: a
     401 or 404 is an answer) or the store is local."""
-    import urllib.error
-    import urllib.request
-
     if not tracking_uri.startswith(("http://", "https://")):
         return None
     url = re.sub(r"//[^/@]*@", "//", tracking_uri.rstrip("/"))  # credentials are not needed to see the host
@@ -259,8 +255,6 @@ def log_file(logger, path: str | Path, artifact_path: str | None = None) -> None
 
 def completions_callback(every_n_steps: int):
     """A callback that logs the module's latest sample completions as an MLflow table every N steps."""
-    from lightning.pytorch.callbacks import Callback
-
     class LogCompletions(Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             rows = getattr(module, "_sample_rows", None)

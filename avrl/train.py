@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from avrl import console, final_eval, preemption, resume, spool, strategies, tracking
 from avrl.checkpoints import SafeCheckpointIO
+from avrl.config import conf_path
 from avrl.data.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
 from avrl.prompts import PromptSpec
 from avrl.redaction import redact, scrub
 from avrl.scoring import accuracy_metrics
+from avrl.sweeps import optuna_search
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ def prompt_spec(cfg: DictConfig) -> PromptSpec:
 
 def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
     """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
-    from avrl.config import conf_path
-
     return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
             for name in cfg.data.get("prompt_mix") or []]
 
@@ -151,8 +151,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         tracking.log_file(logger, out / "skipped_items.json")
 
     trial, pruning = None, []
-    if cfg.get("trial") is not None:  # set when the Optuna sweeper launched this job (optuna is needed only then)
-        from avrl.sweeps import optuna_search
+    if cfg.get("trial") is not None:  # set when the Optuna sweeper launched this job
 
         trial = optuna_search.job_trial(cfg.trial)
         pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []

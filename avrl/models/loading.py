@@ -7,7 +7,11 @@ import logging
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
+from transformers import GenerationConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.models.auto.configuration_auto import model_type_to_module_name
 
 from avrl.models import families
 from avrl.models.multimodal import audio_encoder, vision_encoder
@@ -28,7 +32,6 @@ def load_model(cfg: DictConfig, path: str | None = None):
     hub = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     if not Path(source).exists():
         log.info("loading %s from the hub (or its local cache)", source)
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         import_modeling_modules(family.transformers_class().config_class.from_pretrained(source, **hub))
@@ -72,8 +75,6 @@ def import_modeling_modules(config) -> None:
     the decorated __init__. Remove once DeepSpeed records __init__ after class creation (tests/test_models.py
     holds the case).
     """
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
     stack, seen = [config], set()
     while stack:
         config = stack.pop()
@@ -99,12 +100,9 @@ _SAID: set[str] = set()
 
 
 def _special_tokens_only(config):
-    from transformers import GenerationConfig
-
     keep = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     dropped = {k: v for k, v in config.to_diff_dict().items()
                if k not in keep and k not in ("transformers_version", "_from_model_config", "use_cache")}
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     # Once, on rank 0 (the reference model is the same checkpoint; every rank loads it).
     if dropped and str(dropped) not in _SAID and rank_zero_only.rank == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omegaconf import DictConfig
+from peft import LoraConfig, get_peft_model
 
 
 def target_pattern(cfg: DictConfig) -> str:
@@ -16,8 +17,6 @@ def target_pattern(cfg: DictConfig) -> str:
 
 def apply_lora(model, cfg: DictConfig):
     """The model wrapped with fresh LoRA adapters; only adapter weights train."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_pattern(cfg), bias="none"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, WhisperFeatureExtractor
+from transformers import AutoImageProcessor, AutoTokenizer, WhisperFeatureExtractor
 
 from avrl.models.families import Family
 
@@ -34,8 +34,6 @@ class AudioTextProcessor:
         feature_extractor = WhisperFeatureExtractor.from_pretrained(path, **hub_kwargs)
         image_processor = None
         if with_images:
-            from transformers import AutoImageProcessor
-
             image_processor = AutoImageProcessor.from_pretrained(path, **hub_kwargs)
         return cls(tokenizer, feature_extractor, image_processor, family)
 

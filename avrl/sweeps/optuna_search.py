@@ -10,17 +10,22 @@ from __future__ import annotations
 import logging
 import math
 import re
+import subprocess
 import threading
 import warnings
 from typing import Any
 
 import optuna
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from avrl.db import lock, require_driver
 from avrl.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -98,8 +103,6 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
     """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL; a missing driver is named first). With
     heartbeats, a trial whose worker was killed is marked FAIL by the next worker after `grace_period` seconds
     instead of staying RUNNING forever; `stale_trial_callback(study, trial)` is then called."""
-    from avrl.db import require_driver
-
     require_driver(url, "hydra.sweeper.storage")
     # A database server restarted, or a connection it dropped: each connection is checked before use and replaced.
     engine = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
@@ -115,23 +118,17 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
 def study_lock(storage_url: str, study_name: str):
     """The study's lock in its own database (avrl/db.py): held while a worker counts the trials and asks for the
     next one, and while it finds or creates the study's parent MLflow run, so that workers take these in turn."""
-    from avrl.db import lock
-
     return lock(storage_url, f"avrl optuna study {study_name}")
 
 
 def make_pruner(cfg) -> optuna.pruners.BasePruner:
     """The pruner from its config (`_target_` and arguments); none: never prune."""
-    from hydra.utils import instantiate
-
     return instantiate(cfg) if cfg else optuna.pruners.NopPruner()
 
 
 def make_sampler(cfg, trials_so_far: int = 0) -> optuna.samplers.BaseSampler | None:
     """The sampler from its config. A seeded sampler is seeded with seed + the number of trials already in the
     study: a resumed study must not replay the random start-up trials it already ran."""
-    from hydra.utils import instantiate
-
     if cfg is None:
         return None
     cfg = OmegaConf.create(cfg)
@@ -188,8 +185,6 @@ def cancel_job(trial) -> None:
     """Cancel the SLURM job of a trial failed as stale (its worker is gone; the job would run on for nothing)."""
     job = trial.user_attrs.get("slurm_job")
     if job:
-        import subprocess
-
         out = subprocess.run(["scancel", str(job)], capture_output=True, text=True)
         log.warning("trial %d: its SLURM job %s cancelled%s", trial.number, job,
                     "" if out.returncode == 0 else f" (scancel: {out.stderr.strip()[:200]})")
@@ -261,8 +256,6 @@ def outcome(value: Any, error: BaseException | None) -> tuple[TrialState, float 
 def job_trial(trial_number: int | None) -> optuna.Trial | None:
     """The Optuna trial this job runs, when it was launched by the Optuna sweeper (`trial=<number>`); the study's
     name and storage come from the running Hydra config (hydra.sweeper), so no URL travels in an override."""
-    from hydra.core.hydra_config import HydraConfig
-
     if trial_number is None or not HydraConfig.initialized():
         return None
     sweeper = HydraConfig.get().sweeper
@@ -278,8 +271,6 @@ def job_trial(trial_number: int | None) -> optuna.Trial | None:
 def pruning_callback(trial: optuna.Trial, metric: str):
     """A Lightning callback that reports `metric` to the trial after each validation and stops training when
     the study's pruner says so; `pruned_at` is then the step it stopped at."""
-    from lightning.pytorch.callbacks import Callback
-
     class ReportToTrial(Callback):
         pruned_at: int | None = None
 

@@ -3,13 +3,19 @@ end, FAILED if a job failed), each job a nested child; Optuna trial states and t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import mlflow
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from avrl import db
 from avrl.atomic import write_atomic
 from avrl.redaction import redact
+from avrl.sweeps import optuna_search
 from avrl.sweeps.report import write_report
 from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE, check_reachable, parent_run_id, training_experiment
 from avrl.versions import version_tags
@@ -30,7 +36,6 @@ class SweepParentRun(Callback):
             return
         # Hydra turns a callback's exception into a warning and runs the jobs anyway, each then a top-level run
         # outside the sweep (or failing on the same store): stop the sweep here instead, before any job starts.
-        from avrl import db
 
         study = study_tags(config)
         try:
@@ -48,8 +53,6 @@ class SweepParentRun(Callback):
 
     def _start(self, config: DictConfig, study: dict | None) -> None:
         if study:
-            from avrl.sweeps import optuna_search  # (optuna: only for studies)
-
             # Workers started together on one study set up its experiment and its one parent in turn.
             with optuna_search.study_lock(config.hydra.sweeper.storage, config.hydra.sweeper.study_name):
                 run = _parent_run(config, study)
@@ -69,10 +72,6 @@ class SweepParentRun(Callback):
 
 def _trials_running(config: DictConfig) -> bool:
     """Whether the Optuna study has trials running now (other workers'; this worker's are finished)."""
-    import optuna
-
-    from avrl.sweeps import optuna_search
-
     store = optuna_search.storage(config.hydra.sweeper.storage, heartbeat_interval=None)
     trials = store.get_all_trials(store.get_study_id_from_name(config.hydra.sweeper.study_name), deepcopy=False,
                                   states=(optuna.trial.TrialState.RUNNING,))
@@ -100,8 +99,6 @@ def _parent_run(config: DictConfig, study: dict | None):
 def sweep_name(overrides: list[str]) -> str:
     """The parent run's name: the sweep preset and what the command line sweeps, short enough for the MLflow UI's
     name column, e.g. "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2" (every override is in tag sweep_overrides)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parts = []
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.get_key_element()
@@ -114,8 +111,6 @@ def write_sweep_report(config: DictConfig) -> None:
     """The ablation report (avrl/sweeps/report.py), written when a multirun ends (also when jobs failed), and the
     address of the parent run in the MLflow UI; a report that cannot be written is a warning, not a failed sweep
     (rerun it with python -m avrl.sweeps.report <sweep dir>)."""
-    import logging
-
 
     parent = parent_run_id(config.hydra.sweep.dir)
     if not config.logger.enabled or not parent:
@@ -161,8 +156,6 @@ def end_sweep_run(config: DictConfig, status: str) -> None:
 
 
 def _client(tracking_uri: str):
-    import mlflow
-
     return mlflow.tracking.MlflowClient(tracking_uri)
 
 

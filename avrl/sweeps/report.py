@@ -36,8 +36,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+from mlflow.entities import Metric
+from omegaconf import OmegaConf
+from scipy.stats import t
 
 from avrl.atomic import write_atomic  # noqa: E402
+from avrl.final_eval import FILE
 from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
@@ -110,8 +114,6 @@ def arm_labels(groups: dict[str, list]) -> dict[str, str]:
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% t-interval (None for a single value)."""
-    from scipy.stats import t
-
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, None
@@ -245,8 +247,6 @@ def paired_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], seed:
 
 def per_item(client, run) -> dict[str, dict[str, float]]:
     """The run's final_eval.json (condition -> item id -> correct), or {} when it has none."""
-    from avrl.final_eval import FILE
-
     local = Path(run.data.tags.get("output_dir", "")) / FILE
     if local.exists():
         return json.loads(local.read_text())
@@ -365,8 +365,6 @@ def plot_study(runs, direction: str, path: Path) -> list[tuple[int, float]]:
 
 def study_direction(sweep_dir: Path) -> str:
     """The study's direction, from the sweep's multirun.yaml (Optuna's default, maximize, without it)."""
-    from omegaconf import OmegaConf
-
     path = sweep_dir / "multirun.yaml"
     return str(OmegaConf.load(path).hydra.sweeper.get("direction", "maximize")) if path.exists() else "maximize"
 
@@ -421,8 +419,6 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
 
 
 def log_parent_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     items = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import transformers
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,6 @@ class Family:
     forward_takes_input_ids: bool = True  # the base model accepts input_ids next to inputs_embeds
 
     def transformers_class(self):
-        import transformers
-
         return getattr(transformers, self.model_class)
 
     def rope_inputs(self, batch: dict) -> dict:

@@ -4,10 +4,12 @@ talker and token2wav weights of the checkpoint are never loaded."""
 from __future__ import annotations
 
 import torch
+from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from avrl.models.families.base import Family
 from avrl.models.families.qwen2_audio import SPECIAL_TOKENS, audio_token_count
 from avrl.models.templates import QWEN2_5_OMNI
+from avrl.models.tiny_sizes import audio_config, text_config
 
 # avrl loads the thinker alone; the hub checkpoint holds it under "thinker." (Qwen3-Omni's too).
 THINKER_RENAMES = (
@@ -24,14 +26,6 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
 
 
 def build_tiny(tokenizer, hidden: int = 64):
-    from transformers import (
-        Qwen2_5OmniThinkerConfig,
-        Qwen2_5OmniThinkerForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
-
-    from avrl.models.tiny_sizes import audio_config, text_config
-
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5OmniThinkerConfig(
         audio_config=audio_config(hidden, output_dim=hidden, n_window=50, max_source_positions=1500),

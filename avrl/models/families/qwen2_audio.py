@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+from transformers.masking_utils import create_bidirectional_mask
 
 from avrl.models.families.base import Family
 from avrl.models.templates import QWEN2_AUDIO
+from avrl.models.tiny_sizes import WINDOW_SECONDS, audio_config, text_config
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
                   "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>")
@@ -22,8 +25,6 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
     """As Qwen2AudioModel.forward does it: encode the padded window, keep each clip's valid outputs. The projector
     into the LM is applied when embedding (multimodal.embed), so that a frozen encoder's outputs can be reused while
     the projector trains."""
-    from transformers.masking_utils import create_bidirectional_mask
-
     tower = model.model.audio_tower
     after_conv, out_lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
     steps = (features.shape[-1] - 2) // 2 + 1
@@ -39,10 +40,6 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> t
 
 
 def build_tiny(tokenizer, hidden: int = 64):
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    from avrl.models.tiny_sizes import WINDOW_SECONDS, audio_config, text_config
-
     config = Qwen2AudioConfig(
         audio_config=audio_config(hidden, max_source_positions=WINDOW_SECONDS * 50),  # 100 frames/s, conv stride 2
         text_config=dict(model_type="qwen2", **text_config(tokenizer, hidden)),

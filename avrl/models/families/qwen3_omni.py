@@ -9,10 +9,12 @@ avrl's embed-once path does not feed, so this family declares no image token and
 from __future__ import annotations
 
 import torch
+from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
 from avrl.models.families.base import Family
 from avrl.models.families.qwen2_5_omni import THINKER_RENAMES, encode_audio
 from avrl.models.templates import QWEN3_OMNI
+from avrl.models.tiny_sizes import audio_config, text_config
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_pad|>", "<|audio_start|>",
                   "<|audio_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -45,10 +47,6 @@ def split_experts(name: str, tensor: torch.Tensor):
 
 
 def build_tiny(tokenizer, hidden: int = 64):
-    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
-
-    from avrl.models.tiny_sizes import audio_config, text_config
-
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3OmniMoeThinkerConfig(
         audio_config=audio_config(hidden, output_dim=hidden, n_window=WINDOW_FRAMES // 2, n_window_infer=400,
