@@ -24,11 +24,11 @@ FILE = "final_eval.json"
 def run(cfg: DictConfig, trainer, module, datamodule, out: Path, accuracy: float | None) -> dict[str, float]:
     """Score the controls and the OOD split; log them (rank 0's logger) and write final_eval.json. `accuracy` is
     the final model's val/accuracy (for the audio reliance)."""
-    settings = cfg.get("final_eval") or {}
+    settings = cfg.final_eval
     per_item = {"val": _by_id(module.last_val_results)}
     metrics: dict[str, float] = {}
-    conditions = [("val", control) for control in settings.get("audio", [])]
-    if settings.get("ood", False) and datamodule.has_split("ood"):
+    conditions = [("val", control) for control in settings.audio]
+    if settings.ood and datamodule.has_split("ood"):
         conditions.append(("ood", "real"))
     for split, audio in conditions:
         name = "val_ood" if split == "ood" else f"val_{audio}"

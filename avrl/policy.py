@@ -25,8 +25,9 @@ class Policy:
     model: torch.nn.Module
     processor: object  # AudioTextProcessor (or the benchmark's text-only stand-in)
     family: Family
-    # Each prompt through the language model once per group (avrl/models/shared_prefix.py) instead of G times.
-    shared_prefix: bool = False
+    # Each prompt through the language model once per group (avrl/models/shared_prefix.py) instead of G times:
+    # the training modules pass algorithm.shared_prefix (avrl/schemas.py holds its default); no default here.
+    shared_prefix: bool
 
     # ------------------------------------------------------------------------------------------- encode
     def encode(self, batch: dict, model=None) -> dict[str, torch.Tensor]:

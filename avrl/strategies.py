@@ -99,22 +99,22 @@ def text_hidden_size(model_cfg) -> int:
 def requested_devices(trainer_cfg) -> int:
     """How many devices the run's Trainer will use: trainer.devices (a count, a list of indices, -1 or "auto" for
     every visible GPU) times trainer.num_nodes."""
-    devices = trainer_cfg.get("devices", 1)
+    devices = trainer_cfg.devices
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if devices in (-1, "auto"):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") else 1
+        devices = torch.cuda.device_count() if trainer_cfg.accelerator in ("gpu", "cuda", "auto") else 1
     count = len(devices) if not isinstance(devices, int) else devices
-    return count * int(trainer_cfg.get("num_nodes", 1) or 1)
+    return count * int(trainer_cfg.num_nodes)
 
 
 def check(cfg) -> None:
     """Refuse, before anything starts, a strategy avrl knows it cannot run as configured."""
-    if not _is_fsdp(cfg.trainer.get("strategy")):
+    if not _is_fsdp(cfg.trainer.strategy):
         return
     devices = requested_devices(cfg.trainer)
-    if cfg.trainer.get("accelerator") == "cpu" or devices < 2:
-        where = "on CPU" if cfg.trainer.get("accelerator") == "cpu" else f"on {devices} device(s)"
+    if cfg.trainer.accelerator == "cpu" or devices < 2:
+        where = "on CPU" if cfg.trainer.accelerator == "cpu" else f"on {devices} device(s)"
         raise ValueError(
             f"trainer=fsdp {where} (trainer.devices x trainer.num_nodes): FSDP shards a model across 2 or more GPUs "
             "(on one, torch falls back to NO_SHARD; on CPU it does not run) and avrl does not run it there. On one "

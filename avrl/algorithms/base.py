@@ -56,7 +56,7 @@ class AudioLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = load_model(self.model_cfg)
-            if self.algo.get("lora"):
+            if self.algo.lora:
                 from avrl.models.lora import apply_lora
 
                 self.model = apply_lora(self.model, self.algo.lora)
@@ -72,11 +72,11 @@ class AudioLMModule(L.LightningModule):
     @property
     def policy(self) -> Policy:
         """The model being trained, with its processor and family (a light view: the model stays this module's)."""
-        return Policy(self.model, self.processor, self.family, shared_prefix=self.algo.get("shared_prefix", False))
+        return Policy(self.model, self.processor, self.family, shared_prefix=self.algo.shared_prefix)
 
     def rollout_keys(self, items, num_generations: int) -> list[int]:
         """The random stream of each completion at this step: (sampling seed, step, item, completion index)."""
-        return rollout_keys(self.algo.get("sampling_seed", 0), self.global_step, items, num_generations)
+        return rollout_keys(self.algo.sampling_seed, self.global_step, items, num_generations)
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -143,7 +143,7 @@ class AudioLMModule(L.LightningModule):
             p.grad = None
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
-        limit = self.optim.get("max_skipped_in_row", 10)
+        limit = self.optim.max_skipped_in_row
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
                     self.global_step, self.nonfinite_in_row, self.skipped_steps)
         if self.nonfinite_in_row >= limit:
@@ -167,9 +167,9 @@ class AudioLMModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas),
-            eps=self.optim.get("eps", 1e-8),
+            eps=self.optim.eps,
         )
-        total = self.trainer.estimated_stepping_batches * self.algo.get("num_iterations", 1)
+        total = self.trainer.estimated_stepping_batches * self.algo.num_iterations
         scheduler = get_scheduler(
             self.optim.scheduler, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total),
             num_training_steps=total,

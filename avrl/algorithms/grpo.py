@@ -213,7 +213,7 @@ class GRPOModule(AudioLMModule):
                     logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
                     beta=algo.beta, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
                     max_completion_length=algo.max_completion_length,
-                    importance_weights=weights[s] if weights is not None else None, kl_clamp=algo.get("kl_clamp"),
+                    importance_weights=weights[s] if weights is not None else None, kl_clamp=algo.kl_clamp,
                 )
                 weight = _micro_batch_weight(algo.loss_type, mask, s)
                 self.manual_backward(loss * weight)

@@ -51,19 +51,18 @@ def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
     """The dataset of one split and the records skipped while reading it. Split "ood" is the out-of-distribution
     one (data.ood_size synthetic items, or data.ood_path), evaluated after training when it exists."""
     if cfg.format == "synthetic":
-        size = cfg.get(f"{split}_size", 0)
+        size = cfg[f"{split}_size"]
         dataset = SyntheticAudioQA(split, size, seed=cfg.seed, tasks=list(cfg.tasks), seconds=cfg.seconds,
                                    label_mode=cfg.label_mode if split == "train" else "gold")
         return dataset, []
     if cfg.format not in READERS:
         raise ValueError(f"data.format must be 'synthetic' or one of {sorted(READERS)}, got {cfg.format!r}")
-    path = cfg.get(f"{split}_path")
+    path = cfg[f"{split}_path"]
     if path is None:
         raise ValueError(f"data config {cfg.name!r} has no {split}_path (set data.{split}_path=...)")
-    items, skipped = READERS[cfg.format](path, cfg.get("root"), cfg.get("on_error", "raise"),
+    items, skipped = READERS[cfg.format](path, cfg.root, cfg.on_error,
                                          check_audio=cfg.check_audio)
-    limit = cfg.get("limit")
-    return ItemList(items[:limit] if limit else items), skipped
+    return ItemList(items[:cfg.limit] if cfg.limit else items), skipped
 
 
 class PromptCollator:
@@ -128,7 +127,7 @@ class AudioQADataModule(L.LightningDataModule):
         self.cfg = cfg
         # task=eval's audio-contribution control for the test split (avrl/data/audio_controls.py)
         self.audio = audio_controls.check(audio)
-        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.get("on_error", "raise"),
+        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.on_error,
                                       keep_media)
         self.splits = splits
         self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)
@@ -186,8 +185,8 @@ class AudioQADataModule(L.LightningDataModule):
     def has_split(self, split: str) -> bool:
         """Whether the data config defines this split (an "ood" one is optional)."""
         if self.cfg.format == "synthetic":
-            return bool(self.cfg.get(f"{split}_size"))
-        return self.cfg.get(f"{split}_path") is not None
+            return bool(self.cfg[f"{split}_size"])
+        return self.cfg[f"{split}_path"] is not None
 
     def control_loader(self, split: str, audio: str = "real", for_eval: bool = False) -> DataLoader:
         """A split's evaluation loader under an audio-contribution control (avrl/data/audio_controls.py: the

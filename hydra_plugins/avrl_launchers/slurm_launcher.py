@@ -103,7 +103,7 @@ class AvrlSlurmLauncher(SlurmLauncher):
         KILLED where SLURM cancelled or preempted it, FAILED otherwise."""
         run_id = json.loads((folder / "run_info.json").read_text()).get("mlflow_run_id") \
             if (folder / "run_info.json").exists() else None
-        if not run_id or not OmegaConf.select(self.config, "logger.enabled", default=False):
+        if not run_id or not self.config.logger.enabled:
             return
         try:
             import mlflow

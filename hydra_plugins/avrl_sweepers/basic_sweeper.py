@@ -59,7 +59,7 @@ class AvrlBasicSweeper(BasicSweeper):
 def seed_sweep(config, parser, arguments: list[str]) -> list[str]:
     """`seeds=N`: every job of the sweep with seeds seed, seed + 1, ..., seed + N - 1 (a seed swept by hand, e.g.
     seed=1,2,3, is kept as given); the runs of one arm then differ only by seed, and the report pools them."""
-    count = int(config.get("seeds", 1))
+    count = int(config.seeds)
     if count < 1:
         raise ValueError(f"seeds must be >= 1, got {count}")
     parsed = parser.parse_overrides(arguments)
