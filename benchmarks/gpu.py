@@ -1,13 +1,12 @@
-"""One GRPO step of an audio model timed by phase (rollout / reference log-probs / update), as GRPOModule runs it:
-used by `python -m benchmarks.speed gpu` (the 7B models' real sizes) and `python -m benchmarks.speed prefix` (CPU
-sizes, 30 s of audio, shared vs repeated prefix).
+"""R1-AQA's GRPO step on the 7B models' real sizes, on a CUDA device: `python -m benchmarks.gpu [--smoke] [--out
+benchmarks/gpu.json]` (on an offline GPU machine: `bash benchmarks/gpu_checks.sh run bench`).
 
-`gpu` — R1-AQA's per-device batch with random bf16 weights, gradient checkpointing and LoRA adapters, on two
-shapes: Qwen2-Audio-7B-Instruct (avrl/assets/shapes/qwen2_audio_7b; 10 s of audio per prompt) and the
-Qwen2.5-Omni-7B thinker (avrl/assets/shapes/qwen2_5_omni_7b_thinker; 10 s of audio and a 448 x 448 image per
-prompt, as EchoInk-R1's audio-visual questions). 2 prompts x G = 8 completions, 256 completion tokens (the stop
-token is one the model cannot emit, so every completion has the full length and the figure is stable). Reported:
-seconds per step by phase (at num_iterations 1 avrl computes no separate old log-probs, so neither does this step),
+R1-AQA's per-device batch with random bf16 weights, gradient checkpointing and LoRA adapters, on two shapes:
+Qwen2-Audio-7B-Instruct (avrl/assets/shapes/qwen2_audio_7b; 10 s of audio per prompt) and the Qwen2.5-Omni-7B
+thinker (avrl/assets/shapes/qwen2_5_omni_7b_thinker; 10 s of audio and a 448 x 448 image per prompt, as EchoInk-R1's
+audio-visual questions). 2 prompts x G = 8 completions, 256 completion tokens (the stop token is one the model
+cannot emit, so every completion has the full length and the figure is stable). Reported: seconds per step by phase
+(at num_iterations 1 avrl computes no separate old log-probs, so neither does this step; benchmarks/audio_step.py),
 peak GPU memory, completion tokens per second, and GPU-hours per 1,000 steps on 8 GPUs (each GPU runs its own
 per-device batch; communication not counted) next to R1-AQA's 4-5 h on 8 H800 (32-40 GPU-hours), for the
 shared-prefix and the repeated path. Full fine-tuning: DeepSpeed's own estimate of the model states' memory for
@@ -19,31 +18,27 @@ timings mean nothing.
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import json
 import os
-import statistics
+import sys
 import time
-from types import SimpleNamespace
+import warnings
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoConfig
 
 from avrl.config import ASSETS
+from avrl.console import LIBRARY_WARNINGS
+from avrl.models import families
+from avrl.models.lora import apply_lora
+from benchmarks.audio_step import build, machine, measure_step, media_batch
 
 PAPER_GPU_HOURS = (32, 40)  # R1-AQA: 4-5 h on 8 H800 for its 1,000 steps (README of xiaomi-research/r1-aqa)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "include_audio_encoder": False}
-
-
-class _Processor:
-    """What Policy needs of a processor when the batch is built directly: a stop token the model never emits."""
-
-    def __init__(self, vocab_size: int):
-        self.stop_token_ids = [vocab_size + 1]
-        self.tokenizer = SimpleNamespace(pad_token_id=0)
-
-    def decode(self, ids):
-        return [""] * len(ids)
 
 
 # name -> (family, the real sizes, the tiny sizes for --smoke, an image with each prompt's audio)
@@ -55,127 +50,11 @@ SHAPES = {
 IMAGE_SIDE = {"real": 448, "smoke": 56}
 
 
-def media_batch(config, family, prompts: int, audio_seconds: float, device, image_side: int | None = None) -> dict:
-    """Token ids with one audio placeholder block per prompt (the family's count for the clip) and, with
-    `image_side`, one image block before it (as avrl's processor orders them), random features and pixels. Omni
-    models wrap each block in its start/end tokens: their 3-D rope finds the media by them."""
-    window = config.audio_config.max_source_positions * 2  # mel frames in the encoder's window (30 s: 3,000)
-    frames = min(int(audio_seconds * 100), window)
-    n_audio = int(family.audio_token_count(torch.tensor(frames)))
-
-    def block(token: str, n: int) -> torch.Tensor:
-        ids = [getattr(config, f"{token}_token_id")] * n
-        start, end = getattr(config, f"{token}_start_token_id", None), getattr(config, f"{token}_end_token_id", None)
-        return torch.tensor(([start] if start is not None else []) + ids + ([end] if end is not None else []))
-
-    media = [block("audio", n_audio)]
-    batch = {}
-    if image_side:
-        vision = config.vision_config
-        side = image_side // vision.patch_size
-        n_image = side * side // vision.spatial_merge_size**2
-        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        batch["pixel_values"] = torch.randn(prompts * side * side, patch, device=device)
-        batch["image_grid_thw"] = torch.tensor([[1, side, side]] * prompts, device=device)
-        media.insert(0, torch.tensor([config.vision_start_token_id, *[config.image_token_id] * n_image,
-                                      config.vision_end_token_id]))
-    text = torch.randint(10, min(1000, config.text_config.vocab_size // 2), (prompts, 40))  # below the special tokens
-    ids = torch.cat([text[:, :20], torch.cat(media).expand(prompts, -1), text[:, 20:]], dim=1)
-    feature_mask = torch.zeros(prompts, window, dtype=torch.long)
-    feature_mask[:, :frames] = 1
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
-            "input_features": torch.randn(prompts, config.audio_config.num_mel_bins, window, device=device),
-            "feature_attention_mask": feature_mask.to(device), **batch}
-
-
-def build(config, family, device, dtype, checkpointing: bool):
-    """A randomly initialised model of the family at `config`'s sizes, its encoders frozen (as avrl's defaults)."""
-    from avrl.models.loading import enable_checkpointing
-    from avrl.models.multimodal import audio_encoder, vision_encoder
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built directly in bf16: a 7B model in fp32 would take 34 GB first
-    try:
-        with torch.device(device):
-            model = family.transformers_class()(config)
-    finally:
-        torch.set_default_dtype(previous)
-    for encoder in (audio_encoder(model), vision_encoder(model)):
-        if encoder is not None:
-            encoder.requires_grad_(False)
-    if checkpointing:
-        enable_checkpointing(model)
-    return model
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-def measure_step(model, config, family, batch: dict, *, G: int, length: int, steps: int, shared_prefix: bool,
-                 lora: bool) -> dict:
-    """Median seconds per phase over the steps after the first (the first warms up), and peak memory."""
-    from avrl.algorithms.grpo import grpo_loss
-    from avrl.policy import Policy
-
-    device = next(model.parameters()).device
-    policy = Policy(model, _Processor(config.text_config.vocab_size), family, shared_prefix=shared_prefix)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    prompts = batch["input_ids"].shape[0]
-    settings = {"max_new_tokens": length, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    phases = {"rollout": [], "reference_logps": [], "update": []}
-    for step in range(steps):
-        with torch.no_grad():
-            media = policy.encode(batch)  # the encoder is frozen: its outputs serve all three phases
-        keys = list(range(step * prompts * G, (step + 1) * prompts * G))
-        (ids, mask), seconds = timed(lambda: policy.generate(batch, media, G, settings, keys=keys), device)
-        phases["rollout"].append(seconds)
-
-        def reference():
-            # With LoRA the reference is the base (adapters off); otherwise a frozen copy, here the same weights.
-            with torch.no_grad(), (model.disable_adapter() if lora else contextlib.nullcontext()):
-                return policy.completion_logps(batch, media, ids, mask, G)[0]
-
-        ref, seconds = timed(reference, device)
-        phases["reference_logps"].append(seconds)
-        advantages = torch.randn(prompts * G, device=device)
-
-        def update():  # as GRPOModule.update at num_iterations 1: the old log-probs are the update's own, detached
-            optimizer.zero_grad()
-            logps, _ = policy.completion_logps(batch, media, ids, mask, G)
-            loss, _ = grpo_loss(logps, logps.detach(), ref, advantages, mask, beta=0.04, epsilon=0.2)
-            loss.backward()
-            optimizer.step()
-
-        _, seconds = timed(update, device)
-        phases["update"].append(seconds)
-    median = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in phases.items()}
-    return {"seconds_by_phase": median, "step_seconds": sum(median.values()),
-            "prompt_tokens": int(batch["input_ids"].shape[1]), "peak_memory_mb": peak_memory_mb(device)}
-
-
-def peak_memory_mb(device) -> float:
-    """CUDA max allocated on a GPU, else the process's peak RSS (run one measurement per process)."""
-    import resource
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_gpu(smoke: bool) -> dict:
-    """`python -m benchmarks.speed gpu`: R1-AQA's step at each 7B shape's sizes, shared and repeated prefix, and the
-    memory plan of full fine-tuning."""
+def run(smoke: bool) -> dict:
+    """R1-AQA's step at each 7B shape's sizes, shared and repeated prefix, and the memory plan of full
+    fine-tuning."""
     if not torch.cuda.is_available() and not smoke:
-        raise SystemExit("python -m benchmarks.speed gpu needs a CUDA device (use --smoke to run its code path on CPU)")
+        raise SystemExit("python -m benchmarks.gpu needs a CUDA device (use --smoke to run its code path on CPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts, G, length, steps = (2, 8, 256, 3) if not smoke else (1, 2, 4, 1)
@@ -193,11 +72,6 @@ def run_gpu(smoke: bool) -> dict:
 
 def measure_shape(family_name: str, asset: str, image_side: int | None, device, dtype, **step) -> tuple[dict, dict]:
     """LoRA GRPO steps on one shape, shared and repeated prefix; (its row, its parameter counts)."""
-    from transformers import AutoConfig
-
-    from avrl.models import families
-    from avrl.models.lora import apply_lora
-
     family = families.get(family_name)
     config = AutoConfig.from_pretrained(ASSETS / asset)
     model = build(config, family, device, dtype, checkpointing=True)
@@ -277,3 +151,26 @@ def full_fine_tuning_plan(parameters: int, largest_layer: int, gpu_bytes: int | 
               f"8 GPUs: {eight['gpu_gib']:6.1f} GiB per GPU + {eight['host_gib_per_node']:6.1f} GiB host per node",
               flush=True)
     return plan
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the same code on the tiny models' sizes (CI, CPU)")
+    parser.add_argument("--out", help="where the figures are written (JSON); default benchmarks/gpu.json, and "
+                                      "nowhere with --smoke")
+    args = parser.parse_args(argv)
+    out = args.out or (None if args.smoke else str(Path(__file__).with_suffix(".json")))
+    for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
+        warnings.filterwarnings("ignore", message=pattern)
+    torch.set_num_threads(os.cpu_count() or 1)
+    report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "command": " ".join(["python -m benchmarks.gpu", *argv]), **run(args.smoke)}
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

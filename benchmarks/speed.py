@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m benchmarks.speed [trl|audio|prefix|scaling|all|gpu] [--smoke] [--out bench.json]`.
+"""The GRPO step's speed and memory on CPU sizes: `python -m benchmarks.speed [trl|audio|prefix|scaling|all]
+[--smoke] [--out benchmarks/speed.json]`.
 
 - trl: avrl's GRPO step against TRL's GRPOTrainer on the same randomly initialised text-only Qwen2 model, same G,
   prompts per step, completion length, beta, loss type, fp32, no gradient checkpointing; each framework runs in
@@ -9,14 +10,11 @@
 - audio: one GRPO loss forward+backward through a trainable Qwen2-Audio encoder (small, 30 s window) with the
   encoder run once per prompt (avrl) versus on G copies of the features (the published trainers).
 - prefix: one GRPO step of a Qwen2-Audio model (CPU sizes) on 30 s of audio (790 prompt tokens), G = 8 and 16,
-  shared vs repeated prefix, by phase (benchmarks/gpu.py).
+  shared vs repeated prefix, by phase (benchmarks/audio_step.py).
 - scaling: step time as the prompt length (128 .. 2048) and G (2 .. 16) grow, both paths, one table.
-- gpu (not part of `all`; a CUDA device): one R1-AQA GRPO step on Qwen2-Audio-7B's and on the Qwen2.5-Omni-7B
-  thinker's real sizes in bf16 (LoRA), by phase, shared and repeated prefix, with the projection to GPU-hours per
-  1,000 steps, and DeepSpeed's memory plan for full fine-tuning (benchmarks/gpu.py). Write it to
-  benchmarks/bench_gpu.json.
 
-Figures are printed (a summary table at the end) and written as JSON; nothing here is asserted (the tests run
+The 7B models on a GPU: benchmarks/gpu.py. Figures are printed (a summary table at the end) and written as JSON
+(docs/measurements.md shows them: `python benchmarks/measurements.py`); nothing here is asserted (the tests run
 `--smoke`, one short step of each). Each measurement runs in a fresh process, so its peak memory is its own.
 """
 
@@ -25,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,9 +31,30 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoTokenizer,
+    Qwen2AudioConfig,
+    Qwen2AudioEncoder,
+    Qwen2AudioEncoderConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from avrl.algorithms.grpo import GRPOModule
+from avrl.config import asset_path
 from avrl.console import LIBRARY_WARNINGS
+from avrl.data.items import QAItem
+from avrl.models import families
+from avrl.prompts import PromptSpec
+from avrl.schemas import AlgorithmConfig, ModelConfig, OptimConfig
+from benchmarks.audio_step import FullLengthProcessor, build, machine, measure_step, media_batch, peak_memory_mb
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------ shared set-up
 SIZES = {  # a text-only Qwen2 large enough that compute, not Python, dominates a CPU step
@@ -53,24 +71,26 @@ AUDIO_ENCODER = {"full": dict(d_model=256, encoder_layers=4, encoder_attention_h
 
 
 def _tokenizer():
-    from transformers import AutoTokenizer
-
-    from avrl.config import asset_path
-
     tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny_qwen2_audio"))
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def text_model(size: str, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = _tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                          pad_token_id=tokenizer.pad_token_id, **SIZES[size])
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).float(), tokenizer
+
+
+# The text-only Qwen2 as a model family for avrl's code paths, handed to GRPOModule (it is in no registry of avrl):
+# no chat template, media or special tokens; its forward takes the embeddings.
+TEXT_FAMILY = families.Family(
+    name="text_qwen2", model_class="Qwen2ForCausalLM", chat_template="", special_tokens=(), audio_token="",
+    image_token=None, audio_token_count=None, encode_audio=None, checkpoint_renames=(), build_tiny=None,
+    forward_takes_input_ids=False)
 
 PROMPTS = [f"Question {i}: is the tone in the audio high or low in pitch? Answer in <answer></answer>."
            for i in range(256)]
@@ -92,15 +112,8 @@ def text_reward(texts: list[str]) -> list[float]:
     return [float(sum(map(ord, t)) % 7) / 6 for t in texts]
 
 
-def peak_memory_mb() -> float:
-    from benchmarks.gpu import peak_memory_mb
-
-    return peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def step_timer():
     """A Lightning callback recording the wall time of every training batch."""
-    from lightning.pytorch.callbacks import Callback
 
     class Timer(Callback):
         times: list[float] = []
@@ -117,56 +130,29 @@ def step_timer():
 
 
 # ------------------------------------------------------------------------------------------------ avrl, text
-def _register_text_family() -> None:
-    """A text-only Qwen2 as a model family of the registry: the benchmark's own, so library code knows none."""
-    from avrl.models.families import Family, register
-
-    register(Family(name="text", model_class="Qwen2ForCausalLM", chat_template="", special_tokens=(),
-                    audio_token="", image_token=None, audio_token_count=None, encode_audio=None,
-                    checkpoint_renames=(), build_tiny=None, forward_takes_input_ids=False))
-
-
-class _TextProcessor:
-    """The little of AudioTextProcessor that GRPOModule uses, for a text-only model. Its stop token is one the
-    model cannot emit, so every completion has the full length (TRL gets min_new_tokens for the same effect)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.stop_token_ids = [len(tokenizer) + 1]
-
-    def decode(self, ids):
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
 def run_avrl(size: str, prompts: int, G: int, length: int, steps: int, beta: float, loss_type: str,
              prompt_tokens: int | None = None, shared_prefix: bool = True) -> dict:
-    import lightning as L
-    from omegaconf import OmegaConf
-    from torch.utils.data import DataLoader
-
-    from avrl.algorithms.grpo import GRPOModule
-    from avrl.data.items import QAItem
-    from avrl.prompts import PromptSpec
-
+    """avrl's GRPO step as a user trains it (GRPOModule under a Lightning Trainer) on the text-only Qwen2. The
+    completions always have the full length (a stop token the model cannot emit; TRL gets min_new_tokens)."""
     model, tokenizer = text_model(size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    algo = OmegaConf.create(dict(
-        num_generations=G, temperature=1.0, top_p=1.0, max_completion_length=length, beta=beta, epsilon=0.2,
-        epsilon_high=None, num_iterations=1, loss_type=loss_type, scale_rewards="group",
-        mask_truncated_completions=False, micro_batch_prompts=None, validate_at_start=False,
-        shared_prefix=shared_prefix,
-        log_completions_rows=0, sampling_seed=0, lora=None))
-    optim = OmegaConf.create(dict(lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999], scheduler="constant",
-                                  warmup_ratio=0.0, max_grad_norm=1.0))
-    _register_text_family()
-    model_cfg = OmegaConf.create(dict(family="text", name_or_path="random"))
-    prompt = PromptSpec(name="bench", template="{question}")
-    module = GRPOModule(model_cfg=model_cfg, algorithm=algo, optim=optim, processor=_TextProcessor(tokenizer),
-                        prompt=prompt, reward_functions={"r": lambda texts, items, p: text_reward(texts)},
-                        reward_weights={"r": 1.0}, model=model)
-    if beta:
-        module._ref[0], _ = text_model(size)
-        module._ref[0].eval().requires_grad_(False)
+    # The configs as a run composes them (avrl's schemas hold every default), with the settings TRL gets too.
+    algo = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), dict(
+        name="grpo", _target_="avrl.algorithms.grpo.GRPOModule", num_generations=G, temperature=1.0, top_p=1.0,
+        max_completion_length=length, beta=beta, epsilon=0.2, epsilon_high=None, num_iterations=1,
+        loss_type=loss_type, scale_rewards="group", mask_truncated_completions=False, micro_batch_prompts=None,
+        validate_at_start=False, shared_prefix=shared_prefix, log_completions_rows=0, sampling_seed=0, lora=None))
+    optim = OmegaConf.merge(OmegaConf.structured(OptimConfig), dict(
+        lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999], scheduler="constant", warmup_ratio=0.0, max_grad_norm=1.0))
+    # The model, its family and its reference are handed in: model_cfg names them only for the run's records.
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(
+        name=TEXT_FAMILY.name, family=TEXT_FAMILY.name, name_or_path=f"random text-only Qwen2 ({size})"))
+    reference = text_model(size)[0].eval().requires_grad_(False) if beta else None  # the same initial weights
+    module = GRPOModule(model_cfg=model_cfg, algorithm=algo, optim=optim,
+                        processor=FullLengthProcessor(len(tokenizer), tokenizer),
+                        prompt=PromptSpec(name="bench", template="{question}"),
+                        reward_functions={"r": lambda texts, items, p: text_reward(texts)}, reward_weights={"r": 1.0},
+                        model=model, family=TEXT_FAMILY, ref_model=reference)
 
     def collate(texts):
         enc = tokenizer(texts, return_tensors="pt", padding=True)
@@ -187,8 +173,8 @@ def run_avrl(size: str, prompts: int, G: int, length: int, steps: int, beta: flo
 # ------------------------------------------------------------------------------------------------ TRL, text
 def run_trl(size: str, prompts: int, G: int, length: int, steps: int, beta: float, loss_type: str,
             prompt_tokens: int | None = None) -> dict:
-    from datasets import Dataset
-    from transformers import Qwen2ForCausalLM, TrainerCallback
+    from datasets import Dataset  # the bench extra (trl, which brings datasets): only this job needs them
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = text_model(size)
@@ -232,11 +218,8 @@ def run_trl(size: str, prompts: int, G: int, length: int, steps: int, beta: floa
 # ------------------------------------------------------------------------------------------------ audio
 def run_audio(seconds: float, G: int, prompts: int, smoke: bool) -> dict:
     """Loss forward+backward of a trainable Qwen2-Audio encoder: once per prompt vs on G copies."""
-    from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
-
     torch.manual_seed(0)
-    size = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128) if smoke else \
-        dict(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024)
+    size = AUDIO_ENCODER["smoke" if smoke else "full"]
     encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=1500, **size))
     frames = 3000  # Whisper's 30 s window at 100 frames/s; the clip's own length sets the valid frames
     features = torch.randn(prompts, 128, frames)
@@ -263,7 +246,7 @@ def _child(kind: str, params: dict) -> dict:
     """Run one measurement in a fresh process (its peak memory is its own)."""
     cmd = [sys.executable, "-m", "benchmarks.speed", "_child", kind, json.dumps(params)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {kind} {params} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -318,12 +301,6 @@ def bench_audio(smoke: bool) -> dict:
 
 def run_audio_step(size: str, seconds: float, G: int, length: int, steps: int, shared_prefix: bool) -> dict:
     """One GRPO step of a randomly initialised Qwen2-Audio (the text model's sizes, a small encoder, frozen)."""
-    from transformers import Qwen2AudioConfig
-
-    from avrl.config import asset_path
-    from avrl.models import families
-    from benchmarks.gpu import build, measure_step, media_batch
-
     tiny = Qwen2AudioConfig.from_pretrained(asset_path("tiny_qwen2_audio"))
     config = Qwen2AudioConfig(
         audio_config=dict(num_mel_bins=128, max_source_positions=1500, **AUDIO_ENCODER[size]),  # a 30 s window
@@ -407,14 +384,6 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -423,31 +392,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(fn(**params)))
         return {}
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="?", default="all",
-                        choices=["all", "trl", "audio", "prefix", "scaling", "gpu"])
+    parser.add_argument("which", nargs="?", default="all", choices=["all", "trl", "audio", "prefix", "scaling"])
     parser.add_argument("--smoke", action="store_true", help="one short step of each, tiny sizes (CI)")
-    parser.add_argument("--out", default="bench.json", help="where the figures are written (JSON)")
+    parser.add_argument("--out", help="where the figures are written (JSON); default benchmarks/speed.json, and "
+                                      "nowhere with --smoke")
     args = parser.parse_args(argv)
+    out = args.out or (None if args.smoke else str(Path(__file__).with_suffix(".json")))
     for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
         warnings.filterwarnings("ignore", message=pattern)
     torch.set_num_threads(os.cpu_count() or 1)
     report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "command": "python -m benchmarks.speed " + " ".join(argv)}
+              "command": " ".join(["python -m benchmarks.speed", *argv])}
     for name, fn in (("trl", bench_trl), ("audio", bench_audio), ("prefix", bench_prefix),
                      ("scaling", bench_scaling)):
         if args.which in ("all", name):
             print(f"{name}:", flush=True)
             report[name] = fn(args.smoke)
-    if args.which == "gpu":
-        from benchmarks.gpu import run_gpu
-
-        print("gpu:", flush=True)
-        report["gpu"] = run_gpu(args.smoke)
-    if args.which != "gpu":
-        report["summary"] = summary(report)
-        print(report["summary"])
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"written to {args.out}")
+    report["summary"] = summary(report)
+    print(report["summary"])
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {out}")
     return report
 
 

@@ -220,26 +220,3 @@ def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     assert "error.txt" in {a.path for a in client.list_artifacts(by_loss["no_such_loss"].info.run_id)}
     (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "FAILED"
-
-
-@pytest.mark.slow
-def test_benchmark_smoke_writes_its_figures(tmp_path):
-    """`python -m benchmarks.speed --smoke`: one short step of avrl (both prefix paths) and of TRL on both prompt
-    shapes, the audio, prefix and scaling rows, and the summary table, as JSON."""
-    pytest.importorskip("trl")
-    run_cli("--smoke", "--out", str(tmp_path / "bench.json"), module="benchmarks.speed")
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report["trl"]) == {"short_prompts", "audio_length_prompts"}
-    for row in report["trl"].values():
-        for framework in ("avrl", "avrl_repeated_prefix", "trl"):
-            assert row[framework]["median_step_seconds"] > 0 and row[framework]["peak_memory_mb"] > 0
-        assert row["time_ratio_avrl_over_trl"] == pytest.approx(
-            row["avrl"]["median_step_seconds"] / row["trl"]["median_step_seconds"])
-    long_prompt = report["trl"]["audio_length_prompts"]["avrl"]["prompt_tokens"]
-    assert long_prompt > report["trl"]["short_prompts"]["avrl"]["prompt_tokens"]
-    assert {"once_per_prompt", "repeated_G_times"} <= set(report["audio"]["rows"][0])
-    prefix = report["prefix"]["rows"][0]
-    assert prefix["prompt_tokens"] == 790  # 30 s of audio: 750 audio tokens and 40 text tokens
-    assert set(prefix["shared_prefix"]["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
-    assert {"shared", "repeated"} <= set(report["scaling"]["rows"][0])
-    assert report["summary"].count("\n") == 1 + 2 * 2 + 1 + 1  # header, rule, 4 TRL rows, prefix, scaling

@@ -1,7 +1,8 @@
 """GPU checks (`pytest -m gpu` on any CUDA machine; skipped with the reason elsewhere) and their CPU half, which the
 regular suite runs: precision that trains (bf16-mixed against fp32; each preset's fp32 master weights), DeepSpeed over
 NCCL (equivalence with the plain strategy, NaN skipping, resume: bodies shared with the CPU tests in
-tests/support/deepspeed_checks.py), the 7B shapes' published sizes, and the GPU benchmark's code path and memory plan.
+tests/support/deepspeed_checks.py), the 7B shapes' published sizes. The GPU benchmark (benchmarks/gpu.py) is tested in
+tests/test_benchmarks.py; its batch and processor serve the bf16 checks here.
 
 Written without a GPU to run them on (no GPU was lent to the sessions that wrote them): the first GPU run is
 their first run. Needs only torch, transformers, lightning, peft, hydra-core, omegaconf, pytest (and deepspeed for
@@ -101,47 +102,6 @@ def test_qwen2_5_omni_7b_thinker_shape_has_the_published_sizes():
         [16, 24, 24]
 
 
-def test_the_benchmarks_omni_prompt_holds_an_image_block_then_an_audio_block():
-    """As avrl's processor orders them, each wrapped in the start/end tokens the Omni rope finds media by; 56 x 56
-    pixels are 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens."""
-    from transformers import AutoConfig
-
-    from avrl.models import families
-    from benchmarks.gpu import ASSETS, media_batch
-
-    config = AutoConfig.from_pretrained(ASSETS / "tiny_qwen2_5_omni")
-    family = families.get("qwen2_5_omni")
-    batch = media_batch(config, family, 2, 10.0, torch.device("cpu"), image_side=56)
-    ids = batch["input_ids"][0].tolist()
-    n_audio = int(family.audio_token_count(torch.tensor(1000)))
-    image = [config.vision_start_token_id, *[config.image_token_id] * 4, config.vision_end_token_id]
-    audio = [config.audio_start_token_id, *[config.audio_token_id] * n_audio, config.audio_end_token_id]
-    assert ids[20:20 + len(image) + len(audio)] == image + audio and len(ids) == 40 + len(image) + len(audio)
-    assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
-    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
-    assert batch["feature_attention_mask"].sum(1).tolist() == [1000, 1000]
-
-
-def test_full_fine_tuning_of_the_7b_fits_no_zero_setup_of_one_141_gb_gpu_with_128_gib_of_host_memory():
-    """The memory plan `python -m benchmarks.speed gpu` prints (DeepSpeed's own estimators): full fine-tuning of the
-    8.4B Qwen2-Audio fits none of ZeRO-2/3 with or without offload on the lent GPU machine (one H200, 128 GiB of host
-    memory); with 2 TiB of host memory ZeRO-3 offloading everything fits, leaving a few GiB on the GPU."""
-    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    from benchmarks.gpu import full_fine_tuning_plan
-
-    gib = 2**30
-    parameters, embeddings = 8_397_094_912, 156032 * 4096
-    h200 = full_fine_tuning_plan(parameters, embeddings, gpu_bytes=141 * 10**9, host_bytes=128 * gib)
-    assert not any(row["fits_this_machine"] for row in h200["setups"].values()), h200
-    assert "fits no ZeRO setup" in h200["verdict"]
-    # Adam's fp32 moments and master weights alone are 12 bytes per parameter: offloaded, > 90 GiB of host memory.
-    assert h200["setups"]["zero3_offload_all"]["1_gpu"]["host_gib_per_node"] > 12 * parameters / gib
-    big_host = full_fine_tuning_plan(parameters, embeddings, gpu_bytes=141 * 10**9, host_bytes=2048 * gib)
-    assert big_host["setups"]["zero3_offload_all"]["fits_this_machine"]
-    assert big_host["setups"]["zero3_offload_all"]["1_gpu"]["gpu_gib"] < 5
-    assert not big_host["setups"]["zero2"]["fits_this_machine"]  # 16 bytes/parameter on the GPU: > 125 GiB
-
-
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("trainer", ["gpu", "deepspeed_zero2", "deepspeed_zero3"])
 def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, trainer, accelerator):
@@ -180,12 +140,12 @@ def one_adamw_step(model, batch, ids, mask, ref, advantages, G, precision: str, 
     from avrl.algorithms.grpo import grpo_loss
     from avrl.models import families
     from avrl.policy import Policy
-    from benchmarks.gpu import _Processor
+    from benchmarks.audio_step import FullLengthProcessor
 
     model = copy.deepcopy(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
-    policy = Policy(model, _Processor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
+    policy = Policy(model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
                     shared_prefix=True)
     context = MixedPrecision(precision, device.type).forward_context() if precision != "32-true" else nullcontext()
     with context:
@@ -207,7 +167,7 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
 
     from avrl.models import families
     from avrl.policy import Policy
-    from benchmarks.gpu import _Processor, media_batch
+    from benchmarks.audio_step import FullLengthProcessor, media_batch
 
     device = torch.device(device)
     torch.manual_seed(0)
@@ -217,7 +177,7 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
     model.model.audio_tower.requires_grad_(False)
     G, length = 4, 32
     batch = media_batch(model.config, families.get("qwen2_audio"), 2, 10.0, device)
-    policy = Policy(model, _Processor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
+    policy = Policy(model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
                     shared_prefix=True)
     with torch.no_grad():
         media = policy.encode(batch)
@@ -232,27 +192,3 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
     moved32, moved16 = (step32 != 0).float().mean().item(), (step16 != 0).float().mean().item()
     assert moved32 > 0.5 and moved16 >= 0.99 * moved32
     assert (torch.sign(step16) == torch.sign(step32)).float().mean().item() > 0.98
-
-
-def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_a_gpu(tmp_path):
-    """`python -m benchmarks.speed gpu --smoke` runs the same step on the tiny sizes (here on CPU): every phase is timed
-    and the projection is written; without --smoke and without CUDA it refuses, saying why."""
-    import json
-
-    from tests.support import run_cli
-
-    run_cli("gpu", "--smoke", "--out", str(tmp_path / "bench.json"), module="benchmarks.speed")
-    report = json.loads((tmp_path / "bench.json").read_text())["gpu"]
-    for shape in ("qwen2_audio_7b", "qwen2_5_omni_7b_thinker"):
-        for path in ("shared_prefix", "repeated_prefix"):
-            gpu = report[shape][path]
-            assert set(gpu["seconds_by_phase"]) == {"rollout", "reference_logps", "update"}
-            assert all(s > 0 for s in gpu["seconds_by_phase"].values())
-            assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
-            assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
-        assert set(report["full_fine_tuning"][shape]["setups"]) == {
-            "zero2", "zero2_offload_optimizer", "zero3", "zero3_offload_optimizer", "zero3_offload_all"}
-    assert report["qwen2_5_omni_7b_thinker"]["media_per_prompt"] == "10 s of audio and a 56 x 56 image"
-    if not torch.cuda.is_available():
-        out = run_cli("gpu", "--out", str(tmp_path / "no.json"), module="benchmarks.speed", check=False)
-        assert out.returncode != 0 and "needs a CUDA device" in out.stderr
