@@ -45,12 +45,12 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
         model = load_model(cfg.model, path=str(ckpt))
     else:
         model = load_model(cfg.model)
-        if cfg.algorithm.get("lora"):  # a LoRA run's checkpoint holds the PEFT-wrapped model's names
+        if cfg.algorithm.lora:  # a LoRA run's checkpoint holds the PEFT-wrapped model's names
 
             model = apply_lora(model, cfg.algorithm.lora)
         if ckpt is not None:
             model.load_state_dict(checkpoint_weights(ckpt))
-    return Policy(model.eval(), processor, families.get(cfg.model.family))
+    return Policy(model.eval(), processor, families.get(cfg.model.family), shared_prefix=False)  # the repeated path
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -72,18 +72,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     scrub(out / ".hydra")  # the overrides Hydra saved there, secrets included
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
-    audio = cfg.eval.get("audio", "real")
+    audio = cfg.eval.audio
     datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)
     datamodule.setup()
     datamodule.write_skipped(out)
     logger = tracking.make_logger(cfg)
-    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))  # a server gone mid-run: logging waits on disk
+    spool.attach(logger, out, cfg.logger.tracking_uri or "")  # a server gone mid-run: logging waits on disk
     policy = load_for_eval(cfg, processor)
 
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
     settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
-    seed = cfg.algorithm.get("sampling_seed", 0)
-    version = cfg.data.get("version")
+    seed = cfg.algorithm.sampling_seed
+    version = cfg.data.version
     log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens%s", cfg.data.name,
              f" (version {version})" if version else "", protocol,
              "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"],

@@ -121,7 +121,7 @@ def run_label(cfg: DictConfig, tags: dict) -> tuple[str, str]:
     (value only for a config group, last key=value otherwise) and the seed, e.g. ("sft · no_think",
     "sft · no_think · seed 43"); an Optuna trial's number instead of its values. What tells the runs apart in the
     MLflow UI's name column."""
-    trial = cfg.get("trial") is not None
+    trial = cfg.trial is not None
     varied = set() if trial else varied_keys(hydra_config().sweep.dir)  # a trial's values: its params
     parts = [f"trial {cfg.trial}"] if trial else []
     parts += [tags.get("algorithm", ""), tags.get("prompt", "")]
@@ -160,7 +160,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
         logger.experiment.set_tag(run_id, "resumed_from", str(cfg.ckpt_path))
         return logger
 
-    tags = {g: cfg[g].get("name", "") for g in ("algorithm", "model", "prompt", "data", "reward") if g in cfg}
+    tags = {g: cfg[g].name for g in ("algorithm", "model", "prompt", "data", "reward") if g in cfg}
     tags.update(hydra_choices())
     tags["method"] = tags.get("algorithm", "")
     tags["seed"] = str(cfg.seed)
@@ -210,7 +210,7 @@ def slurm_tags() -> dict[str, str]:
 
 def _default_run_name(cfg: DictConfig, tags: dict) -> str:
     name = f"{tags['algorithm']}-{tags['prompt']}-{tags['model']}"
-    return f"trial-{cfg.trial}-{name}" if cfg.get("trial") is not None else name
+    return f"trial-{cfg.trial}-{name}" if cfg.trial is not None else name
 
 
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:

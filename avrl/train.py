@@ -32,7 +32,7 @@ def prompt_spec(cfg: DictConfig) -> PromptSpec:
 def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
     """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
     return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
-            for name in cfg.data.get("prompt_mix") or []]
+            for name in cfg.data.prompt_mix or []]
 
 
 def reward_functions(cfg: DictConfig) -> tuple[dict, dict]:
@@ -46,7 +46,7 @@ def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
     module_cls = instantiate({"_target_": cfg.algorithm._target_, "_partial_": True})
     return module_cls(
         model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor, prompt=prompt,
-        reward_functions=functions, reward_weights=weights, model=model, rollout=cfg.get("rollout"),
+        reward_functions=functions, reward_weights=weights, model=model, rollout=cfg.rollout,
     )
 
 
@@ -62,11 +62,11 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
             enable_version_counter=False,
         ),
         resume.ResumeState(),
-        tracking.completions_callback(cfg.algorithm.get("log_completions_every_n_steps", 0)),
+        tracking.completions_callback(cfg.algorithm.log_completions_every_n_steps),
         *extra_callbacks,
-        *(instantiate(c) for c in cfg.get("callbacks", {}).values()),  # the user's own (config key `callbacks`)
+        *(instantiate(c) for c in cfg.callbacks.values()),  # the user's own (config key `callbacks`)
     ]
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.trainer.enable_progress_bar:
         callbacks.append(console.progress_bar())
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
@@ -117,7 +117,7 @@ def open_run(cfg: DictConfig, out: Path, ckpt_path: str | None):
         console.resuming()
     run_id = resume.resumed_run_id(out) if ckpt_path or cfg.ckpt_path == "auto" else None
     logger = tracking.make_logger(cfg, run_id=run_id)
-    spool.attach(logger, out, cfg.logger.get("tracking_uri", ""))
+    spool.attach(logger, out, cfg.logger.tracking_uri or "")
     if logger is not None and run_id is None:
         resume.save_run_info(out, logger.run_id)
     elif logger is not None:
@@ -151,7 +151,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         tracking.log_file(logger, out / "skipped_items.json")
 
     trial, pruning = None, []
-    if cfg.get("trial") is not None:  # set when the Optuna sweeper launched this job
+    if cfg.trial is not None:  # set when the Optuna sweeper launched this job
 
         trial = optuna_search.job_trial(cfg.trial)
         pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []
@@ -202,8 +202,8 @@ def save_model(trainer: L.Trainer, module, processor, path: Path) -> None:
             return
         module.model.save_pretrained(path)  # adapters only, for a LoRA model
         processor.save_pretrained(path)
-        lora = module.algo.get("lora")
-        if lora and lora.get("merge_on_save"):
+        lora = module.algo.lora
+        if lora and lora.merge_on_save:
             merged = path.with_name(path.name + "_merged")
             module.model.merge_and_unload().save_pretrained(merged)
             processor.save_pretrained(merged)

@@ -76,9 +76,9 @@ class VLLMRollout:
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             tensor_parallel_size=rollout_cfg.tensor_parallel_size, max_model_len=rollout_cfg.max_model_len,
             enable_sleep_mode=rollout_cfg.enable_sleep_mode, enable_prefix_caching=True,
-            limit_mm_per_prompt={"audio": 1, "image": 1 if model_cfg.get("images") else 0},
+            limit_mm_per_prompt={"audio": 1, "image": 1 if model_cfg.images else 0},
             distributed_executor_backend="external_launcher",  # one engine per training rank, in its process
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            trust_remote_code=model_cfg.trust_remote_code,
         )
 
     def generate(self, policy, batch: dict, media: dict, G: int, keys: list[int]):
@@ -101,7 +101,7 @@ class VLLMRollout:
             for g in range(G):
                 requests.append({"prompt": prompt, "multi_modal_data": media})
                 params.append(SamplingParams(
-                    temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=self.algo.get("top_k", 0) or -1,
+                    temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=self.algo.top_k or -1,
                     max_tokens=self.algo.max_completion_length,
                     seed=keys[i * G + g], logprobs=0, stop_token_ids=self.stop_token_ids, detokenize=False))
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -169,7 +169,7 @@ def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
     processor, spec = load_processor(cfg.model), prompt_spec(cfg)
     dm = AudioQADataModule(cfg.data, processor, spec, splits=("val",))
     dm.setup()
-    policy = Policy(load_model(cfg.model).eval(), processor, families.get(cfg.model.family))
+    policy = Policy(load_model(cfg.model).eval(), processor, families.get(cfg.model.family), shared_prefix=False)
     settings = dict(max_new_tokens=cfg.algorithm.max_completion_length, temperature=1.0, top_p=1.0, top_k=0)
     with torch.no_grad():
         results = score_batch(policy, next(iter(dm.val_dataloader())), spec, settings,

@@ -166,7 +166,8 @@ def test_sweep_runs_are_named_by_what_differs_arm_and_seed(tmp_path, monkeypatch
             task = ["model=tiny_qwen2_audio", f"reward.weights.format={value}", f"seed={seed}"]
         hydra_cfg = OmegaConf.create({"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}})
         monkeypatch.setattr(tracking, "hydra_config", lambda c=hydra_cfg: c)
-        arm, name = tracking.run_label(OmegaConf.create({"seed": seed}), {"algorithm": method, "prompt": "no_think"})
+        job = OmegaConf.create({"seed": seed, "trial": None})
+        arm, name = tracking.run_label(job, {"algorithm": method, "prompt": "no_think"})
         assert name == f"{arm} · seed {seed}"
         names.append(name)
     assert names == want
@@ -179,7 +180,7 @@ def test_a_name_without_the_sweeps_file_holds_every_override(tmp_path, monkeypat
     task = ["trainer.max_steps=2", r"+callbacks.hold.marker=/tmp/held-$\{seed\}", "seed=1"]  # as Hydra escapes it
     monkeypatch.setattr(tracking, "hydra_config", lambda: OmegaConf.create(
         {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}}))
-    cfg, tags = OmegaConf.create({"seed": 1}), {"algorithm": "grpo", "prompt": "no_think"}
+    cfg, tags = OmegaConf.create({"seed": 1, "trial": None}), {"algorithm": "grpo", "prompt": "no_think"}
     assert tracking.run_label(cfg, tags)[1] == r"grpo · no_think · max_steps=2 · marker=/tmp/held-$\{seed\} · seed 1"
     sweep_line = ["trainer.max_steps=2", "+callbacks.hold.marker=/tmp/held-${seed}", "seed=1,2"]  # multirun.yaml's
     OmegaConf.save({"hydra": {"sweeper": {"params": None}, "overrides": {"task": sweep_line}}},

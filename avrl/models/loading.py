@@ -26,10 +26,10 @@ def load_model(cfg: DictConfig, path: str | None = None):
     """The model described by a `model` config group entry; `path` overrides `cfg.name_or_path`."""
     source = str(path or cfg.name_or_path)
     family = families.get(cfg.family)
-    if cfg.get("images", False) and family.image_token is None:
+    if cfg.images and family.image_token is None:
         raise ValueError(f"model.images=true, but avrl feeds no images to the {family.name} family "
                          f"(see avrl/models/families/{family.name}.py)")
-    hub = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    hub = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if not Path(source).exists():
         log.info("loading %s from the hub (or its local cache)", source)
 
@@ -54,7 +54,7 @@ def load_model(cfg: DictConfig, path: str | None = None):
     if cfg.freeze_audio_encoder and audio_encoder(model) is not None:
         # Qwen2-Audio's projector into the LM stays trainable; Omni's projection is part of its encoder.
         audio_encoder(model).requires_grad_(False)
-    if cfg.get("freeze_vision_encoder", True) and vision_encoder(model) is not None:
+    if cfg.freeze_vision_encoder and vision_encoder(model) is not None:
         vision_encoder(model).requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -112,8 +112,8 @@ def _special_tokens_only(config):
 
 
 def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:
-    source = str(path or cfg.get("processor_path") or cfg.name_or_path)
+    source = str(path or cfg.processor_path or cfg.name_or_path)
     return AudioTextProcessor.from_pretrained(
-        source, family=families.get(cfg.family), with_images=bool(cfg.get("images", False)),
-        revision=cfg.get("revision")
+        source, family=families.get(cfg.family), with_images=cfg.images,
+        revision=cfg.revision
     )
