@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
+from avrl import console
+
 log = logging.getLogger(__name__)
 
 # Filled by Lightning from the Trainer and the data loader when absent (it refuses gradient_accumulation_steps).
@@ -158,6 +160,7 @@ class DeepSpeed(DeepSpeedStrategy):
     """
 
     def __init__(self, *args, max_grad_norm: float = 1.0, hidden_size: int | None = None, **kwargs):
+        console.quiet_deepspeed()  # before DeepSpeed's communication backend starts (it prints a build message)
         super().__init__(*args, **kwargs)
         self.config = resolve_auto(self.config, hidden_size, max_grad_norm)
 

@@ -68,6 +68,8 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(console.progress_bar())
+    if cfg.trainer.enable_model_summary:
+        callbacks.append(console.model_summary())  # Lightning's, without its FLOPs (always 0 here)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_args.get("strategy"), dict):
         trainer_args["strategy"] = strategies.build(trainer_args["strategy"], cfg)
