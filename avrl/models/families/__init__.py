@@ -13,16 +13,10 @@ from avrl.models.families.base import Family
 REGISTRY: dict[str, Family] = {f.name: f for f in (qwen2_audio.FAMILY, qwen2_5_omni.FAMILY, qwen3_omni.FAMILY)}
 
 
-def register(family: Family) -> Family:
-    """Add a family at run time (the benchmark's text-only Qwen2 is one)."""
-    REGISTRY[family.name] = family
-    return family
-
-
 def get(name: str) -> Family:
     if name not in REGISTRY:
         raise ValueError(f"unknown model.family {name!r}; expected one of {sorted(REGISTRY)}")
     return REGISTRY[name]
 
 
-__all__ = ["Family", "REGISTRY", "get", "register"]
+__all__ = ["Family", "REGISTRY", "get"]
