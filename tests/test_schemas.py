@@ -26,8 +26,8 @@ def options(folder):
 def compose_with(searchpath, overrides, hydra_config=False):
     """Compose with a folder of the user's own configs on Hydra's search path (as a user adds presets)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"hydra.searchpath=[file://{searchpath}]", "output_dir=/tmp/avrl-test",
-                                                  *overrides], return_hydra_config=hydra_config)
+        overrides = [f"hydra.searchpath=[file://{searchpath}]", "output_dir=/tmp/avrl-test", *overrides]
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
 
 
 def refused(error) -> str:
@@ -95,7 +95,8 @@ def test_a_paper_presets_data_keys_meet_another_data_option():
     assert cfg.data.version == "original" and cfg.data.test_path.endswith("mmau-test-mini-original.json")
 
 
-@pytest.mark.parametrize("preset", [f"sweep={o}" for o in options("sweep")] + [f"search={o}" for o in options("search")])
+@pytest.mark.parametrize("preset", [f"sweep={o}" for o in options("sweep")]
+                         + [f"search={o}" for o in options("search")])
 def test_every_sweep_and_search_presets_jobs_compose_under_the_schemas(preset):
     cfg = compose_with(ROOT / "conf", [preset], hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
@@ -191,9 +192,9 @@ def test_the_schemas_defaults_are_the_default_runs():
     schema's, and they are what the module runs with (shared_prefix true and the run's seed for the sampling
     streams, where the code used to fall back on false and 0)."""
     from avrl.data.datamodule import build_split
+    from avrl.data.items import QAItem
     from avrl.rollout import sampling_settings
     from avrl.sampling import rollout_keys
-    from avrl.data.items import QAItem
 
     cfg, module = module_of()
     algorithm = OmegaConf.structured(AlgorithmConfig(name="grpo", _target_="avrl.algorithms.grpo.GRPOModule"))

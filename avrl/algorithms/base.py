@@ -38,11 +38,14 @@ class AudioLMModule(L.LightningModule):
         reward_weights: dict[str, float] | None = None,
         model=None,
         rollout: DictConfig | None = None,
+        family: families.Family | None = None,
     ):
         super().__init__()
         self.model_cfg, self.algo, self.optim = model_cfg, algorithm, optim
         self.processor, self.prompt = processor, prompt
-        self.family = families.get(model_cfg.family)
+        # `model` and `family` are handed in by callers that bring their own model (tests, benchmarks/speed.py's
+        # text-only Qwen2, which is no entry of avrl's registry); a run names its family in model.family.
+        self.family = family if family is not None else families.get(model_cfg.family)
         self.reward_functions = reward_functions or {}
         self.reward_weights = reward_weights or {}
         self.model = model  # loaded lazily in configure_model unless given (tests pass a model in)

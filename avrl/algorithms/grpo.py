@@ -105,9 +105,12 @@ def grpo_loss(
 
 class GRPOModule(AudioLMModule):
     """One training_step = one rollout (G completions for each prompt of the batch), then `num_iterations`
-    optimizer updates on it. Optimization is manual because one rollout feeds several updates."""
+    optimizer updates on it. Optimization is manual because one rollout feeds several updates.
 
-    def __init__(self, *args, **kwargs):
+    `ref_model`: a frozen reference handed in (benchmarks/speed.py's); otherwise configure_model loads one from
+    model_cfg when beta != 0 (LoRA needs none)."""
+
+    def __init__(self, *args, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.algo.num_generations < 2:
             raise ValueError(f"algorithm.num_generations must be >= 2 (a group needs a spread), got "
@@ -115,7 +118,7 @@ class GRPOModule(AudioLMModule):
         self.automatic_optimization = False
         # Held in lists so that they are not registered submodules: the frozen reference never enters checkpoints,
         # and the rollout backend (a vLLM engine with rollout=vllm) is built once the model exists.
-        self._ref: list = [None]
+        self._ref: list = [ref_model]
         self._rollout: list = [None]
         self._sample_rows: list[dict] = []
 
