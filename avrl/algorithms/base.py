@@ -44,7 +44,7 @@ class AudioLMModule(L.LightningModule):
         self.model_cfg, self.algo, self.optim = model_cfg, algorithm, optim
         self.processor, self.prompt = processor, prompt
         # `model` and `family` are handed in by callers that bring their own model (tests, benchmarks/speed.py's
-        # text-only Qwen2, which is no entry of avrl's registry); a run names its family in model.family.
+        # text-only Qwen2, which is no entry of avrl's registry); a run's is the registry entry model.family names.
         self.family = family if family is not None else families.get(model_cfg.family)
         self.reward_functions = reward_functions or {}
         self.reward_weights = reward_weights or {}
