@@ -15,6 +15,12 @@ import logging
 import os
 import warnings
 
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from rich import get_console
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
 # Python warnings from libraries about their own code, not the user's (message regexes).
 LIBRARY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # torch's pytree API, used by Lightning
@@ -60,10 +66,8 @@ def quiet() -> None:
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     # Lightning attaches its own stream handlers on import (`lightning` always; `lightning.pytorch` when logging
-    # is not configured yet): every Lightning line then came twice, once through Hydra's handler. Imported here
-    # first, then one handler is left: Hydra's.
-    import lightning.pytorch  # noqa: F401
-
+    # is not configured yet, as when this module is imported): every Lightning line then came twice, once through
+    # Hydra's handler. One handler is left: Hydra's.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
@@ -81,8 +85,6 @@ def _quiet_transformers_bars() -> None:
     """TRANSFORMERS_BARS off through transformers' tqdm hook (transformers.utils.logging.set_tqdm_hook), every other
     bar as it was. transformers.utils.logging.disable_progress_bar() would turn the hub's download bars off too;
     transformers releases without the hook (5.0) keep the two bars."""
-    from transformers.utils import logging as hf_logging
-
     if not hasattr(hf_logging, "set_tqdm_hook"):
         return
     previous = None
@@ -141,8 +143,6 @@ def quiet_launcher() -> None:
 
 def progress_bar():
     """Lightning's rich bar, described by step (max_epochs is -1: Lightning's "Epoch 0/-2"), without v_num."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
     class StepBar(RichProgressBar):
         def _get_train_description(self, current_epoch: int) -> str:
             return "train" if current_epoch == 0 else f"train (epoch {current_epoch + 1})"
@@ -161,16 +161,10 @@ def model_summary():
     none (a GRPO step is generation and scoring, not one forward call), so the column was all 0 and the total
     "Total FLOPs: 0", which reads as a measurement. Lightning has no option to leave them out: this is its
     RichModelSummary.summarize with those two left out."""
-    from lightning.pytorch.callbacks import RichModelSummary
-
     class Summary(RichModelSummary):
         @staticmethod
         def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                       total_flops=0, **summarize_kwargs) -> None:
-            from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
-            from rich import get_console
-            from rich.table import Table
-
             columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
             table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
             for name, _ in columns:

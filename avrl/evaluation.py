@@ -20,14 +20,14 @@ from tqdm import tqdm
 from avrl import spool, tracking
 from avrl.atomic import write_atomic
 from avrl.checkpoints import is_deepspeed_folder
-from avrl.data.datamodule import AudioQADataModule
+from avrl.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
 from avrl.models.lora import apply_lora
 from avrl.policy import Policy
+from avrl.prompts import prompt_spec
 from avrl.redaction import scrub
 from avrl.sampling import rollout_keys
 from avrl.scoring import accuracy_metrics, score_batch
-from avrl.train import prompt_spec
 
 log = logging.getLogger(__name__)
 

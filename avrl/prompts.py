@@ -1,14 +1,16 @@
-"""Prompt rendering and final-answer parsing. Pure functions; the templates live in conf/prompt/*.yaml."""
+"""Prompt rendering and final-answer parsing (pure functions), and the prompts a config names (the templates live in
+conf/prompt/*.yaml)."""
 
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass
 
-from avrl.data.items import QAItem
+from omegaconf import DictConfig, OmegaConf
 
-LETTERS = string.ascii_uppercase
+from avrl.config import conf_path
+from avrl.data.items import LETTERS, QAItem
+
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # A bare option letter, optionally in parentheses and followed by '.', ':' or ')': "B", "(B)", "B." ...
 _LETTER_ONLY = re.compile(r"^\(?([A-Z])\)?[.:)]?$")
@@ -75,3 +77,14 @@ def predicted_text(spec: PromptSpec, completion: str, choices: list[str]) -> str
         index = parse_letter(answer, choices)
         return choices[index] if index is not None else ""
     return answer
+
+
+def prompt_spec(cfg: DictConfig) -> PromptSpec:
+    """The run's prompt (conf/prompt/<name>.yaml, the `prompt` group)."""
+    return PromptSpec(**OmegaConf.to_container(cfg.prompt, resolve=True))
+
+
+def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
+    """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
+    return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
+            for name in cfg.data.prompt_mix or []]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 
-from avrl.data.items import QAItem
+from avrl.data.items import LETTERS, QAItem
 from avrl.mmau import mmau_match
-from avrl.prompts import LETTERS, PromptSpec, predicted_text
+from avrl.prompts import PromptSpec, predicted_text
 from avrl.rewards import R1_AQA_ANSWER, is_correct
 
 PROTOCOLS = ("strict", "r1_aqa", "echoink")

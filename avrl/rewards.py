@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from math_verify import parse, verify
 
 from avrl.data.items import QAItem
 from avrl.mmau import mmau_match
@@ -49,8 +50,6 @@ def r1_aqa_accuracy(completions: Sequence[str], items: Sequence[QAItem], prompt:
     """R1-AQA's accuracy reward: math_verify's symbolic check of the completion against the solution
     `<answer>{gold}</answer>` first; failing that, the first answer block (or the whole completion when it has
     none), stripped, must equal the gold answer exactly."""
-    from math_verify import parse, verify
-
     rewards = []
     for completion, item in zip(completions, items, strict=True):
         gold = target_answer(prompt, item)

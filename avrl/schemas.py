@@ -117,7 +117,7 @@ class DataConfig:
     One schema for every reader, not one per format: a preset's `data:` block meets whichever data option the
     command line picks (experiments/r1_aqa.yaml sets `data.version` for its evaluation with `data=mmau` while it
     trains with `data=avqa`), and the options used to extend synthetic.yaml, so each already held every key. Who
-    reads what (avrl/data/datamodule.py, avrl/train.py, avrl/evaluation.py):
+    reads what (avrl/datamodule.py, avrl/train.py, avrl/evaluation.py):
 
     - format synthetic (avrl/data/synthetic.py): seed, tasks, seconds, label_mode and the split sizes;
     - the file formats avqa, avqa_r1, mmau (avrl/data/readers.py): the split paths, root, check_audio, limit;

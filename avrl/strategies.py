@@ -20,12 +20,22 @@ import contextlib
 import logging
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from avrl import console
+from avrl.atomic import write_atomic
+from avrl.checkpoints import is_deepspeed_folder
+from avrl.models import families
+from avrl.models.multimodal import audio_encoder, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +101,8 @@ def _auto_paths(value: Any, prefix: str = ""):
 
 def text_hidden_size(model_cfg) -> int:
     """The language model's hidden size, read from the checkpoint's config (no weights are loaded)."""
-    from avrl.models import families
-
     config = families.get(model_cfg.family).transformers_class().config_class.from_pretrained(
-        str(model_cfg.name_or_path), revision=model_cfg.get("revision"))
+        str(model_cfg.name_or_path), revision=model_cfg.revision)
     return config.get_text_config().hidden_size
 
 
@@ -128,8 +136,6 @@ def check(cfg) -> None:
 
 def _is_fsdp(spec) -> bool:
     """trainer.strategy names FSDP: a `_target_` mapping or one of Lightning's registry names ("fsdp", ...)."""
-    from hydra.utils import get_class
-
     target = spec.get("_target_") if hasattr(spec, "get") else spec
     if not isinstance(target, str):
         return False
@@ -139,8 +145,6 @@ def _is_fsdp(spec) -> bool:
 def build(spec: dict, cfg):
     """The Trainer's strategy from a `trainer.strategy` mapping; avrl's DeepSpeed gets the clipping norm and the
     model's hidden size from the rest of the config."""
-    from hydra.utils import get_class, instantiate
-
     target = get_class(spec["_target_"])
     if issubclass(target, FSDPStrategy):
         log.warning("FSDP has never run with avrl (it needs a GPU); GRPO calls the encoders and embeddings outside "
@@ -172,7 +176,6 @@ class DeepSpeed(DeepSpeedStrategy):
         if not self.zero_stage_3:
             yield
             return
-        from transformers.integrations import HfDeepSpeedConfig
 
         self._init_config_if_needed()
         self.hf_deepspeed_config = HfDeepSpeedConfig(self.config)  # transformers keeps only a weak reference
@@ -184,10 +187,6 @@ class DeepSpeed(DeepSpeedStrategy):
         crash mid-save left no good checkpoint). Once every rank has written, rank 0 points `latest` at the new tag
         atomically (DeepSpeed's loader and zero_to_fp32 read it) and removes all tags but the new and the
         previous one."""
-        from pathlib import Path
-
-        from avrl.atomic import write_atomic
-
         folder = Path(self.broadcast(str(filepath)))
         tag = f"step{checkpoint.get('global_step', 0):08d}"
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
@@ -208,11 +207,8 @@ class DeepSpeed(DeepSpeedStrategy):
         (a `checkpoint` subfolder) and refuses any other; the engine reads the tag `latest` names."""
         if self.load_full_weights and self.zero_stage_3:
             return super().load_checkpoint(checkpoint_path, weights_only)
-        from pathlib import Path
 
-        from lightning.pytorch.trainer.states import TrainerFn
 
-        from avrl.checkpoints import is_deepspeed_folder
 
         folder = Path(checkpoint_path)
         if not is_deepspeed_folder(folder):
@@ -231,8 +227,6 @@ class DeepSpeed(DeepSpeedStrategy):
         sweep) would otherwise load its model partitioned, without DeepSpeed."""
         super().teardown()
         if getattr(self, "hf_deepspeed_config", None) is not None:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
             unset_hf_deepspeed_config()
             self.hf_deepspeed_config = None
 
@@ -243,7 +237,6 @@ class DeepSpeed(DeepSpeedStrategy):
         The saved model's weight names are set right."""
         import deepspeed
 
-        from avrl.models.multimodal import audio_encoder, unwrap
 
         # transformers' ZeRO-3 load path records extra key renamings whose reverse, on save, writes the language
         # model as language_model.model.model.*; with none recorded it reverts the default mapping, which is what
@@ -289,7 +282,6 @@ class DeepSpeed(DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         if not self.on_cpu:
             return super().setup_distributed()
-        from lightning.fabric.utilities.seed import reset_seed
 
         reset_seed()  # as Lightning does, without its check that device indices match local ranks (CPUs have none)
         self.set_world_ranks()

@@ -14,25 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from avrl import console, final_eval, preemption, resume, spool, strategies, tracking
 from avrl.checkpoints import SafeCheckpointIO
-from avrl.config import conf_path
-from avrl.data.datamodule import AudioQADataModule, SkippedItems
+from avrl.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
-from avrl.prompts import PromptSpec
+from avrl.prompts import PromptSpec, prompt_mix, prompt_spec
 from avrl.redaction import redact, scrub
 from avrl.scoring import accuracy_metrics
 from avrl.sweeps import optuna_search
 
 log = logging.getLogger(__name__)
-
-
-def prompt_spec(cfg: DictConfig) -> PromptSpec:
-    return PromptSpec(**OmegaConf.to_container(cfg.prompt, resolve=True))
-
-
-def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
-    """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
-    return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
-            for name in cfg.data.prompt_mix or []]
 
 
 def reward_functions(cfg: DictConfig) -> tuple[dict, dict]:

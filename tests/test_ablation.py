@@ -44,9 +44,9 @@ def test_shuffled_audio_gives_every_item_another_items_clip():
 
 def test_eval_with_muted_audio_feeds_silence(tmp_path, monkeypatch):
     """task=eval eval.audio=muted: the model's input features are those of silence, and the run says so."""
-    from avrl.data.datamodule import AudioQADataModule
+    from avrl.datamodule import AudioQADataModule
     from avrl.models import load_processor
-    from avrl.train import prompt_spec
+    from avrl.prompts import prompt_spec
     from tests.support import compose
 
     cfg = compose(["data.test_size=4", "data.eval_batch_size=4"])
@@ -158,11 +158,12 @@ def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
     not learnt to listen (greedy on 32 val items: format 1.0, accuracy far from 1)."""
     import torch
 
-    from avrl.data.datamodule import AudioQADataModule
+    from avrl.datamodule import AudioQADataModule
     from avrl.models import families, load_model, load_processor
     from avrl.policy import Policy
+    from avrl.prompts import prompt_spec
     from avrl.scoring import accuracy_metrics, score_batch
-    from avrl.train import prompt_spec, reward_functions
+    from avrl.train import reward_functions
     from tests.support import compose
 
     cfg = compose([f"prompt={prompt}", "data.val_size=32", "data.eval_batch_size=32"])
@@ -181,9 +182,9 @@ def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
 
 def test_a_prompt_mix_shows_each_training_item_in_one_format_and_sft_follows_it():
     from avrl.algorithms.sft import SFTModule
-    from avrl.data.datamodule import AudioQADataModule
+    from avrl.datamodule import AudioQADataModule
     from avrl.models import load_processor
-    from avrl.train import prompt_mix, prompt_spec
+    from avrl.prompts import prompt_mix, prompt_spec
     from tests.support import compose
 
     cfg = compose(["algorithm=sft", "data.prompt_mix=[no_think,think]", "data.batch_size=16"])

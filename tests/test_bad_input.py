@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from avrl.data import readers
-from avrl.data.datamodule import SKIPPED_FILE, AudioQADataModule, SkippedItems
 from avrl.data.items import DataError
 from avrl.data.media import check_audio_header
 from avrl.data.readers import read_avqa, read_mmau
+from avrl.datamodule import SKIPPED_FILE, AudioQADataModule, SkippedItems
 from avrl.resume import EpochSampler
 from tests.support import compose, mlflow_runs, run_cli, write_wav
 from tests.support.helpers import avqa_record, write_jsonl

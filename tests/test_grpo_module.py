@@ -20,9 +20,10 @@ def fit_module(cfg):
     """A fitted GRPO module without the logger, returned for inspection."""
     import lightning as L
 
-    from avrl.data.datamodule import AudioQADataModule
+    from avrl.datamodule import AudioQADataModule
     from avrl.models import load_processor
-    from avrl.train import build_module, prompt_spec
+    from avrl.prompts import prompt_spec
+    from avrl.train import build_module
 
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
     module = build_module(cfg, processor, prompt)

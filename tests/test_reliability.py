@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from avrl.data.datamodule import PromptCollator
 from avrl.data.items import DataError
 from avrl.data.readers import read_avqa, read_avqa_r1
+from avrl.datamodule import PromptCollator
 from avrl.models import load_processor
-from avrl.train import prompt_spec, train
+from avrl.prompts import prompt_spec
+from avrl.train import train
 from tests.support import compose, mlflow_runs, write_wav
 from tests.support.deepspeed_checks import check_skipped_update, nan_on_calls
 from tests.support.helpers import avqa_record, write_jsonl

@@ -191,8 +191,8 @@ def test_the_schemas_defaults_are_the_default_runs():
     """The default run (algorithm=grpo, data=synthetic) sets nothing the schema does not: its values are the
     schema's, and they are what the module runs with (shared_prefix true and the run's seed for the sampling
     streams, where the code used to fall back on false and 0)."""
-    from avrl.data.datamodule import build_split
     from avrl.data.items import QAItem
+    from avrl.datamodule import build_split
     from avrl.rollout import sampling_settings
     from avrl.sampling import rollout_keys
 

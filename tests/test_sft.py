@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from avrl.data.datamodule import AudioQADataModule
+from avrl.datamodule import AudioQADataModule
 from avrl.models import load_processor
-from avrl.train import build_module, prompt_spec
+from avrl.prompts import prompt_spec
+from avrl.train import build_module
 from tests.support import compose
 
 RANDOM_INIT = "model.name_or_path='${avrl_tiny_init:${model.family}}'"  # not yet taught the answer format

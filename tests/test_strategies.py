@@ -38,7 +38,7 @@ def test_fsdp_on_one_device_or_on_cpu_is_refused_before_anything_starts(cfg_fact
 
 
 def tiny(family, folder):
-    return OmegaConf.create({"family": family, "name_or_path": str(ROOT / "avrl/assets" / folder)})
+    return OmegaConf.create({"family": family, "name_or_path": str(ROOT / "avrl/assets" / folder), "revision": None})
 
 
 def test_hidden_size_comes_from_the_text_config_also_for_omni():

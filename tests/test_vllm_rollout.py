@@ -80,7 +80,8 @@ def test_vllm_rollout_config_composes_and_asks_for_a_gpu_on_cpu():
     cfg = compose(["rollout=vllm"])
     assert cfg.rollout.backend == "vllm" and cfg.rollout.seed == cfg.seed and cfg.rollout.importance_sampling_cap == 2.0
     from avrl.models import load_processor
-    from avrl.train import build_module, prompt_spec
+    from avrl.prompts import prompt_spec
+    from avrl.train import build_module
 
     module = build_module(cfg, load_processor(cfg.model), prompt_spec(cfg))
     if not torch.cuda.is_available():

@@ -12,9 +12,11 @@ import logging
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from transformers import get_scheduler
 
 from avrl import strategies
 from avrl.models import families, load_model
+from avrl.models.lora import apply_lora
 from avrl.models.processing import AudioTextProcessor
 from avrl.policy import Policy
 from avrl.prompts import PromptSpec
@@ -60,8 +62,6 @@ class AudioLMModule(L.LightningModule):
         if self.model is None:
             self.model = load_model(self.model_cfg)
             if self.algo.lora:
-                from avrl.models.lora import apply_lora
-
                 self.model = apply_lora(self.model, self.algo.lora)
             self.model.train()
         if strategies.fp32_master_weights(self._trainer):
@@ -165,8 +165,6 @@ class AudioLMModule(L.LightningModule):
         self.skipped_steps = checkpoint.get("avrl_skipped_steps", 0)
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas),

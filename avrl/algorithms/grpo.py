@@ -18,6 +18,7 @@ from avrl.policy import prompt_slice
 from avrl.rewards import score
 from avrl.rollout import Rollout
 from avrl.rollout_backends import build_rollout
+from avrl.vllm_rollout import importance_weights
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -186,8 +187,6 @@ class GRPOModule(AudioLMModule):
             old_logps = policy.completion_logps(batch, media, ids, mask, G, temperature)[0] if need_old else None
             weights = None
             if rollout.sampling_logps is not None and self.rollout_cfg.importance_sampling_correction:
-                from avrl.vllm_rollout import importance_weights
-
                 weights = importance_weights(old_logps, rollout.sampling_logps,
                                              self.rollout_cfg.importance_sampling_cap)
             ref_logps = None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+LETTERS = string.ascii_uppercase  # choice i is lettered LETTERS[i]: A for the first
 
 
 @dataclass

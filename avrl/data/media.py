@@ -6,14 +6,15 @@ import dataclasses
 import os
 from pathlib import Path
 
+import librosa
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from avrl.data.items import DataError, QAItem
 
 
 def load_audio(path: str, sampling_rate: int, max_seconds: float, source: str) -> np.ndarray:
-    import librosa
-
     try:
         audio, _ = librosa.load(path, sr=sampling_rate, mono=True, duration=max_seconds)
     except Exception as e:  # librosa raises many types for unreadable files
@@ -39,8 +40,6 @@ def check_audio_header(path: str) -> str | None:
     samples, or a WAV cut short. The reader calls this for every clip before training starts, so that a bad clip
     is not first met when its batch comes; loading (`load_audio`) still catches what a header cannot show.
     About 70 us a file (14 k files a second, 1 s WAVs on a local disk with a warm cache; 2-core machine)."""
-    import soundfile as sf
-
     try:
         with sf.SoundFile(path) as f:  # opening reads the header only (sf.info, which also formats a log, is 3x slower)
             frames = f.frames
@@ -85,8 +84,6 @@ def wav_truncation(path: str) -> str | None:
 
 
 def load_image(path: str, source: str):
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")

@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from avrl.data.items import DataError, QAItem
+from avrl.data.items import LETTERS, DataError, QAItem
 from avrl.data.media import check_audio_header
-from avrl.prompts import LETTERS
 
 Skipped = list[dict[str, str]]
 BOM = b"\xef\xbb\xbf"

@@ -19,6 +19,8 @@ which is smaller for every shape avrl trains and small next to the projections a
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from avrl.models.families import Family
@@ -138,8 +140,6 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
 
 def _cache_argument(module) -> str:
     """transformers renamed `past_key_values` to `cache` within 5.x; whichever this version's forward takes."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 

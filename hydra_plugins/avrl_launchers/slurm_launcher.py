@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlflow
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
 from avrl.redaction import redact
+from avrl.resume import differing_overrides, run_info
 
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
@@ -106,8 +108,6 @@ class AvrlSlurmLauncher(SlurmLauncher):
         if not run_id or not self.config.logger.enabled:
             return
         try:
-            import mlflow
-
             client = mlflow.tracking.MlflowClient(str(self.config.logger.tracking_uri))
             if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
                 status = "KILLED" if getattr(outcome, "state", "") in KILLED_STATES else "FAILED"
@@ -167,8 +167,6 @@ def final_state(job_id: str) -> tuple[str, str]:
 
 def _completed(folder: Path, overrides) -> dict | None:
     """The result recorded in a job's folder by a finished run of the same overrides (avrl/resume.py), or None."""
-    from avrl.resume import differing_overrides, run_info
-
     info = run_info(folder)
     if "completed" not in info or differing_overrides(info.get("overrides"), [redact(o) for o in overrides]):
         return None

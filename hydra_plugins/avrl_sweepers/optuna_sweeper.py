@@ -10,12 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.redaction import redact, scrub
+from avrl.sweeps import optuna_search as search
 from avrl.sweeps import parent_run
 from avrl.sweeps import summary as sweep
 
@@ -38,8 +40,6 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[dict]:
-        from avrl.sweeps import optuna_search as search  # optuna is needed by this sweeper only
-
         space, fixed = search.search_space(OmegaConf.to_container(self.params), arguments)
         if not space:
             raise ValueError("nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
@@ -65,8 +65,6 @@ class OptunaSweeper(Sweeper):
     def _next_trial(self, study, space):
         """A new trial, or None once the study holds n_trials (finished or running). Counting and asking happen
         under the study's lock in its database, so workers sharing the storage never start more than n_trials."""
-        from avrl.sweeps import optuna_search as search
-
         with search.study_lock(self.storage_url, self.study_name):
             if search.counted_trials(study) >= self.n_trials:
                 return None
@@ -75,8 +73,6 @@ class OptunaSweeper(Sweeper):
     def _worker_lost(self, study, trial) -> None:
         """Optuna failed a trial whose worker stopped sending heartbeats (killed, or its machine lost): its MLflow
         run, left RUNNING by the dead job, is marked FAILED with the reason."""
-        from avrl.sweeps import optuna_search as search
-
         reason = "its worker stopped sending heartbeats (killed, or its machine lost)"
         log.warning("trial %d FAIL: %s", trial.number, reason)
         search.cancel_job(trial)
@@ -85,10 +81,6 @@ class OptunaSweeper(Sweeper):
             parent_run.mark_trial(self.config.logger.tracking_uri, run_id, "FAIL", reason)
 
     def _run_trial(self, study, store, trial, fixed) -> dict:
-        import optuna
-
-        from avrl.sweeps import optuna_search as search
-
         overrides = fixed + [search.as_override(k, v) for k, v in trial.params.items()] + [f"trial={trial.number}"]
         trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(self.study_name),
                                                                  trial.number)
@@ -122,8 +114,6 @@ class OptunaSweeper(Sweeper):
         return sweep.job_row(trial.number, state.name, overrides, value, reason or None, mlflow_run_id=run_id)
 
     def _finish(self, study, rows: list[dict], sweep_dir: Path) -> None:
-        import optuna
-
         sweep.write_summary(sweep_dir, rows, self.config.objective)
         scrub(sweep_dir, pickles=True)
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

@@ -19,7 +19,7 @@ ITEM = QAItem(id="1", question="What is making the sound in the audio?", choices
 
 
 def spec(name):
-    from avrl.train import prompt_spec
+    from avrl.prompts import prompt_spec
 
     return prompt_spec(compose([f"prompt={name}"]))
 

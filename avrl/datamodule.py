@@ -10,6 +10,9 @@ import zlib
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
@@ -31,8 +34,6 @@ SKIPPED_FILE = "skipped_items.json"
 def _rank_zero() -> bool:
     """Whether this process is rank 0 (or alone); known before any Trainer exists (Lightning reads the launcher's
     RANK/LOCAL_RANK at import), as tracking.make_logger relies on too."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
@@ -272,9 +273,6 @@ def gather_records(trainer, module, records: list[dict]) -> list[dict]:
     """Every rank's records, on every rank, in rank order. Called by all ranks at the same batch (each rank runs
     the same number of batches); an all-reduce of the counts first, so that the usual batch with nothing skipped
     costs one small collective and no gather."""
-    import torch
-    import torch.distributed as dist
-
     count = torch.tensor([len(records)], device=module.device)
     if trainer.strategy.reduce(count, reduce_op="sum").item() == 0:
         return records
