@@ -34,16 +34,22 @@ def pins(text: str) -> dict[str, str]:
 
 def write(lock: Path, freeze: Path) -> None:
     found = {k: v for k, v in pins(freeze.read_text()).items() if k not in LEFT_OUT}
-    header = HEADER.format(python=platform.python_version(), machine=f"{sys.platform}, {platform.machine()}",
-                           date=datetime.date.today().isoformat())
+    header = HEADER.format(
+        python=platform.python_version(),
+        machine=f"{sys.platform}, {platform.machine()}",
+        date=datetime.date.today().isoformat(),
+    )
     lock.write_text(header + "".join(f"{name}=={version}\n" for name, version in sorted(found.items())))
 
 
 def diff(lock: Path, freeze: Path) -> None:
     old = pins(lock.read_text()) if lock.exists() else {}
     new = {k: v for k, v in pins(freeze.read_text()).items() if k not in LEFT_OUT}
-    moved = [f"  {name}: {old.get(name, '-')} -> {new.get(name, '-')}" for name in sorted(set(old) | set(new))
-             if old.get(name) != new.get(name)]
+    moved = [
+        f"  {name}: {old.get(name, '-')} -> {new.get(name, '-')}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
     print(f"{len(moved)} packages differ from {lock}" + (":\n" + "\n".join(moved) if moved else ""))
 
 

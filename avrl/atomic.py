@@ -17,8 +17,11 @@ class NoSpaceError(OSError):
     """The disk of `folder` is too full for a file of `needed` bytes; nothing already there was touched."""
 
     def __init__(self, folder: Path, needed: int, free: int, what: str = "a file"):
-        super().__init__(errno.ENOSPC, f"no space left in {folder}: {what} needs {_size(needed)}, {_size(free)} "
-                                       "free; nothing there was replaced (free some space, or write elsewhere)")
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left in {folder}: {what} needs {_size(needed)}, {_size(free)} "
+            "free; nothing there was replaced (free some space, or write elsewhere)",
+        )
         self.folder, self.needed, self.free = folder, needed, free
 
 

@@ -85,10 +85,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
         except Exception as error:
             previous = previous_of(Path(path))
             if not previous.exists():
-                raise RuntimeError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}) and there "
-                                   f"is no previous one ({previous.name}) to fall back to") from error
-            log.warning("checkpoint %s cannot be read (%s: %s); resuming from the previous one, %s",
-                        path, type(error).__name__, str(error)[:200], previous)
+                raise RuntimeError(
+                    f"checkpoint {path} cannot be read ({type(error).__name__}: {error}) and there "
+                    f"is no previous one ({previous.name}) to fall back to"
+                ) from error
+            log.warning(
+                "checkpoint %s cannot be read (%s: %s); resuming from the previous one, %s",
+                path,
+                type(error).__name__,
+                str(error)[:200],
+                previous,
+            )
             return super().load_checkpoint(previous, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path) -> None:

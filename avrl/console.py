@@ -134,8 +134,13 @@ def quiet_launcher() -> None:
         if said:
             return False
         said.append(True)
-        record.msg, record.args = ("SLURM accounting is off on this cluster (sacct fails; the line above is sacct's "
-                                   "own): submitit follows the jobs through their result files instead"), None
+        record.msg, record.args = (
+            (
+                "SLURM accounting is off on this cluster (sacct fails; the line above is sacct's "
+                "own): submitit follows the jobs through their result files instead"
+            ),
+            None,
+        )
         return True
 
     logging.getLogger("submitit").addFilter(once)
@@ -143,6 +148,7 @@ def quiet_launcher() -> None:
 
 def progress_bar():
     """Lightning's rich bar, described by step (max_epochs is -1: Lightning's "Epoch 0/-2"), without v_num."""
+
     class StepBar(RichProgressBar):
         def _get_train_description(self, current_epoch: int) -> str:
             return "train" if current_epoch == 0 else f"train (epoch {current_epoch + 1})"
@@ -161,10 +167,18 @@ def model_summary():
     none (a GRPO step is generation and scoring, not one forward call), so the column was all 0 and the total
     "Total FLOPs: 0", which reads as a measurement. Lightning has no option to leave them out: this is its
     RichModelSummary.summarize with those two left out."""
+
     class Summary(RichModelSummary):
         @staticmethod
-        def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
-                      total_flops=0, **summarize_kwargs) -> None:
+        def summarize(
+            summary_data,
+            total_parameters,
+            trainable_parameters,
+            model_size,
+            total_training_modes,
+            total_flops=0,
+            **summarize_kwargs,
+        ) -> None:
             columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
             table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
             for name, _ in columns:

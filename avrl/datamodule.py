@@ -53,17 +53,22 @@ def build_split(cfg: DictConfig, split: str) -> tuple[Dataset, list[dict]]:
     one (data.ood_size synthetic items, or data.ood_path), evaluated after training when it exists."""
     if cfg.format == "synthetic":
         size = cfg[f"{split}_size"]
-        dataset = SyntheticAudioQA(split, size, seed=cfg.seed, tasks=list(cfg.tasks), seconds=cfg.seconds,
-                                   label_mode=cfg.label_mode if split == "train" else "gold")
+        dataset = SyntheticAudioQA(
+            split,
+            size,
+            seed=cfg.seed,
+            tasks=list(cfg.tasks),
+            seconds=cfg.seconds,
+            label_mode=cfg.label_mode if split == "train" else "gold",
+        )
         return dataset, []
     if cfg.format not in READERS:
         raise ValueError(f"data.format must be 'synthetic' or one of {sorted(READERS)}, got {cfg.format!r}")
     path = cfg[f"{split}_path"]
     if path is None:
         raise ValueError(f"data config {cfg.name!r} has no {split}_path (set data.{split}_path=...)")
-    items, skipped = READERS[cfg.format](path, cfg.root, cfg.on_error,
-                                         check_audio=cfg.check_audio)
-    return ItemList(items[:cfg.limit] if cfg.limit else items), skipped
+    items, skipped = READERS[cfg.format](path, cfg.root, cfg.on_error, check_audio=cfg.check_audio)
+    return ItemList(items[: cfg.limit] if cfg.limit else items), skipped
 
 
 class PromptCollator:
@@ -73,8 +78,16 @@ class PromptCollator:
     is loaded: with on_error="raise" the DataError names the file and the item; with "skip" the item is left out
     of the batch and listed in batch["skipped"] (counted by `SkippedItems`). A batch can end up with no items."""
 
-    def __init__(self, processor: AudioTextProcessor, prompt: PromptSpec, max_audio_seconds: float,
-                 on_error: str = "raise", keep_media: bool = False, for_eval: bool = False, audio: str = "real"):
+    def __init__(
+        self,
+        processor: AudioTextProcessor,
+        prompt: PromptSpec,
+        max_audio_seconds: float,
+        on_error: str = "raise",
+        keep_media: bool = False,
+        for_eval: bool = False,
+        audio: str = "real",
+    ):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
         self.on_error, self.keep_media = on_error, keep_media
         self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
@@ -120,16 +133,23 @@ class PromptCollator:
 
 
 class AudioQADataModule(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, processor: AudioTextProcessor, prompt: PromptSpec, splits=SPLITS,
-                 shuffle_seed: int = 0, keep_media: bool = False, audio: str = "real",
-                 prompt_mix: list[PromptSpec] | None = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        processor: AudioTextProcessor,
+        prompt: PromptSpec,
+        splits=SPLITS,
+        shuffle_seed: int = 0,
+        keep_media: bool = False,
+        audio: str = "real",
+        prompt_mix: list[PromptSpec] | None = None,
+    ):
         super().__init__()
         self.shuffle_seed = shuffle_seed
         self.cfg = cfg
         # task=eval's audio-contribution control for the test split (avrl/data/audio_controls.py)
         self.audio = audio_controls.check(audio)
-        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.on_error,
-                                      keep_media)
+        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.on_error, keep_media)
         self.splits = splits
         self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)
         self.datasets: dict[str, Dataset] = {}
@@ -162,8 +182,12 @@ class AudioQADataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None, collate=None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate or self.collate,
-            num_workers=self.cfg.num_workers, drop_last=sampler is not None,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate or self.collate,
+            num_workers=self.cfg.num_workers,
+            drop_last=sampler is not None,
             persistent_workers=self.cfg.num_workers > 0,
         )
 
@@ -171,9 +195,13 @@ class AudioQADataModule(L.LightningDataModule):
         """Shuffled by an EpochSampler (seeded by the run's seed, split over ranks): its position can be restored
         exactly on resume (avrl/resume.py)."""
         trainer = self.trainer
-        sampler = EpochSampler(len(self.datasets["train"]), self.cfg.batch_size, self.shuffle_seed,
-                               rank=trainer.global_rank if trainer else 0,
-                               world_size=trainer.world_size if trainer else 1)
+        sampler = EpochSampler(
+            len(self.datasets["train"]),
+            self.cfg.batch_size,
+            self.shuffle_seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
         collate = self.collate
         if self.prompt_mix:
             collate = copy.copy(self.collate)

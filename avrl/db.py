@@ -19,7 +19,7 @@ from avrl.redaction import redact
 # The DB-API module SQLAlchemy imports for a URL -> what to install. SQLAlchemy 2.1 reads postgresql:// as psycopg
 # (version 3); postgresql+psycopg2:// asks for the older driver.
 DRIVER_PACKAGES = {
-    "psycopg": "pip install -e \".[postgres]\"  (the psycopg[binary] package)",
+    "psycopg": 'pip install -e ".[postgres]"  (the psycopg[binary] package)',
     "psycopg2": "pip install psycopg2-binary",
     "pymysql": "pip install PyMySQL",
     "MySQLdb": "pip install mysqlclient",
@@ -50,8 +50,9 @@ def require_driver(url: str, setting: str) -> None:
     except ImportError as error:
         module = (error.name or str(error)).split(".")[0]
         hint = DRIVER_PACKAGES.get(module, f"pip install {module}")
-        raise MissingDriver(f"{setting}={redact(url)} needs the database driver `{module}`, which is not installed: "
-                            f"{hint}") from None
+        raise MissingDriver(
+            f"{setting}={redact(url)} needs the database driver `{module}`, which is not installed: {hint}"
+        ) from None
 
 
 @contextlib.contextmanager

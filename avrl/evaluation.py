@@ -46,7 +46,6 @@ def load_for_eval(cfg: DictConfig, processor) -> Policy:
     else:
         model = load_model(cfg.model)
         if cfg.algorithm.lora:  # a LoRA run's checkpoint holds the PEFT-wrapped model's names
-
             model = apply_lora(model, cfg.algorithm.lora)
         if ckpt is not None:
             model.load_state_dict(checkpoint_weights(ckpt))
@@ -84,18 +83,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
     seed = cfg.algorithm.sampling_seed
     version = cfg.data.version
-    log.info("evaluating %s%s with protocol %s, %s decoding, up to %d new tokens%s", cfg.data.name,
-             f" (version {version})" if version else "", protocol,
-             "sampled" if cfg.eval.do_sample else "greedy", settings["max_new_tokens"],
-             "" if audio == "real" else f", audio {audio}")
+    log.info(
+        "evaluating %s%s with protocol %s, %s decoding, up to %d new tokens%s",
+        cfg.data.name,
+        f" (version {version})" if version else "",
+        protocol,
+        "sampled" if cfg.eval.do_sample else "greedy",
+        settings["max_new_tokens"],
+        "" if audio == "real" else f", audio {audio}",
+    )
     rows, results = [], []
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
             datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
             if not batch["items"]:
                 continue
-            keys = (lambda k, items=batch["items"]: rollout_keys(seed, 0, items, 1, draw=k)) if cfg.eval.do_sample \
+            keys = (
+                (lambda k, items=batch["items"]: rollout_keys(seed, 0, items, 1, draw=k))
+                if cfg.eval.do_sample
                 else None
+            )
             scored = score_batch(policy, batch, prompt, settings, protocol=protocol, samples=samples, keys=keys)
             for item, result in zip(batch["items"], scored):
                 rows.append(prediction_record(item, result, samples))
@@ -127,12 +134,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def prediction_record(item, result: dict, samples: int) -> dict:
     """The input record (MMAU's, when the item came from a file) with the model's answer added."""
-    record = dict(item.meta) if item.meta else {
-        "id": item.id, "question": item.question, "choices": item.choices, "answer": item.answer,
-        "task": item.category}
+    record = (
+        dict(item.meta)
+        if item.meta
+        else {
+            "id": item.id,
+            "question": item.question,
+            "choices": item.choices,
+            "answer": item.answer,
+            "task": item.category,
+        }
+    )
     # model_prediction: the key R1-AQA's test script writes; the same value.
-    record.update(model_output=result["prediction"], model_prediction=result["prediction"],
-                  model_raw_output=result["completion"])
+    record.update(
+        model_output=result["prediction"], model_prediction=result["prediction"], model_raw_output=result["completion"]
+    )
     if samples > 1:
         record["model_raw_outputs"] = result["completions"]
     return record

@@ -38,8 +38,7 @@ def run(cfg: DictConfig, trainer, module, datamodule, out: Path, accuracy: float
     if "val_muted/accuracy" in metrics and accuracy is not None:
         metrics["val/audio_reliance"] = accuracy - metrics["val_muted/accuracy"]
     if metrics and trainer.is_global_zero:
-        log.info("final model: %s", ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())
-                                               if k.count("/") == 1))
+        log.info("final model: %s", ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.count("/") == 1))
     for logger in trainer.loggers if metrics else []:
         logger.log_metrics(metrics, step=trainer.global_step)
     if trainer.is_global_zero:

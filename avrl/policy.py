@@ -36,8 +36,9 @@ class Policy:
 
     # ----------------------------------------------------------------------------------------- generate
     @torch.no_grad()
-    def generate(self, batch: dict, media: dict, num_generations: int, settings: dict,
-                 keys: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(
+        self, batch: dict, media: dict, num_generations: int, settings: dict, keys: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`num_generations` completions per prompt, grouped contiguously; greedy when `keys` is None, else each
         row sampled from its own keyed stream (avrl/sampling.py) under `settings` (max_new_tokens, temperature,
         top_p, top_k). Returns (ids, mask); the mask covers each completion up to and including its first stop."""
@@ -46,13 +47,21 @@ class Policy:
         model.eval()
         sampler = None
         if keys is not None:
-            sampler = KeyedSampler(keys, batch["input_ids"].shape[1], settings["temperature"], settings["top_p"],
-                                   settings.get("top_k", 0))
+            sampler = KeyedSampler(
+                keys, batch["input_ids"].shape[1], settings["temperature"], settings["top_p"], settings.get("top_k", 0)
+            )
         if self.shared_prefix:
             ids = shared_prefix.generate(
-                model, self.family, batch, mm.embed(model, batch["input_ids"], media), num_generations,
-                settings["max_new_tokens"], self.processor.stop_token_ids, self.processor.tokenizer.pad_token_id,
-                choose=sampler.draw if sampler is not None else None)
+                model,
+                self.family,
+                batch,
+                mm.embed(model, batch["input_ids"], media),
+                num_generations,
+                settings["max_new_tokens"],
+                self.processor.stop_token_ids,
+                self.processor.tokenizer.pad_token_id,
+                choose=sampler.draw if sampler is not None else None,
+            )
             model.train(was_training)
             return ids, completion_mask(ids, self.processor.stop_token_ids)
         prompt_embeds = mm.embed(model, batch["input_ids"], media).repeat_interleave(num_generations, dim=0)
@@ -70,12 +79,13 @@ class Policy:
             **self.family.rope_inputs(rep),
         )
         model.train(was_training)
-        ids = out[:, rep["input_ids"].shape[1]:]
+        ids = out[:, rep["input_ids"].shape[1] :]
         return ids, completion_mask(ids, self.processor.stop_token_ids)
 
     # ---------------------------------------------------------------------------------------- log-probs
-    def completion_logps(self, batch, media, ids, mask, num_generations, temperature: float = 1.0, model=None,
-                         with_entropy: bool = False):
+    def completion_logps(
+        self, batch, media, ids, mask, num_generations, temperature: float = 1.0, model=None, with_entropy: bool = False
+    ):
         """Per-token log-probs of the completions (B*G, T) under `model` (the policy's by default), logits divided
         by the sampling temperature as in TRL. With `shared_prefix` each prompt runs once with its G completions
         packed after it; otherwise its embeddings (built once) are repeated G times."""
@@ -107,12 +117,12 @@ class Policy:
         if "audio" in media:
             counts = self.family.audio_token_count(batch["feature_attention_mask"].sum(-1)).tolist()
             start = sum(counts[: prompts.start])
-            out["audio"] = media["audio"][start:start + sum(counts[prompts])]
+            out["audio"] = media["audio"][start : start + sum(counts[prompts])]
         if "image" in media:
             merge = mm.unwrap(self.model).config.vision_config.spatial_merge_size ** 2
             counts = (batch["image_grid_thw"].prod(-1) // merge).tolist()
             start = sum(counts[: prompts.start])
-            out["image"] = media["image"][start:start + sum(counts[prompts])]
+            out["image"] = media["image"][start : start + sum(counts[prompts])]
         return out
 
     def audio_encoder_trains(self) -> bool:
@@ -131,7 +141,7 @@ def prompt_slice(batch: dict, prompts: slice, with_media: bool = True) -> dict:
     if with_media and "pixel_values" in batch:
         patches = batch["image_grid_thw"].prod(-1).tolist()
         start = sum(patches[: prompts.start])
-        out["pixel_values"] = batch["pixel_values"][start:start + sum(patches[prompts])]
+        out["pixel_values"] = batch["pixel_values"][start : start + sum(patches[prompts])]
     return out
 
 

@@ -80,8 +80,12 @@ class StopOnSignal(Callback):
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # the full state, to resume from
         self.pending = number
         if trainer.is_global_zero:
-            log.warning("stopping for %s at step %d; checkpoint %s", signal.Signals(number).name,
-                        trainer.global_step, self.checkpoint_path)
+            log.warning(
+                "stopping for %s at step %d; checkpoint %s",
+                signal.Signals(number).name,
+                trainer.global_step,
+                self.checkpoint_path,
+            )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         """The run stops before the next step, once the saved step's metrics are logged, by raising Stopped:
@@ -110,7 +114,7 @@ def hand_over(stop: Stopped, logger) -> None:
     previous = stopper.previous.get(number)
     stopper.restore()
     if requeue and _is_submitits(previous):  # it saves its job for the requeue, requeues (counting time-outs
-        try:                                # against max_num_timeout) and exits
+        try:  # against max_num_timeout) and exits
             previous(number, None)
         except Exception:  # submitit's "timed-out too many times": the job ends here
             if logger is not None:
@@ -118,9 +122,14 @@ def hand_over(stop: Stopped, logger) -> None:
             raise
     if requeue:
         subprocess.run(["scontrol", "requeue", slurm_job_id()], check=False)
-    raise StoppedForSignal(f"stopped for {name} after saving {stopper.checkpoint_path}; "
-                     + ("the job is requeued and resumes from it" if requeue else
-                        "run the same command again (same output folder) to resume from it"))
+    raise StoppedForSignal(
+        f"stopped for {name} after saving {stopper.checkpoint_path}; "
+        + (
+            "the job is requeued and resumes from it"
+            if requeue
+            else "run the same command again (same output folder) to resume from it"
+        )
+    )
 
 
 def slurm_job_id() -> str:

@@ -31,8 +31,9 @@ class PromptSpec:
 
     def __post_init__(self):
         if self.answer_style not in ("text", "letter"):
-            raise ValueError(f"prompt {self.name!r}: answer_style must be 'text' or 'letter', "
-                             f"got {self.answer_style!r}")
+            raise ValueError(
+                f"prompt {self.name!r}: answer_style must be 'text' or 'letter', got {self.answer_style!r}"
+            )
 
 
 def render_question(spec: PromptSpec, item: QAItem, for_eval: bool = False) -> str:
@@ -86,5 +87,7 @@ def prompt_spec(cfg: DictConfig) -> PromptSpec:
 
 def prompt_mix(cfg: DictConfig) -> list[PromptSpec]:
     """data.prompt_mix: the train split shown in these prompt formats (conf/prompt/<name>.yaml), one per item."""
-    return [PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
-            for name in cfg.data.prompt_mix or []]
+    return [
+        PromptSpec(**OmegaConf.to_container(OmegaConf.load(conf_path(f"prompt/{name}.yaml")), resolve=True))
+        for name in cfg.data.prompt_mix or []
+    ]

@@ -17,8 +17,20 @@ from pathlib import Path
 
 from avrl.atomic import write_atomic
 
-SECRET_WORDS = {"password", "passwd", "pwd", "token", "secret", "secrets", "credential", "credentials", "auth",
-                "authorization", "apikey", "api_key"}
+SECRET_WORDS = {
+    "password",
+    "passwd",
+    "pwd",
+    "token",
+    "secret",
+    "secrets",
+    "credential",
+    "credentials",
+    "auth",
+    "authorization",
+    "apikey",
+    "api_key",
+}
 MASK = "***"
 _WORD = r"[A-Za-z0-9]+"
 
@@ -72,8 +84,11 @@ def redacted(data: object, key: str = "") -> object:
 def _written_by_hydra_or_avrl(path: Path) -> bool:
     """The files where overrides land: Hydra's .hydra/*.yaml and multirun.yaml, job and submitit logs, avrl's
     summaries. Never a model's files (a tokenizer's vocabulary may hold anything)."""
-    return (path.parent.name == ".hydra" or path.name in ("multirun.yaml", "sweep_summary.json", "report.md")
-            or path.suffix in (".log", ".out", ".err"))
+    return (
+        path.parent.name == ".hydra"
+        or path.name in ("multirun.yaml", "sweep_summary.json", "report.md")
+        or path.suffix in (".log", ".out", ".err")
+    )
 
 
 def scrub(folder: str | Path, pickles: bool = False) -> list[Path]:
@@ -83,7 +98,7 @@ def scrub(folder: str | Path, pickles: bool = False) -> list[Path]:
     changed = []
     paths = sorted(Path(folder).rglob("*"))
     finished = {p.parent for p in paths if p.name.endswith("_result.pkl")}  # (a running job's pickle stays: a
-    for path in paths:                                                      # requeue reads it)
+    for path in paths:  # requeue reads it)
         if pickles and path.suffix == ".pkl" and ".submitit" in path.parts:
             if path.parent in finished:
                 path.unlink(missing_ok=True)

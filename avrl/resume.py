@@ -70,7 +70,7 @@ class EpochSampler(Sampler[int]):
         # start of the next epoch, which Lightning begins without it.
         skip = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
         self.resume_at = None
-        yield from mine[skip * self.batch_size:].tolist()
+        yield from mine[skip * self.batch_size :].tolist()
 
     def __len__(self) -> int:
         return self.size // self.world_size
@@ -174,9 +174,11 @@ def check_same_job(out_dir: Path) -> None:
     recorded, current = run_info(out_dir).get("overrides"), job_overrides()
     differ = differing_overrides(recorded, current)
     if differ:
-        raise ValueError(f"{out_dir} holds a run of another command (overrides that differ: {' '.join(differ)}): "
-                         "ckpt_path=auto would continue it. Use another hydra.run.dir, or ckpt_path=last to resume "
-                         "it with the new overrides on purpose, or ckpt_path=null to start afresh there")
+        raise ValueError(
+            f"{out_dir} holds a run of another command (overrides that differ: {' '.join(differ)}): "
+            "ckpt_path=auto would continue it. Use another hydra.run.dir, or ckpt_path=last to resume "
+            "it with the new overrides on purpose, or ckpt_path=null to start afresh there"
+        )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -193,8 +195,11 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
         return str(found) if found else None
     path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.exists():
-        hint = (" (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
-                if ckpt_path == "last" else "")
+        hint = (
+            " (resume a run by giving its output folder: hydra.run.dir=<that folder> ckpt_path=last)"
+            if ckpt_path == "last"
+            else ""
+        )
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
     return str(path)
 
@@ -204,8 +209,9 @@ def log_each_step_once(logger) -> int:
     Resume is exact, so the values are the same: drop every metric at or before the last step the run holds for
     it, so that each step of each metric is logged once. Returns the number of metrics already in the run."""
     client, run_id = logger.experiment, logger.run_id
-    logged = {key: max(m.step for m in client.get_metric_history(run_id, key))
-              for key in client.get_run(run_id).data.metrics}
+    logged = {
+        key: max(m.step for m in client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics
+    }
     log_metrics = logger.log_metrics
 
     def log_new(metrics, step=None):

@@ -22,8 +22,12 @@ class Rollout:
 
 def sampling_settings(algo: DictConfig) -> dict:
     """The algorithm's sampling settings under generate()'s names."""
-    return {"max_new_tokens": algo.max_completion_length, "temperature": algo.temperature, "top_p": algo.top_p,
-            "top_k": algo.top_k}
+    return {
+        "max_new_tokens": algo.max_completion_length,
+        "temperature": algo.temperature,
+        "top_p": algo.top_p,
+        "top_k": algo.top_k,
+    }
 
 
 class HFRollout:

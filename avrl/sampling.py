@@ -54,8 +54,9 @@ class KeyedSampler:
     except at the drawn token, so that greedy decoding emits the sample. Temperature, top-k and top-p are applied
     here in transformers' order (generate runs with do_sample=False, so its own warpers stay out of the way)."""
 
-    def __init__(self, keys: list[int], prompt_length: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0):
+    def __init__(
+        self, keys: list[int], prompt_length: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+    ):
         self.keys = torch.tensor(keys, dtype=torch.int64)
         self.prompt_length, self.temperature, self.top_p, self.top_k = prompt_length, temperature, top_p, top_k
 

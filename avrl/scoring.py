@@ -11,8 +11,17 @@ from avrl.prompts import PromptSpec
 from avrl.protocols import prediction
 
 
-def score_batch(policy: Policy, batch: dict, prompt: PromptSpec, settings: dict, *, protocol: str = "strict",
-                samples: int = 1, keys: Callable[[int], list[int]] | None = None, format_reward=None) -> list[dict]:
+def score_batch(
+    policy: Policy,
+    batch: dict,
+    prompt: PromptSpec,
+    settings: dict,
+    *,
+    protocol: str = "strict",
+    samples: int = 1,
+    keys: Callable[[int], list[int]] | None = None,
+    format_reward=None,
+) -> list[dict]:
     """Complete each prompt `samples` times (greedy when `keys` is None, else sample k drawn from the streams
     `keys(k)`) and judge every completion by `protocol` (avrl/protocols.py). One result per item; its "correct",
     "prediction", "completion" and "format" are the first sample's, "correct_per_sample" holds them all."""
@@ -25,12 +34,19 @@ def score_batch(policy: Policy, batch: dict, prompt: PromptSpec, settings: dict,
     for i, item in enumerate(batch["items"]):
         completions = [t[i] for t in texts]
         judged = [prediction(protocol, prompt, c, item) for c in completions]  # each completion parsed once
-        results.append({
-            "id": item.id, "category": item.category, "difficulty": item.difficulty,
-            "correct": float(judged[0][1]), "correct_per_sample": [float(c) for _, c in judged],
-            "prediction": judged[0][0], "completion": completions[0], "completions": completions,
-            "format": format_reward([completions[0]], [item], prompt)[0] if format_reward else float("nan"),
-        })
+        results.append(
+            {
+                "id": item.id,
+                "category": item.category,
+                "difficulty": item.difficulty,
+                "correct": float(judged[0][1]),
+                "correct_per_sample": [float(c) for _, c in judged],
+                "prediction": judged[0][0],
+                "completion": completions[0],
+                "completions": completions,
+                "format": format_reward([completions[0]], [item], prompt)[0] if format_reward else float("nan"),
+            }
+        )
     return results
 
 

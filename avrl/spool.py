@@ -31,14 +31,26 @@ from avrl.redaction import redact
 from avrl.tracking import unanswered
 
 log = logging.getLogger(__name__)
-WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "log_artifact", "log_table", "set_terminated",
-          "update_run", "delete_tag")
+WRITES = (
+    "log_batch",
+    "log_metric",
+    "log_param",
+    "set_tag",
+    "log_artifact",
+    "log_table",
+    "set_terminated",
+    "update_run",
+    "delete_tag",
+)
 PROBE_EVERY_S = 30.0
 FOLDER = "mlflow_spool"
 CALLS = "calls.jsonl"
 # An unreachable server fails a call after ~3 s (2 retries, backoff 1 s) instead of MLflow's 7 retries (minutes).
-FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+FAST_FAILING = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def unreachable(error: BaseException) -> bool:
@@ -86,8 +98,11 @@ class SpoolingClient:
                 if self._offline_since is None:
                     self._offline_since = time.monotonic()
                     self._next_probe = self._offline_since + PROBE_EVERY_S
-                    log.warning("MLflow server %s unreachable: training goes on, its logging waits in %s",
-                                redact(self.tracking_uri), self.folder)
+                    log.warning(
+                        "MLflow server %s unreachable: training goes on, its logging waits in %s",
+                        redact(self.tracking_uri),
+                        self.folder,
+                    )
                 return self._spool(name, args, kwargs)
 
         return write
@@ -210,5 +225,7 @@ def finish(logger) -> None:
     if not isinstance(client, SpoolingClient) or client.flush():
         return
     uri = redact(client.tracking_uri)
-    print(f"MLflow server {uri} still unreachable: {client.pending()} calls of this run wait in {client.folder}\n"
-          f"  send them when it is back: python -m avrl.spool {client.folder} --tracking-uri {uri}")
+    print(
+        f"MLflow server {uri} still unreachable: {client.pending()} calls of this run wait in {client.folder}\n"
+        f"  send them when it is back: python -m avrl.spool {client.folder} --tracking-uri {uri}"
+    )

@@ -73,17 +73,19 @@ def resolve_auto(config: dict, hidden_size: int | None, max_grad_norm: float) ->
     if clip == "auto":
         config["gradient_clipping"] = float(max_grad_norm)
     elif float(clip) != float(max_grad_norm):
-        raise ValueError(f"the DeepSpeed config sets gradient_clipping={clip} but optim.max_grad_norm="
-                         f"{max_grad_norm}: set one of them to the other (or gradient_clipping to \"auto\")")
+        raise ValueError(
+            f"the DeepSpeed config sets gradient_clipping={clip} but optim.max_grad_norm="
+            f'{max_grad_norm}: set one of them to the other (or gradient_clipping to "auto")'
+        )
     zero = config.get("zero_optimization", {})
     for key, value in bucket_sizes(hidden_size or 0).items():
         if zero.get(key) == "auto":
             if not hidden_size:
-                raise ValueError(f"zero_optimization.{key} is \"auto\" but the model's hidden size is unknown")
+                raise ValueError(f'zero_optimization.{key} is "auto" but the model\'s hidden size is unknown')
             zero[key] = value
     left = list(_auto_paths(config))
     if left:
-        raise ValueError(f"DeepSpeed config values left \"auto\" that avrl cannot fill: {', '.join(left)}")
+        raise ValueError(f'DeepSpeed config values left "auto" that avrl cannot fill: {", ".join(left)}')
     return config
 
 
@@ -101,8 +103,11 @@ def _auto_paths(value: Any, prefix: str = ""):
 
 def text_hidden_size(model_cfg) -> int:
     """The language model's hidden size, read from the checkpoint's config (no weights are loaded)."""
-    config = families.get(model_cfg.family).transformers_class().config_class.from_pretrained(
-        str(model_cfg.name_or_path), revision=model_cfg.revision)
+    config = (
+        families.get(model_cfg.family)
+        .transformers_class()
+        .config_class.from_pretrained(str(model_cfg.name_or_path), revision=model_cfg.revision)
+    )
     return config.get_text_config().hidden_size
 
 
@@ -131,7 +136,8 @@ def check(cfg) -> None:
             "GPU use trainer=gpu (algorithm=grpo_lora for a 7B model) or, for full fine-tuning where host memory "
             "allows (about 210 GiB for a 7B model: README, GPU checks), trainer=deepspeed_zero3 trainer.devices=1 "
             "trainer.strategy.offload_optimizer=true trainer.strategy.offload_parameters=true; "
-            "trainer=deepspeed_zero2/3 also run on CPU (trainer.accelerator=cpu).")
+            "trainer=deepspeed_zero2/3 also run on CPU (trainer.accelerator=cpu)."
+        )
 
 
 def _is_fsdp(spec) -> bool:
@@ -147,9 +153,11 @@ def build(spec: dict, cfg):
     model's hidden size from the rest of the config."""
     target = get_class(spec["_target_"])
     if issubclass(target, FSDPStrategy):
-        log.warning("FSDP has never run with avrl (it needs a GPU); GRPO calls the encoders and embeddings outside "
-                    "the root module's forward, which FSDP may not allow. DeepSpeed ZeRO-2/3 are checked against a "
-                    "one-process run (README, Scale-out).")
+        log.warning(
+            "FSDP has never run with avrl (it needs a GPU); GRPO calls the encoders and embeddings outside "
+            "the root module's forward, which FSDP may not allow. DeepSpeed ZeRO-2/3 are checked against a "
+            "one-process run (README, Scale-out)."
+        )
     if issubclass(target, DeepSpeed):
         spec = {"max_grad_norm": cfg.optim.max_grad_norm, **spec}
         if spec.get("hidden_size") is None:
@@ -190,8 +198,13 @@ class DeepSpeed(DeepSpeedStrategy):
         folder = Path(self.broadcast(str(filepath)))
         tag = f"step{checkpoint.get('global_step', 0):08d}"
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        self.deepspeed_engine.save_checkpoint(str(folder), client_state=state, tag=tag, save_latest=False,
-                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+        self.deepspeed_engine.save_checkpoint(
+            str(folder),
+            client_state=state,
+            tag=tag,
+            save_latest=False,
+            exclude_frozen_parameters=self.exclude_frozen_parameters,
+        )
         self.barrier("avrl_checkpoint_written")
         if self.is_global_zero:
             latest = folder / "latest"
@@ -208,16 +221,18 @@ class DeepSpeed(DeepSpeedStrategy):
         if self.load_full_weights and self.zero_stage_3:
             return super().load_checkpoint(checkpoint_path, weights_only)
 
-
-
         folder = Path(checkpoint_path)
         if not is_deepspeed_folder(folder):
-            raise FileNotFoundError(f"{folder} is not a DeepSpeed checkpoint folder (no file `latest` naming a tag "
-                                    "folder beside it)")
+            raise FileNotFoundError(
+                f"{folder} is not a DeepSpeed checkpoint folder (no file `latest` naming a tag folder beside it)"
+            )
         module = self.lightning_module
         _, state = self.deepspeed_engine.load_checkpoint(
-            str(folder), load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
-            load_lr_scheduler_states=False, load_module_strict=module.strict_loading)
+            str(folder),
+            load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+            load_lr_scheduler_states=False,
+            load_module_strict=module.strict_loading,
+        )
         if state is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
         return state
@@ -237,7 +252,6 @@ class DeepSpeed(DeepSpeedStrategy):
         The saved model's weight names are set right."""
         import deepspeed
 
-
         # transformers' ZeRO-3 load path records extra key renamings whose reverse, on save, writes the language
         # model as language_model.model.model.*; with none recorded it reverts the default mapping, which is what
         # a plain load records (a workaround on a private attribute of transformers 5).
@@ -250,11 +264,16 @@ class DeepSpeed(DeepSpeedStrategy):
                 for param in positions.parameters():
                     deepspeed.zero.register_external_parameter(encoder, param)
         if ref is not None:
-            config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
-                                            self.config["zero_optimization"].get("stage3_param_persistence_threshold",
-                                                                                 100_000)},
-                      "train_micro_batch_size_per_gpu": 1,
-                      **{key: self.config[key] for key in ("bf16", "fp16") if key in self.config}}
+            config = {
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": self.config["zero_optimization"].get(
+                        "stage3_param_persistence_threshold", 100_000
+                    ),
+                },
+                "train_micro_batch_size_per_gpu": 1,
+                **{key: self.config[key] for key in ("bf16", "fp16") if key in self.config},
+            }
             self.ref_engine = deepspeed.initialize(model=ref, config=config, dist_init_required=False)[0]
             self.ref_engine.eval()
 
@@ -298,8 +317,11 @@ class DeepSpeed(DeepSpeedStrategy):
 def fp32_master_weights(trainer) -> bool:
     """Whether the module itself keeps its trained weights in float32: training outside DeepSpeed (which keeps
     its own fp32 master copy) under a precision meant to keep float32 weights ("32-true", "*-mixed")."""
-    return (trainer is not None and str(trainer.precision) in ("32-true", "bf16-mixed", "16-mixed")
-            and not isinstance(trainer.strategy, DeepSpeedStrategy))
+    return (
+        trainer is not None
+        and str(trainer.precision) in ("32-true", "bf16-mixed", "16-mixed")
+        and not isinstance(trainer.strategy, DeepSpeedStrategy)
+    )
 
 
 def shards_parameters(strategy) -> bool:

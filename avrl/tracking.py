@@ -52,12 +52,18 @@ def training_experiment(client, logger_cfg: DictConfig) -> str:
     name = logger_cfg.experiment_name
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment = _settled(lambda: client.get_experiment(client.create_experiment(
-            name, artifact_location=logger_cfg.artifact_location)), lambda: client.get_experiment_by_name(name))
+        experiment = _settled(
+            lambda: client.get_experiment(
+                client.create_experiment(name, artifact_location=logger_cfg.artifact_location)
+            ),
+            lambda: client.get_experiment_by_name(name),
+        )
     key, value = EXPERIMENT_KIND
     if key not in experiment.tags:
-        _settled(lambda: client.set_experiment_tag(experiment.experiment_id, key, value),
-                 lambda: key in client.get_experiment(experiment.experiment_id).tags or None)
+        _settled(
+            lambda: client.set_experiment_tag(experiment.experiment_id, key, value),
+            lambda: key in client.get_experiment(experiment.experiment_id).tags or None,
+        )
     return experiment.experiment_id
 
 
@@ -154,8 +160,9 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
     require_driver(cfg.logger.tracking_uri, "logger.tracking_uri")
     check_reachable(cfg.logger.tracking_uri)
     if run_id is not None:
-        logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
-                              run_id=run_id)
+        logger = MLFlowLogger(
+            experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri, run_id=run_id
+        )
         logger.experiment.update_run(run_id, status="RUNNING")
         logger.experiment.set_tag(run_id, "resumed_from", str(cfg.ckpt_path))
         return logger
@@ -195,10 +202,16 @@ def make_logger(cfg: DictConfig, run_id: str | None = None):
 
 # What SLURM allocated to the job (sbatch/srun set these in every task): on the run, so that a run names its job
 # and the resources behind its figures can be read next to them.
-SLURM_VARIABLES = {"job_id": "SLURM_JOB_ID", "nodelist": "SLURM_JOB_NODELIST", "nnodes": "SLURM_NNODES",
-                   "ntasks": "SLURM_NTASKS", "ntasks_per_node": "SLURM_NTASKS_PER_NODE",
-                   "cpus_per_task": "SLURM_CPUS_PER_TASK", "gpus_on_node": "SLURM_GPUS_ON_NODE",
-                   "partition": "SLURM_JOB_PARTITION"}
+SLURM_VARIABLES = {
+    "job_id": "SLURM_JOB_ID",
+    "nodelist": "SLURM_JOB_NODELIST",
+    "nnodes": "SLURM_NNODES",
+    "ntasks": "SLURM_NTASKS",
+    "ntasks_per_node": "SLURM_NTASKS_PER_NODE",
+    "cpus_per_task": "SLURM_CPUS_PER_TASK",
+    "gpus_on_node": "SLURM_GPUS_ON_NODE",
+    "partition": "SLURM_JOB_PARTITION",
+}
 
 
 def slurm_tags() -> dict[str, str]:
@@ -220,7 +233,8 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     if reason is not None:
         raise ConnectionError(
             f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason}). Start it, point "
-            f"MLFLOW_TRACKING_URI / logger.tracking_uri elsewhere, or run with logger=none.")
+            f"MLFLOW_TRACKING_URI / logger.tracking_uri elsewhere, or run with logger=none."
+        )
 
 
 def unanswered(tracking_uri: str, timeout: float) -> object | None:
@@ -241,6 +255,7 @@ def unanswered(tracking_uri: str, timeout: float) -> object | None:
 def log_table(logger, rows: list[dict], artifact_file: str) -> None:
     if logger is None or not rows:
         return
+
     def cell(value):  # MLflow tables take scalars; lists (choices) are written as text
         return value if value is None or isinstance(value, (int, float, str)) else str(value)
 
@@ -255,6 +270,7 @@ def log_file(logger, path: str | Path, artifact_path: str | None = None) -> None
 
 def completions_callback(every_n_steps: int):
     """A callback that logs the module's latest sample completions as an MLflow table every N steps."""
+
     class LogCompletions(Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             rows = getattr(module, "_sample_rows", None)

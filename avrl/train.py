@@ -34,8 +34,15 @@ def build_module(cfg: DictConfig, processor, prompt: PromptSpec, model=None):
     functions, weights = reward_functions(cfg)
     module_cls = instantiate({"_target_": cfg.algorithm._target_, "_partial_": True})
     return module_cls(
-        model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor, prompt=prompt,
-        reward_functions=functions, reward_weights=weights, model=model, rollout=cfg.rollout,
+        model_cfg=cfg.model,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        processor=processor,
+        prompt=prompt,
+        reward_functions=functions,
+        reward_weights=weights,
+        model=model,
+        rollout=cfg.rollout,
     )
 
 
@@ -43,11 +50,20 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     out = Path(cfg.output_dir)
     callbacks = [
         ModelCheckpoint(  # the best by val/accuracy (and last.ckpt at each validation)
-            dirpath=out / "checkpoints", monitor="val/accuracy", mode="max", save_top_k=1, save_last=True,
-            filename="best-step{step}", auto_insert_metric_name=False, enable_version_counter=False,
+            dirpath=out / "checkpoints",
+            monitor="val/accuracy",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
         ),
         ModelCheckpoint(  # last.ckpt every N steps: the full training state to resume from (ckpt_path=last)
-            dirpath=out / "checkpoints", save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
+            dirpath=out / "checkpoints",
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
             enable_version_counter=False,
         ),
         resume.ResumeState(),
@@ -63,8 +79,13 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     if isinstance(trainer_args.get("strategy"), dict):
         trainer_args["strategy"] = strategies.build(trainer_args["strategy"], cfg)
     # The datamodule's EpochSampler splits the data over ranks itself (so that resume is exact under DDP too).
-    trainer = L.Trainer(**trainer_args, logger=logger if logger else False, callbacks=callbacks,
-                        default_root_dir=out, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        **trainer_args,
+        logger=logger if logger else False,
+        callbacks=callbacks,
+        default_root_dir=out,
+        use_distributed_sampler=False,
+    )
     if not isinstance(trainer.strategy, strategies.DeepSpeedStrategy):  # DeepSpeed writes its own (strategies.py)
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
     return trainer
@@ -82,8 +103,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     done = resume.completed_result(out) if cfg.ckpt_path == "auto" else None
     if done is not None:
         resume.check_same_job(out)  # a requeued job, or a sweep run again into its folder, after it had finished
-        log.info("%s holds a finished run: its result is returned, nothing is trained again (a fresh run: another "
-                 "hydra.run.dir, or ckpt_path=null)", out)
+        log.info(
+            "%s holds a finished run: its result is returned, nothing is trained again (a fresh run: another "
+            "hydra.run.dir, or ckpt_path=null)",
+            out,
+        )
         return done
     ckpt_path = resume.resolve_ckpt_path(cfg.ckpt_path, out)
     logger = open_run(cfg, out, ckpt_path)
@@ -132,9 +156,15 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     prompt = prompt_spec(cfg)
 
     # Data first: a bad file stops the run before any model is loaded.
-    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"), shuffle_seed=cfg.seed,
-                                   keep_media=cfg.rollout.backend == "vllm",  # vLLM encodes the raw audio itself
-                                   prompt_mix=prompt_mix(cfg))
+    datamodule = AudioQADataModule(
+        cfg.data,
+        processor,
+        prompt,
+        splits=("train", "val"),
+        shuffle_seed=cfg.seed,
+        keep_media=cfg.rollout.backend == "vllm",  # vLLM encodes the raw audio itself
+        prompt_mix=prompt_mix(cfg),
+    )
     datamodule.setup()
     datamodule.write_skipped(out)
     if logger is not None and datamodule.skipped:
@@ -143,7 +173,6 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
 
     trial, pruning = None, []
     if cfg.trial is not None:  # set when the Optuna sweeper launched this job
-
         trial = optuna_search.job_trial(cfg.trial)
         pruning = [optuna_search.pruning_callback(trial, cfg.objective)] if trial else []
     if trial and logger is not None:
@@ -180,8 +209,10 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
         print(f"\noutputs: {out}\ncheckpoint (best val/accuracy): {best or 'none (no validation during training)'}")
     if logger is not None:
         uri = redact(cfg.logger.tracking_uri)
-        print(f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"
-              f"  view with: mlflow ui --backend-store-uri {uri}")
+        print(
+            f"MLflow: run {logger.run_id} in experiment {logger.experiment_id} at {uri}\n"
+            f"  view with: mlflow ui --backend-store-uri {uri}"
+        )
     return metrics
 
 

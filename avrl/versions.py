@@ -12,8 +12,18 @@ from importlib import metadata
 from pathlib import Path
 
 # The distributions whose versions change what a run computes; those not installed (vllm, deepspeed) are left out.
-PACKAGES = ("torch", "transformers", "peft", "lightning", "deepspeed", "trl", "vllm", "accelerate", "tokenizers",
-            "numpy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "deepspeed",
+    "trl",
+    "vllm",
+    "accelerate",
+    "tokenizers",
+    "numpy",
+)
 TAG_PREFIX = "version."
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +42,9 @@ def avrl_commit() -> str:
         return "unknown"
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")

@@ -32,7 +32,7 @@ def checkpoint_name(name: str, family: Family) -> str:
     name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     for memory, checkpoint in family.checkpoint_renames:
         if name.startswith(memory):
-            return checkpoint + name[len(memory):]
+            return checkpoint + name[len(memory) :]
     raise ValueError(f"parameter {name!r} of a {family.name} model has no checkpoint name")
 
 
@@ -72,10 +72,14 @@ class VLLMRollout:
         self.family, self.algo, self.cfg = families.get(model_cfg.family), algo, rollout_cfg
         self.stop_token_ids, self.pad_token_id = stop_token_ids, pad_token_id
         self.llm = LLM(
-            model=str(model_cfg.name_or_path), dtype=model_cfg.dtype, seed=int(rollout_cfg.seed),
+            model=str(model_cfg.name_or_path),
+            dtype=model_cfg.dtype,
+            seed=int(rollout_cfg.seed),
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size, max_model_len=rollout_cfg.max_model_len,
-            enable_sleep_mode=rollout_cfg.enable_sleep_mode, enable_prefix_caching=True,
+            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            max_model_len=rollout_cfg.max_model_len,
+            enable_sleep_mode=rollout_cfg.enable_sleep_mode,
+            enable_prefix_caching=True,
             limit_mm_per_prompt={"audio": 1, "image": 1 if model_cfg.images else 0},
             distributed_executor_backend="external_launcher",  # one engine per training rank, in its process
             trust_remote_code=model_cfg.trust_remote_code,
@@ -84,8 +88,14 @@ class VLLMRollout:
     def generate(self, policy, batch: dict, media: dict, G: int, keys: list[int]):
         """G completions per prompt, grouped contiguously, right-padded, with vLLM's sampling log-probs (the
         encoder outputs in `media` are not used: vLLM encodes the audio itself)."""
-        ids, mask, logps = self._sample(batch["prompts"], [it.waveform for it in batch["items"]], batch.get("images"),
-                                        keys, G, policy.processor.sampling_rate)
+        ids, mask, logps = self._sample(
+            batch["prompts"],
+            [it.waveform for it in batch["items"]],
+            batch.get("images"),
+            keys,
+            G,
+            policy.processor.sampling_rate,
+        )
         device = batch["input_ids"].device
         ids, mask, logps = ids.to(device), mask.to(device), logps.to(device)
         return Rollout(ids, mask, policy.decode(ids, mask), ~policy.stopped(ids), logps)
@@ -100,10 +110,18 @@ class VLLMRollout:
                 media["image"] = images[i]
             for g in range(G):
                 requests.append({"prompt": prompt, "multi_modal_data": media})
-                params.append(SamplingParams(
-                    temperature=self.algo.temperature, top_p=self.algo.top_p, top_k=self.algo.top_k or -1,
-                    max_tokens=self.algo.max_completion_length,
-                    seed=keys[i * G + g], logprobs=0, stop_token_ids=self.stop_token_ids, detokenize=False))
+                params.append(
+                    SamplingParams(
+                        temperature=self.algo.temperature,
+                        top_p=self.algo.top_p,
+                        top_k=self.algo.top_k or -1,
+                        max_tokens=self.algo.max_completion_length,
+                        seed=keys[i * G + g],
+                        logprobs=0,
+                        stop_token_ids=self.stop_token_ids,
+                        detokenize=False,
+                    )
+                )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         width = self.algo.max_completion_length
         ids = torch.full((len(outputs), width), self.pad_token_id, dtype=torch.long)

@@ -60,15 +60,23 @@ def media_batch(config, family, prompts: int, audio_seconds: float, device, imag
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         batch["pixel_values"] = torch.randn(prompts * side * side, patch, device=device)
         batch["image_grid_thw"] = torch.tensor([[1, side, side]] * prompts, device=device)
-        media.insert(0, torch.tensor([config.vision_start_token_id, *[config.image_token_id] * n_image,
-                                      config.vision_end_token_id]))
+        media.insert(
+            0,
+            torch.tensor(
+                [config.vision_start_token_id, *[config.image_token_id] * n_image, config.vision_end_token_id]
+            ),
+        )
     text = torch.randint(10, min(1000, config.text_config.vocab_size // 2), (prompts, 40))  # below the special tokens
     ids = torch.cat([text[:, :20], torch.cat(media).expand(prompts, -1), text[:, 20:]], dim=1)
     feature_mask = torch.zeros(prompts, window, dtype=torch.long)
     feature_mask[:, :frames] = 1
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
-            "input_features": torch.randn(prompts, config.audio_config.num_mel_bins, window, device=device),
-            "feature_attention_mask": feature_mask.to(device), **batch}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids, device=device),
+        "input_features": torch.randn(prompts, config.audio_config.num_mel_bins, window, device=device),
+        "feature_attention_mask": feature_mask.to(device),
+        **batch,
+    }
 
 
 def build(config, family, device, dtype, checkpointing: bool):
@@ -98,8 +106,9 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def measure_step(model, config, family, batch: dict, *, G: int, length: int, steps: int, shared_prefix: bool,
-                 lora: bool) -> dict:
+def measure_step(
+    model, config, family, batch: dict, *, G: int, length: int, steps: int, shared_prefix: bool, lora: bool
+) -> dict:
     """Median seconds per phase over the steps after the first (the first warms up), and peak memory."""
     device = next(model.parameters()).device
     policy = Policy(model, FullLengthProcessor(config.text_config.vocab_size), family, shared_prefix=shared_prefix)
@@ -118,7 +127,7 @@ def measure_step(model, config, family, batch: dict, *, G: int, length: int, ste
 
         def reference():
             # With LoRA the reference is the base (adapters off); otherwise a frozen copy, here the same weights.
-            with torch.no_grad(), (model.disable_adapter() if lora else contextlib.nullcontext()):
+            with torch.no_grad(), model.disable_adapter() if lora else contextlib.nullcontext():
                 return policy.completion_logps(batch, media, ids, mask, G)[0]
 
         ref, seconds = timed(reference, device)
@@ -135,8 +144,12 @@ def measure_step(model, config, family, batch: dict, *, G: int, length: int, ste
         _, seconds = timed(update, device)
         phases["update"].append(seconds)
     median = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in phases.items()}
-    return {"seconds_by_phase": median, "step_seconds": sum(median.values()),
-            "prompt_tokens": int(batch["input_ids"].shape[1]), "peak_memory_mb": peak_memory_mb(device)}
+    return {
+        "seconds_by_phase": median,
+        "step_seconds": sum(median.values()),
+        "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -150,8 +163,12 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 
 def machine() -> dict:
     """The machine and the versions the figures were measured with."""
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     for package in ("transformers", "lightning", "trl", "deepspeed"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[package] = metadata.version(package)

@@ -37,8 +37,13 @@ from avrl.models.lora import apply_lora
 from benchmarks.audio_step import build, machine, measure_step, media_batch
 
 PAPER_GPU_HOURS = (32, 40)  # R1-AQA: 4-5 h on 8 H800 for its 1,000 steps (README of xiaomi-research/r1-aqa)
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "include_audio_encoder": False}
+LORA = {
+    "r": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "include_audio_encoder": False,
+}
 
 
 # name -> (family, the real sizes, the tiny sizes for --smoke, an image with each prompt's audio)
@@ -58,13 +63,32 @@ def run(smoke: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts, G, length, steps = (2, 8, 256, 3) if not smoke else (1, 2, 4, 1)
-    result = {"dtype": str(dtype), "device": str(device), "prompts": prompts, "G": G, "completion_tokens": length,
-              "audio_seconds": 10.0, "lora_r": LORA["r"], "gradient_checkpointing": True, "steps": steps,
-              "paper_gpu_hours": PAPER_GPU_HOURS, "full_fine_tuning": {}}
+    result = {
+        "dtype": str(dtype),
+        "device": str(device),
+        "prompts": prompts,
+        "G": G,
+        "completion_tokens": length,
+        "audio_seconds": 10.0,
+        "lora_r": LORA["r"],
+        "gradient_checkpointing": True,
+        "steps": steps,
+        "paper_gpu_hours": PAPER_GPU_HOURS,
+        "full_fine_tuning": {},
+    }
     for name, (family_name, shape, tiny, with_image) in SHAPES.items():
         image_side = IMAGE_SIDE["smoke" if smoke else "real"] if with_image else None
-        row, parameters = measure_shape(family_name, tiny if smoke else shape, image_side, device, dtype,
-                                        prompts=prompts, G=G, length=length, steps=steps)
+        row, parameters = measure_shape(
+            family_name,
+            tiny if smoke else shape,
+            image_side,
+            device,
+            dtype,
+            prompts=prompts,
+            G=G,
+            length=length,
+            steps=steps,
+        )
         result[name] = row
         result["full_fine_tuning"][name] = full_fine_tuning_plan(parameters["total"], parameters["largest_layer"])
     return result
@@ -75,26 +99,43 @@ def measure_shape(family_name: str, asset: str, image_side: int | None, device, 
     family = families.get(family_name)
     config = AutoConfig.from_pretrained(ASSETS / asset)
     model = build(config, family, device, dtype, checkpointing=True)
-    parameters = {"total": sum(p.numel() for p in model.parameters()),
-                  "largest_layer": max(p.numel() for p in model.parameters())}
+    parameters = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "largest_layer": max(p.numel() for p in model.parameters()),
+    }
     model = apply_lora(model, OmegaConf.create(LORA))
     batch = media_batch(config, family, step["prompts"], 10.0, device, image_side=image_side)
     media = "10 s of audio" + (f" and a {image_side} x {image_side} image" if image_side else "")
-    row = {"shape": f"avrl/assets/{asset}", "media_per_prompt": media, "parameters": parameters["total"],
-           "prompt_tokens": int(batch["input_ids"].shape[1])}
+    row = {
+        "shape": f"avrl/assets/{asset}",
+        "media_per_prompt": media,
+        "parameters": parameters["total"],
+        "prompt_tokens": int(batch["input_ids"].shape[1]),
+    }
     for shared in (True, False):
-        r = measure_step(model, config, family, batch, G=step["G"], length=step["length"], steps=step["steps"],
-                         shared_prefix=shared, lora=True)
+        r = measure_step(
+            model,
+            config,
+            family,
+            batch,
+            G=step["G"],
+            length=step["length"],
+            steps=step["steps"],
+            shared_prefix=shared,
+            lora=True,
+        )
         r["completion_tokens_per_second"] = step["prompts"] * step["G"] * step["length"] / r["step_seconds"]
         r["gpu_hours_per_1000_steps_on_8_gpus"] = r["step_seconds"] * 1000 * 8 / 3600
         row["shared_prefix" if shared else "repeated_prefix"] = r
         phase = r["seconds_by_phase"]
-        print(f"  {asset}, {'shared' if shared else 'repeated'} prefix: {r['step_seconds']:.2f} s/step "
-              f"(rollout {phase['rollout']:.2f}, reference {phase['reference_logps']:.2f}, update "
-              f"{phase['update']:.2f}); {r['completion_tokens_per_second']:.0f} completion tokens/s; "
-              f"~{r['gpu_hours_per_1000_steps_on_8_gpus']:.0f} GPU-hours per 1,000 steps on 8 GPUs "
-              f"(paper: {PAPER_GPU_HOURS[0]}-{PAPER_GPU_HOURS[1]}); peak {r['peak_memory_mb'] / 1024:.1f} GiB",
-              flush=True)
+        print(
+            f"  {asset}, {'shared' if shared else 'repeated'} prefix: {r['step_seconds']:.2f} s/step "
+            f"(rollout {phase['rollout']:.2f}, reference {phase['reference_logps']:.2f}, update "
+            f"{phase['update']:.2f}); {r['completion_tokens_per_second']:.0f} completion tokens/s; "
+            f"~{r['gpu_hours_per_1000_steps_on_8_gpus']:.0f} GPU-hours per 1,000 steps on 8 GPUs "
+            f"(paper: {PAPER_GPU_HOURS[0]}-{PAPER_GPU_HOURS[1]}); peak {r['peak_memory_mb'] / 1024:.1f} GiB",
+            flush=True,
+        )
     del model, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -102,13 +143,17 @@ def measure_shape(family_name: str, asset: str, image_side: int | None, device, 
 
 
 ZERO_SETUPS = {  # name -> (stage, optimizer offloaded to CPU, parameters offloaded to CPU)
-    "zero2": (2, False, False), "zero2_offload_optimizer": (2, True, False), "zero3": (3, False, False),
-    "zero3_offload_optimizer": (3, True, False), "zero3_offload_all": (3, True, True),
+    "zero2": (2, False, False),
+    "zero2_offload_optimizer": (2, True, False),
+    "zero3": (3, False, False),
+    "zero3_offload_optimizer": (3, True, False),
+    "zero3_offload_all": (3, True, True),
 }
 
 
-def full_fine_tuning_plan(parameters: int, largest_layer: int, gpu_bytes: int | None = None,
-                          host_bytes: int | None = None) -> dict:
+def full_fine_tuning_plan(
+    parameters: int, largest_layer: int, gpu_bytes: int | None = None, host_bytes: int | None = None
+) -> dict:
     """Full fine-tuning's model states (weights, gradients, Adam moments, fp32 masters) by ZeRO setup, from
     DeepSpeed's own estimators (default buffer factor 1.5), per GPU and per node's host memory, on 1 GPU and on
     8 GPUs per node; and whether each setup fits this machine's one GPU and host memory (activations not counted:
@@ -123,8 +168,12 @@ def full_fine_tuning_plan(parameters: int, largest_layer: int, gpu_bytes: int | 
     if host_bytes is None:
         host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gib = 2**30
-    plan = {"parameters": parameters, "gpu_gib": gpu_bytes / gib if gpu_bytes else None, "host_gib": host_bytes / gib,
-            "setups": {}}
+    plan = {
+        "parameters": parameters,
+        "gpu_gib": gpu_bytes / gib if gpu_bytes else None,
+        "host_gib": host_bytes / gib,
+        "setups": {},
+    }
     for name, (stage, offload_optimizer, offload_parameters) in ZERO_SETUPS.items():
         row = {}
         for gpus in (1, 8):
@@ -132,24 +181,36 @@ def full_fine_tuning_plan(parameters: int, largest_layer: int, gpu_bytes: int | 
                 host, gpu = estimate_zero2_model_states_mem_needs(parameters, gpus, 1, cpu_offload=offload_optimizer)
             else:
                 host, gpu, _ = estimate_zero3_model_states_mem_needs(
-                    parameters, largest_layer, gpus, 1, cpu_offload=offload_optimizer,
-                    cpu_offload_params=offload_parameters)
+                    parameters,
+                    largest_layer,
+                    gpus,
+                    1,
+                    cpu_offload=offload_optimizer,
+                    cpu_offload_params=offload_parameters,
+                )
             row[f"{gpus}_gpu"] = {"gpu_gib": gpu / gib, "host_gib_per_node": host / gib}
         one = row["1_gpu"]
-        row["fits_this_machine"] = bool(gpu_bytes) and one["gpu_gib"] * gib <= gpu_bytes and \
-            one["host_gib_per_node"] * gib <= host_bytes
+        row["fits_this_machine"] = (
+            bool(gpu_bytes) and one["gpu_gib"] * gib <= gpu_bytes and one["host_gib_per_node"] * gib <= host_bytes
+        )
         plan["setups"][name] = row
     fits = [name for name, row in plan["setups"].items() if row["fits_this_machine"]]
-    plan["verdict"] = ("no GPU on this machine" if not gpu_bytes else
-                       f"fits one GPU of this machine with {', '.join(fits)}" if fits else
-                       f"fits no ZeRO setup of this machine's one GPU ({plan['gpu_gib']:.0f} GiB) and "
-                       f"{plan['host_gib']:.0f} GiB of host memory")
+    plan["verdict"] = (
+        "no GPU on this machine"
+        if not gpu_bytes
+        else f"fits one GPU of this machine with {', '.join(fits)}"
+        if fits
+        else f"fits no ZeRO setup of this machine's one GPU ({plan['gpu_gib']:.0f} GiB) and "
+        f"{plan['host_gib']:.0f} GiB of host memory"
+    )
     print(f"  full fine-tuning, {parameters / 1e9:.2f}B parameters: {plan['verdict']}", flush=True)
     for name, row in plan["setups"].items():
         one, eight = row["1_gpu"], row["8_gpu"]
-        print(f"    {name:<24} 1 GPU: {one['gpu_gib']:6.1f} GiB GPU + {one['host_gib_per_node']:6.1f} GiB host;  "
-              f"8 GPUs: {eight['gpu_gib']:6.1f} GiB per GPU + {eight['host_gib_per_node']:6.1f} GiB host per node",
-              flush=True)
+        print(
+            f"    {name:<24} 1 GPU: {one['gpu_gib']:6.1f} GiB GPU + {one['host_gib_per_node']:6.1f} GiB host;  "
+            f"8 GPUs: {eight['gpu_gib']:6.1f} GiB per GPU + {eight['host_gib_per_node']:6.1f} GiB host per node",
+            flush=True,
+        )
     return plan
 
 
@@ -157,15 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the same code on the tiny models' sizes (CI, CPU)")
-    parser.add_argument("--out", help="where the figures are written (JSON); default benchmarks/gpu.json, and "
-                                      "nowhere with --smoke")
+    parser.add_argument(
+        "--out", help="where the figures are written (JSON); default benchmarks/gpu.json, and nowhere with --smoke"
+    )
     args = parser.parse_args(argv)
     out = args.out or (None if args.smoke else str(Path(__file__).with_suffix(".json")))
     for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
         warnings.filterwarnings("ignore", message=pattern)
     torch.set_num_threads(os.cpu_count() or 1)
-    report = {"machine": machine(), "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "command": " ".join(["python -m benchmarks.gpu", *argv]), **run(args.smoke)}
+    report = {
+        "machine": machine(),
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python -m benchmarks.gpu", *argv]),
+        **run(args.smoke),
+    }
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"written to {out}")

@@ -58,16 +58,21 @@ def machine_text(machine: dict | str, note: str | None = None) -> str:
         parts = [machine["gpu"]] if machine.get("gpu") else []
         parts.append(f"{cpus} CPUs" + (f" ({machine['processor']})" if machine.get("processor") else ""))
         parts += [f"torch {machine['torch']}", f"Python {machine['python']}"]
-        parts += [f"{package} {machine[package]}" for package in ("transformers", "lightning", "trl", "deepspeed")
-                  if machine.get(package)]
+        parts += [
+            f"{package} {machine[package]}"
+            for package in ("transformers", "lightning", "trl", "deepspeed")
+            if machine.get(package)
+        ]
         text = ", ".join(parts)
     return f"{text}; {note}" if note else text
 
 
 def phases(result: dict) -> str:
     by_phase = result["seconds_by_phase"]
-    return (f"rollout {by_phase['rollout']:.2f}, reference log-probs {by_phase['reference_logps']:.2f}, "
-            f"update {by_phase['update']:.2f}")
+    return (
+        f"rollout {by_phase['rollout']:.2f}, reference log-probs {by_phase['reference_logps']:.2f}, "
+        f"update {by_phase['update']:.2f}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -82,7 +87,8 @@ def speed_rows(report: dict) -> list[Row]:
 
     for name, shape in report.get("trl", {}).items():
         settings, avrl, repeated, trl = shape["settings"], shape["avrl"], shape["avrl_repeated_prefix"], shape["trl"]
-        row(f"avrl / TRL, {name.replace('_', ' ')}",
+        row(
+            f"avrl / TRL, {name.replace('_', ' ')}",
             f"time **{shape['time_ratio_avrl_over_trl']:.2f}**, memory **{shape['memory_ratio_avrl_over_trl']:.2f}** "
             f"({settings['prompts']} prompts x G {settings['G']}, {avrl['prompt_tokens']}-token prompts, "
             f"{settings['length']}-token completions, beta {settings['beta']}, loss {settings['loss_type']}); "
@@ -91,31 +97,41 @@ def speed_rows(report: dict) -> list[Row]:
             f"{repeated['median_step_seconds']:.2f} s, {megabytes(repeated['peak_memory_mb'])} (time "
             f"{shape['time_ratio_avrl_repeated_prefix_over_trl']:.2f}, memory "
             f"{shape['memory_ratio_avrl_repeated_prefix_over_trl']:.2f} of TRL's); TRL's GRPOTrainer "
-            f"{trl['median_step_seconds']:.2f} s, {megabytes(trl['peak_memory_mb'])}")
+            f"{trl['median_step_seconds']:.2f} s, {megabytes(trl['peak_memory_mb'])}",
+        )
     for prefix in report.get("prefix", {}).get("rows", []):
         shared, repeated = prefix["shared_prefix"], prefix["repeated_prefix"]
-        row(f"shared / repeated prefix, Qwen2-Audio on {prefix['audio_seconds']} s of audio, G {prefix['G']}",
+        row(
+            f"shared / repeated prefix, Qwen2-Audio on {prefix['audio_seconds']} s of audio, G {prefix['G']}",
             f"time **{prefix['time_ratio_shared_over_repeated']:.2f}**, memory "
             f"**{prefix['memory_ratio_shared_over_repeated']:.2f}** ({prefix['prompt_tokens']} prompt tokens, "
             f"{prefix['completion_tokens']}-token completions); shared {shared['step_seconds']:.2f} s a step "
             f"({phases(shared)}), {megabytes(shared['peak_memory_mb'])}; repeated {repeated['step_seconds']:.2f} s "
-            f"({phases(repeated)}), {megabytes(repeated['peak_memory_mb'])}")
+            f"({phases(repeated)}), {megabytes(repeated['peak_memory_mb'])}",
+        )
     scaling = report.get("scaling", {})
     for tokens in dict.fromkeys(r["prompt_tokens"] for r in scaling.get("rows", [])):
         grid = [r for r in scaling["rows"] if r["prompt_tokens"] == tokens]
         largest = grid[-1]
-        row(f"step time by G, text-only Qwen2, {tokens}-token prompt",
-            "seconds per step, shared / repeated prefix: " + ", ".join(
+        row(
+            f"step time by G, text-only Qwen2, {tokens}-token prompt",
+            "seconds per step, shared / repeated prefix: "
+            + ", ".join(
                 f"G {r['G']} {r['shared']['median_step_seconds']:.2f} / {r['repeated']['median_step_seconds']:.2f}"
-                for r in grid) + f"; peak memory at G {largest['G']} "
+                for r in grid
+            )
+            + f"; peak memory at G {largest['G']} "
             f"{megabytes(largest['shared']['peak_memory_mb'])} / {megabytes(largest['repeated']['peak_memory_mb'])}"
-            f" ({scaling['prompts']} prompt, {scaling['completion_tokens']}-token completions)")
+            f" ({scaling['prompts']} prompt, {scaling['completion_tokens']}-token completions)",
+        )
     for audio in report.get("audio", {}).get("rows", []):
         once, copies = audio["once_per_prompt"], audio["repeated_G_times"]
-        row(f"the audio encoder once per prompt / on G copies, {audio['audio_seconds']} s clip, G {audio['G']}",
+        row(
+            f"the audio encoder once per prompt / on G copies, {audio['audio_seconds']} s clip, G {audio['G']}",
             f"forward+backward {once['seconds']:.2f} s, {megabytes(once['peak_memory_mb'])} against "
             f"{copies['seconds']:.2f} s, {megabytes(copies['peak_memory_mb'])}: "
-            f"**{copies['seconds'] / once['seconds']:.1f}x** faster")
+            f"**{copies['seconds'] / once['seconds']:.1f}x** faster",
+        )
     return rows
 
 
@@ -123,8 +139,10 @@ def gpu_rows(report: dict) -> list[Row]:
     """benchmarks/gpu.json: each 7B shape's LoRA GRPO step by phase, both prefix paths, and the memory plan of full
     fine-tuning."""
     date, machine, command = report["date"][:10], machine_text(report["machine"]), report["command"]
-    setup = (f"{report['prompts']} prompts x G {report['G']}, {report['completion_tokens']} completion tokens, "
-             f"{report['dtype'].removeprefix('torch.')}, LoRA r {report['lora_r']}, gradient checkpointing")
+    setup = (
+        f"{report['prompts']} prompts x G {report['G']}, {report['completion_tokens']} completion tokens, "
+        f"{report['dtype'].removeprefix('torch.')}, LoRA r {report['lora_r']}, gradient checkpointing"
+    )
     low, high = report["paper_gpu_hours"]
     rows = []
     for name, shape in report.items():
@@ -132,17 +150,31 @@ def gpu_rows(report: dict) -> list[Row]:
             continue
         for path in ("shared_prefix", "repeated_prefix"):
             r = shape[path]
-            rows.append(Row(
-                date, machine, f"{name}, {path.replace('_', ' ')}",
-                f"**{r['step_seconds']:.2f} s** a step ({phases(r)}), peak {r['peak_memory_mb'] / 1024:.1f} GiB, "
-                f"{r['completion_tokens_per_second']:,.0f} completion tokens/s, "
-                f"~{r['gpu_hours_per_1000_steps_on_8_gpus']:,.0f} GPU-hours per 1,000 steps on 8 GPUs (R1-AQA: "
-                f"{low}-{high}); {shape['parameters'] / 1e9:.2f}B parameters, {shape['media_per_prompt']} per "
-                f"prompt ({shape['prompt_tokens']} prompt tokens), {setup}", command))
+            rows.append(
+                Row(
+                    date,
+                    machine,
+                    f"{name}, {path.replace('_', ' ')}",
+                    f"**{r['step_seconds']:.2f} s** a step ({phases(r)}), peak {r['peak_memory_mb'] / 1024:.1f} GiB, "
+                    f"{r['completion_tokens_per_second']:,.0f} completion tokens/s, "
+                    f"~{r['gpu_hours_per_1000_steps_on_8_gpus']:,.0f} GPU-hours per 1,000 steps on 8 GPUs (R1-AQA: "
+                    f"{low}-{high}); {shape['parameters'] / 1e9:.2f}B parameters, {shape['media_per_prompt']} per "
+                    f"prompt ({shape['prompt_tokens']} prompt tokens), {setup}",
+                    command,
+                )
+            )
     for name, plan in report.get("full_fine_tuning", {}).items():
-        rows.append(Row(date, machine, f"{name}, full fine-tuning's memory (DeepSpeed's estimators)",
-                        f"{plan['parameters'] / 1e9:.2f}B parameters: {plan['verdict']}" if "verdict" in plan
-                        else plan.get("error", ""), command))
+        rows.append(
+            Row(
+                date,
+                machine,
+                f"{name}, full fine-tuning's memory (DeepSpeed's estimators)",
+                f"{plan['parameters'] / 1e9:.2f}B parameters: {plan['verdict']}"
+                if "verdict" in plan
+                else plan.get("error", ""),
+                command,
+            )
+        )
     return rows
 
 
@@ -152,50 +184,89 @@ def reliability_rows(report: dict) -> list[Row]:
     machine = machine_text(report["machine"], report.get("note"))
     rows = []
     for name, r in report["checkpoint"].items():
-        rows.append(Row(
-            date, machine, f"one checkpoint save, {name} ({r['megabytes']} MB of weights and AdamW moments)",
-            f"**{r['avrl_safe_ms']:.1f} ms** written safely (beside the target, fsynced, renamed, the previous kept) "
-            f"against {r['lightning_ms']:.1f} ms as Lightning writes it: {r['extra_per_step_ms_at_every_50']:+.2f} ms "
-            f"a step at checkpoint_every_n_steps=50", command))
+        rows.append(
+            Row(
+                date,
+                machine,
+                f"one checkpoint save, {name} ({r['megabytes']} MB of weights and AdamW moments)",
+                f"**{r['avrl_safe_ms']:.1f} ms** written safely (beside the target, fsynced, renamed, the previous "
+                f"kept) against {r['lightning_ms']:.1f} ms as Lightning writes it: "
+                f"{r['extra_per_step_ms_at_every_50']:+.2f} ms a step at checkpoint_every_n_steps=50",
+                command,
+            )
+        )
     log = report["logging"]
-    rows.append(Row(
-        date, machine, "log_metrics of 20 metrics into a SQLite MLflow store",
-        f"**{log['spooling_client_up_ms']:.1f} ms** through avrl's spooling client against "
-        f"{log['mlflow_client_ms']:.1f} ms through MLflow's; {log['spooled_to_disk_ms']:.1f} ms spooled to disk while "
-        f"the server is away", command))
+    rows.append(
+        Row(
+            date,
+            machine,
+            "log_metrics of 20 metrics into a SQLite MLflow store",
+            f"**{log['spooling_client_up_ms']:.1f} ms** through avrl's spooling client against "
+            f"{log['mlflow_client_ms']:.1f} ms through MLflow's; {log['spooled_to_disk_ms']:.1f} ms spooled to disk "
+            f"while the server is away",
+            command,
+        )
+    )
     return rows
 
 
 def suite_under_load_rows(report: dict) -> list[Row]:
     """benchmarks/suite_under_load.json (`python -m tests.support.load --out ...`): the suite under CPU load."""
     runs = report["runs"]
-    outcome = "exit 0 in each" if all(r["exit_code"] == 0 for r in runs) else \
-        "exit codes " + ", ".join(str(r["exit_code"]) for r in runs)
-    command = (f"python -m tests.support.load --runs {len(runs)} --workers {report['workers']} "
-               f"--out benchmarks/suite_under_load.json -- {' '.join(report['command'])}")
-    return [Row(report["date"][:10], machine_text(report["machine"], f"commit {report['commit']}"),
-                f"the whole suite {len(runs)} times in a row under {report['workers']} busy processes",
-                f"{outcome} ({report['result']}): " + ", ".join(duration(r["seconds"]) for r in runs), command)]
+    outcome = (
+        "exit 0 in each"
+        if all(r["exit_code"] == 0 for r in runs)
+        else "exit codes " + ", ".join(str(r["exit_code"]) for r in runs)
+    )
+    command = (
+        f"python -m tests.support.load --runs {len(runs)} --workers {report['workers']} "
+        f"--out benchmarks/suite_under_load.json -- {' '.join(report['command'])}"
+    )
+    return [
+        Row(
+            report["date"][:10],
+            machine_text(report["machine"], f"commit {report['commit']}"),
+            f"the whole suite {len(runs)} times in a row under {report['workers']} busy processes",
+            f"{outcome} ({report['result']}): " + ", ".join(duration(r["seconds"]) for r in runs),
+            command,
+        )
+    ]
 
 
 # (key, title, what it is, the result file and its rows; manual.json's rows name their section by its key)
 SECTIONS = (
-    ("speed", "The GRPO step's speed and memory (CPU)",
-     "`python -m benchmarks.speed` (benchmarks/speed.py; the models and settings of each job: "
-     "[benchmarks.md](benchmarks.md)). Ratios below 1 favour avrl, or the shared prefix; peak memory is the "
-     "process's peak RSS on CPU, CUDA's max allocated on a GPU.",
-     "speed.json", speed_rows),
-    ("gpu", "The 7B models' GRPO step (GPU)",
-     "`python -m benchmarks.gpu`; on an offline GPU machine `bash benchmarks/gpu_checks.sh run bench` "
-     "([gpu.md](gpu.md)).",
-     "gpu.json", gpu_rows),
-    ("reliability", "What crash safety costs",
-     "`python benchmarks/reliability.py` ([reliability.md](reliability.md)).",
-     "reliability.json", reliability_rows),
-    ("tests", "The test suite",
-     "Durations of the suite and its tiers, and runs under an artificial CPU load, one busy process per core "
-     "([testing.md](testing.md)): no test's outcome depends on the machine's speed.",
-     "suite_under_load.json", suite_under_load_rows),
+    (
+        "speed",
+        "The GRPO step's speed and memory (CPU)",
+        "`python -m benchmarks.speed` (benchmarks/speed.py; the models and settings of each job: "
+        "[benchmarks.md](benchmarks.md)). Ratios below 1 favour avrl, or the shared prefix; peak memory is the "
+        "process's peak RSS on CPU, CUDA's max allocated on a GPU.",
+        "speed.json",
+        speed_rows,
+    ),
+    (
+        "gpu",
+        "The 7B models' GRPO step (GPU)",
+        "`python -m benchmarks.gpu`; on an offline GPU machine `bash benchmarks/gpu_checks.sh run bench` "
+        "([gpu.md](gpu.md)).",
+        "gpu.json",
+        gpu_rows,
+    ),
+    (
+        "reliability",
+        "What crash safety costs",
+        "`python benchmarks/reliability.py` ([reliability.md](reliability.md)).",
+        "reliability.json",
+        reliability_rows,
+    ),
+    (
+        "tests",
+        "The test suite",
+        "Durations of the suite and its tiers, and runs under an artificial CPU load, one busy process per core "
+        "([testing.md](testing.md)): no test's outcome depends on the machine's speed.",
+        "suite_under_load.json",
+        suite_under_load_rows,
+    ),
     ("runs", "Runs", "`python run.py` and its presets, timed by hand.", None, None),
     ("sweeps", "Sweeps and searches", "On the embedded default ([sweeps.md](sweeps.md)).", None, None),
 )
@@ -208,8 +279,9 @@ def manual_rows(folder: Path) -> dict[str, list[Row]]:
         missing = [k for k in ("section", "date", "machine", "what", "figure", "command") if not entry.get(k)]
         if missing or entry["section"] not in by_section:
             raise SystemExit(f"manual.json: row {entry} lacks {missing} or names no section of {list(by_section)}")
-        by_section[entry["section"]].append(Row(entry["date"], entry["machine"], entry["what"], entry["figure"],
-                                                entry["command"]))
+        by_section[entry["section"]].append(
+            Row(entry["date"], entry["machine"], entry["what"], entry["figure"], entry["command"])
+        )
     return by_section
 
 
@@ -220,13 +292,16 @@ def cell(text: str) -> str:
 def render(folder: Path = HERE) -> str:
     """The page, from the result files in `folder`."""
     manual = manual_rows(folder)
-    lines = ["# Measured figures", "",
-             "<!-- Generated by `python benchmarks/measurements.py` from benchmarks/*.json: edit those, not this. -->",
-             "",
-             "Each row: the date, the machine, what was measured, and the command that measured it. The benchmarks "
-             "write their results as JSON in `benchmarks/`; `benchmarks/manual.json` holds the figures no script "
-             "writes. Rerun a benchmark (or add a measurement to manual.json), then `python "
-             "benchmarks/measurements.py` rewrites this page."]
+    lines = [
+        "# Measured figures",
+        "",
+        "<!-- Generated by `python benchmarks/measurements.py` from benchmarks/*.json: edit those, not this. -->",
+        "",
+        "Each row: the date, the machine, what was measured, and the command that measured it. The benchmarks "
+        "write their results as JSON in `benchmarks/`; `benchmarks/manual.json` holds the figures no script "
+        "writes. Rerun a benchmark (or add a measurement to manual.json), then `python "
+        "benchmarks/measurements.py` rewrites this page.",
+    ]
     for key, title, about, source, rows_of in SECTIONS:
         report = load(folder, source) if source else None
         rows = (rows_of(report) if report else []) + manual[key]
@@ -235,8 +310,11 @@ def render(folder: Path = HERE) -> str:
             lines += [f"No figures yet: no run has written `benchmarks/{source}`."]
         if rows:
             lines += ["| date | machine | figure | command |", "|---|---|---|---|"]
-            lines += [f"| {row.date} | {cell(row.machine)} | **{cell(row.what)}**: {cell(row.figure)} | "
-                      f"`{cell(row.command)}` |" for row in rows]
+            lines += [
+                f"| {row.date} | {cell(row.machine)} | **{cell(row.what)}**: {cell(row.figure)} | "
+                f"`{cell(row.command)}` |"
+                for row in rows
+            ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

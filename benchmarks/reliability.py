@@ -38,8 +38,11 @@ def median_ms(fn, repeats: int = REPEATS) -> float:
 
 def training_state(parameters: int) -> dict:
     moments = {"exp_avg": torch.randn(parameters), "exp_avg_sq": torch.rand(parameters)}
-    return {"state_dict": {"w": torch.randn(parameters)}, "global_step": 1,
-            "optimizer_states": [{"state": {0: moments}}]}
+    return {
+        "state_dict": {"w": torch.randn(parameters)},
+        "global_step": 1,
+        "optimizer_states": [{"state": {0: moments}}],
+    }
 
 
 def bench_checkpoint(folder: Path) -> dict:
@@ -88,10 +91,12 @@ def bench_logging(folder: Path) -> dict:
     away._mlflow_client = ServerAway(away._mlflow_client)  # (Lightning's attribute, as spool.attach uses it)
     spool.attach(away, folder / "away", uri)
     steps = iter(range(10**6))
-    row = {"mlflow_client_ms": median_ms(lambda: direct.log_metrics(metrics, step=next(steps))),
-           "spooling_client_up_ms": median_ms(lambda: spooled.log_metrics(metrics, step=next(steps))),
-           # the first write finds the server away; the next ones go to the spool without asking it (for 30 s)
-           "spooled_to_disk_ms": median_ms(lambda: away.log_metrics(metrics, step=next(steps)))}
+    row = {
+        "mlflow_client_ms": median_ms(lambda: direct.log_metrics(metrics, step=next(steps))),
+        "spooling_client_up_ms": median_ms(lambda: spooled.log_metrics(metrics, step=next(steps))),
+        # the first write finds the server away; the next ones go to the spool without asking it (for 30 s)
+        "spooled_to_disk_ms": median_ms(lambda: away.log_metrics(metrics, step=next(steps))),
+    }
     return {key: round(value, 2) for key, value in row.items()}
 
 
@@ -100,12 +105,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                              "cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
-                  "date": time.strftime("%Y-%m-%d"),
-                  "command": " ".join(["python benchmarks/reliability.py", *sys.argv[1:]]),
-                  "checkpoint": bench_checkpoint(Path(tmp)),
-                  "logging": bench_logging(Path(tmp))}
+        report = {
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "cpus": torch.get_num_threads(),
+                "processor": platform.processor() or platform.machine(),
+            },
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(["python benchmarks/reliability.py", *sys.argv[1:]]),
+            "checkpoint": bench_checkpoint(Path(tmp)),
+            "logging": bench_logging(Path(tmp)),
+        }
     print(json.dumps(report, indent=2))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -56,9 +56,12 @@ def test_eval_with_muted_audio_feeds_silence(tmp_path, monkeypatch):
         dm = AudioQADataModule(cfg.data, processor, prompt_spec(cfg), splits=("test",), audio=audio)
         dm.setup()
         batches[audio] = next(iter(dm.test_dataloader()))
-    silence = processor.feature_extractor([np.zeros(int(1.5 * SAMPLE_RATE), np.float32)] * 4,
-                                          sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                                          return_attention_mask=True)
+    silence = processor.feature_extractor(
+        [np.zeros(int(1.5 * SAMPLE_RATE), np.float32)] * 4,
+        sampling_rate=SAMPLE_RATE,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
     assert np.allclose(batches["muted"]["input_features"].numpy(), silence["input_features"].numpy())
     assert not np.allclose(batches["real"]["input_features"].numpy(), silence["input_features"].numpy())
     assert batches["muted"]["input_ids"].equal(batches["real"]["input_ids"])  # same prompt, same audio tokens
@@ -91,15 +94,30 @@ def test_training_ends_with_the_final_models_validation_and_controls(cfg_factory
     and OOD evaluations follow, with audio reliance = val - muted, and final_eval.json holds every item."""
     from avrl.train import train
 
-    cfg = cfg_factory("trainer.max_steps=3", "trainer.val_check_interval=2", "data.val_size=6", "data.batch_size=2",
-                      "algorithm.num_generations=2", "algorithm.max_completion_length=10",
-                      "trainer.enable_progress_bar=false", "final_eval.audio=[muted,shuffled]")
+    cfg = cfg_factory(
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=2",
+        "data.val_size=6",
+        "data.batch_size=2",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=10",
+        "trainer.enable_progress_bar=false",
+        "final_eval.audio=[muted,shuffled]",
+    )
     metrics = train(cfg)
     client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy"))
     assert steps == [0, 2, 3]
-    final = {k: run.data.metrics[k] for k in ("val/accuracy", "val_muted/accuracy", "val_shuffled/accuracy",
-                                              "val_ood/accuracy", "val/audio_reliance")}
+    final = {
+        k: run.data.metrics[k]
+        for k in (
+            "val/accuracy",
+            "val_muted/accuracy",
+            "val_shuffled/accuracy",
+            "val_ood/accuracy",
+            "val/audio_reliance",
+        )
+    }
     assert final["val/audio_reliance"] == pytest.approx(final["val/accuracy"] - final["val_muted/accuracy"])
     assert metrics["val/accuracy"] == final["val/accuracy"] and metrics["val_ood/accuracy"] == final["val_ood/accuracy"]
     per_item = json.loads((Path(cfg.output_dir) / "final_eval.json").read_text())
@@ -173,8 +191,9 @@ def test_the_tiny_base_answers_every_shipped_format_at_chance(prompt):
     policy = Policy(load_model(cfg.model).eval(), processor, families.get(cfg.model.family), shared_prefix=False)
     settings = dict(max_new_tokens=cfg.algorithm.max_completion_length, temperature=1.0, top_p=1.0, top_k=0)
     with torch.no_grad():
-        results = score_batch(policy, next(iter(dm.val_dataloader())), spec, settings,
-                              format_reward=reward_functions(cfg)[0]["format"])
+        results = score_batch(
+            policy, next(iter(dm.val_dataloader())), spec, settings, format_reward=reward_functions(cfg)[0]["format"]
+        )
     metrics = accuracy_metrics(results, "val")
     assert metrics["val/format"] == 1.0
     assert 0.2 <= metrics["val/accuracy"] <= 0.8
@@ -198,8 +217,7 @@ def test_a_prompt_mix_shows_each_training_item_in_one_format_and_sft_follows_it(
     assert set(names) == {"no_think", "think"}
     for text, name in zip(batch["prompts"], names, strict=True):
         assert ("Output the thinking process" in text) == (name == "think")
-    module = SFTModule(model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor,
-                       prompt=spec)
+    module = SFTModule(model_cfg=cfg.model, algorithm=cfg.algorithm, optim=cfg.optim, processor=processor, prompt=spec)
     ids, mask = module.targets(batch["items"], batch["prompt_specs"])
     for row, (item, s) in enumerate(zip(batch["items"], batch["prompt_specs"], strict=True)):
         text = processor.tokenizer.decode(ids[row][mask[row].bool()][:-1])

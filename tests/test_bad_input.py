@@ -25,8 +25,16 @@ BOM = b"\xef\xbb\xbf"
 
 
 def mmau_record(i, **extra):
-    return {"id": f"m{i}", "audio_id": f"audio/m{i}.wav", "question": "Who speaks?", "choices": ["Man", "Woman"],
-            "answer": "Man", "task": "speech", "difficulty": "easy", **extra}
+    return {
+        "id": f"m{i}",
+        "audio_id": f"audio/m{i}.wav",
+        "question": "Who speaks?",
+        "choices": ["Man", "Woman"],
+        "answer": "Man",
+        "task": "speech",
+        "difficulty": "easy",
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------------- text encodings
@@ -59,8 +67,11 @@ def test_bytes_that_are_not_utf8_name_the_file_line_and_column_of_a_jsonl_and_ca
     write_wav(tmp_path / "audio/1.wav")
     latin1 = json.dumps(avqa_record(2, question_text="Which caf\u00e9 is heard?"), ensure_ascii=False)
     path = tmp_path / "train.jsonl"
-    path.write_bytes(b"\n".join([json.dumps(avqa_record(1)).encode(), latin1.encode("latin-1"),
-                                 json.dumps(avqa_record(3)).encode(), b""]))
+    path.write_bytes(
+        b"\n".join(
+            [json.dumps(avqa_record(1)).encode(), latin1.encode("latin-1"), json.dumps(avqa_record(3)).encode(), b""]
+        )
+    )
     column = latin1.index("\u00e9") + 1
     expected = f"{path}:2: not UTF-8 text: byte 0xe9 at column {column} "
     with pytest.raises(DataError) as error:
@@ -72,8 +83,9 @@ def test_bytes_that_are_not_utf8_name_the_file_line_and_column_of_a_jsonl_and_ca
 
 
 def test_bytes_that_are_not_utf8_in_a_json_list_stop_the_file_naming_the_line(tmp_path):
-    text = json.dumps([mmau_record(0), mmau_record(1, question="Wer spricht, Mann oder Fr\u00f6sch?")], indent=2,
-                      ensure_ascii=False)
+    text = json.dumps(
+        [mmau_record(0), mmau_record(1, question="Wer spricht, Mann oder Fr\u00f6sch?")], indent=2, ensure_ascii=False
+    )
     line = text[: text.index("\u00f6")].count("\n") + 1
     assert line > 10  # the line of the byte, not of the item or the file's start
     (tmp_path / "mmau.json").write_bytes(text.encode("cp1252"))
@@ -102,9 +114,14 @@ def bad_clips(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", ["not_audio.wav", "header_only.wav", "silent.wav", "cut.wav", "missing.wav"])
 def test_audio_headers_are_checked_when_the_data_is_read(tmp_path, name):
     message = bad_clips(tmp_path / "audio")[name]
-    path = write_jsonl(tmp_path / "train.jsonl", [avqa_record(1, audio="audio/good.wav"),
-                                                  avqa_record(2, audio=f"audio/{name}"),
-                                                  avqa_record(3, audio="audio/good.wav")])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            avqa_record(1, audio="audio/good.wav"),
+            avqa_record(2, audio=f"audio/{name}"),
+            avqa_record(3, audio="audio/good.wav"),
+        ],
+    )
     with pytest.raises(DataError) as error:
         read_avqa(path)
     assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
@@ -173,8 +190,12 @@ def test_what_a_header_does_not_settle_is_left_to_loading(tmp_path):
 # ------------------------------------------------------------------------------------------------ skip counts
 def skipping_data(tmp_path) -> Path:
     bad_clips(tmp_path / "audio")
-    records = [avqa_record(1, audio="audio/good.wav"), avqa_record(2, audio="audio/cut.wav"), "{not json",
-               avqa_record(4, audio="audio/good.wav")]
+    records = [
+        avqa_record(1, audio="audio/good.wav"),
+        avqa_record(2, audio="audio/cut.wav"),
+        "{not json",
+        avqa_record(4, audio="audio/good.wav"),
+    ]
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
@@ -236,9 +257,15 @@ def _rank(rank: int, init_file: str, tmp: str) -> None:
             trainer.global_step = step
             callback.on_train_batch_end(trainer, module, None, batch, step - 1)
         callback.on_validation_batch_end(trainer, module, None, skipped("V"), 0)
-        (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({
-            "held": [r["source"] for r in callback.datamodule.skipped], "logged": logger.metrics if logger else None,
-            "state": callback.state_dict()}))
+        (Path(tmp) / f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "held": [r["source"] for r in callback.datamodule.skipped],
+                    "logged": logger.metrics if logger else None,
+                    "state": callback.state_dict(),
+                }
+            )
+        )
     finally:
         dist.destroy_process_group()
 
@@ -289,7 +316,7 @@ def rank_batches(epoch: int) -> list[list[list[int]]]:
         sampler = EpochSampler(8, 2, SEED, rank, 2)
         sampler.set_epoch(epoch)
         order = list(sampler)
-        batches.append([order[i: i + 2] for i in range(0, len(order), 2)])
+        batches.append([order[i : i + 2] for i in range(0, len(order), 2)])
     return batches
 
 
@@ -315,11 +342,25 @@ def test_a_two_process_ddp_run_counts_each_ranks_skips_once_and_keeps_them_acros
     train, val, bad_lines = ddp_skipping_data(tmp_path)
     assert len(bad_lines) == 4
     assert compose().seed == SEED
-    run = [f"hydra.run.dir={tmp_path / 'run'}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-           "trainer.precision=32-true", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-           "checkpoint_every_n_steps=2", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
-           "data=avqa", f"data.train_path={train}", f"data.val_path={val}", "data.batch_size=2",
-           "data.on_error=skip", "data.check_audio=false", "save_final_model=false"]
+    run = [
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "checkpoint_every_n_steps=2",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=8",
+        "data=avqa",
+        f"data.train_path={train}",
+        f"data.val_path={val}",
+        "data.batch_size=2",
+        "data.on_error=skip",
+        "data.check_audio=false",
+        "save_final_model=false",
+    ]
     run_cli(*run, "trainer.max_steps=2", tmp_path=tmp_path)
 
     def listed():

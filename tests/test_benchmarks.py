@@ -26,7 +26,8 @@ def test_the_speed_benchmark_smoke_writes_its_figures(tmp_path):
         for framework in ("avrl", "avrl_repeated_prefix", "trl"):
             assert row[framework]["median_step_seconds"] > 0 and row[framework]["peak_memory_mb"] > 0
         assert row["time_ratio_avrl_over_trl"] == pytest.approx(
-            row["avrl"]["median_step_seconds"] / row["trl"]["median_step_seconds"])
+            row["avrl"]["median_step_seconds"] / row["trl"]["median_step_seconds"]
+        )
     long_prompt = report["trl"]["audio_length_prompts"]["avrl"]["prompt_tokens"]
     assert long_prompt > report["trl"]["short_prompts"]["avrl"]["prompt_tokens"]
     assert {"once_per_prompt", "repeated_G_times"} <= set(report["audio"]["rows"][0])
@@ -53,7 +54,7 @@ def test_the_benchmarks_omni_prompt_holds_an_image_block_then_an_audio_block():
     n_audio = int(family.audio_token_count(torch.tensor(1000)))
     image = [config.vision_start_token_id, *[config.image_token_id] * 4, config.vision_end_token_id]
     audio = [config.audio_start_token_id, *[config.audio_token_id] * n_audio, config.audio_end_token_id]
-    assert ids[20:20 + len(image) + len(audio)] == image + audio and len(ids) == 40 + len(image) + len(audio)
+    assert ids[20 : 20 + len(image) + len(audio)] == image + audio and len(ids) == 40 + len(image) + len(audio)
     assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 14 * 14)
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
     assert batch["feature_attention_mask"].sum(1).tolist() == [1000, 1000]
@@ -92,7 +93,12 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
             assert gpu["step_seconds"] == pytest.approx(sum(gpu["seconds_by_phase"].values()))
             assert gpu["gpu_hours_per_1000_steps_on_8_gpus"] == pytest.approx(gpu["step_seconds"] * 8000 / 3600)
         assert set(report["full_fine_tuning"][shape]["setups"]) == {
-            "zero2", "zero2_offload_optimizer", "zero3", "zero3_offload_optimizer", "zero3_offload_all"}
+            "zero2",
+            "zero2_offload_optimizer",
+            "zero3",
+            "zero3_offload_optimizer",
+            "zero3_offload_all",
+        }
     assert report["qwen2_5_omni_7b_thinker"]["media_per_prompt"] == "10 s of audio and a 56 x 56 image"
     assert len(measurements.gpu_rows(report)) == 2 * 2 + 2  # the page reads this format: shapes x paths, plans
     if not torch.cuda.is_available():
@@ -103,8 +109,9 @@ def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_
 def test_the_measurements_page_is_what_the_script_writes_from_the_results():
     """docs/measurements.md cannot go stale: it is benchmarks/measurements.py's rendering of the JSON results and
     manual.json as they are (after a new result, run `python benchmarks/measurements.py`)."""
-    assert (ROOT / "docs/measurements.md").read_text() == measurements.render(), \
+    assert (ROOT / "docs/measurements.md").read_text() == measurements.render(), (
         "docs/measurements.md is out of date: run python benchmarks/measurements.py"
+    )
 
 
 def test_every_row_of_the_measurements_page_has_a_date_and_a_command():
@@ -119,7 +126,8 @@ def test_every_row_of_the_measurements_page_has_a_date_and_a_command():
         assert machine and figure.startswith("**"), row
         assert re.fullmatch(r"`[^`]+`", command), row
     assert [line[3:] for line in page.splitlines() if line.startswith("## ")] == [
-        title for _, title, *_ in measurements.SECTIONS]
+        title for _, title, *_ in measurements.SECTIONS
+    ]
 
 
 def test_the_measurements_page_says_which_results_are_missing_and_refuses_a_smoke_run(tmp_path):

@@ -79,8 +79,11 @@ def test_a_really_full_disk_stops_the_save_naming_the_folder_and_keeps_the_check
     """On a real filesystem too small for a second checkpoint (a 2 MiB tmpfs; root only)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root and mount permission")
     try:
         io, path = SafeCheckpointIO(), disk / "last.ckpt"

@@ -19,11 +19,27 @@ from tests.support import finish, mlflow_runs, run_cli, services, start_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
-RUN = ["trainer.max_steps=6", "checkpoint_every_n_steps=2", "trainer.val_check_interval=3", "data.val_size=4",
-       "data.batch_size=2", "data.train_size=20", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
-       "trainer.enable_progress_bar=false", "final_eval.audio=[]", "final_eval.ood=false"]
-LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.tasks_per_node=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"]
+RUN = [
+    "trainer.max_steps=6",
+    "checkpoint_every_n_steps=2",
+    "trainer.val_check_interval=3",
+    "data.val_size=4",
+    "data.batch_size=2",
+    "data.train_size=20",
+    "algorithm.num_generations=2",
+    "algorithm.max_completion_length=8",
+    "trainer.enable_progress_bar=false",
+    "final_eval.audio=[]",
+    "final_eval.ood=false",
+]
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.mem_gb=4",
+    "hydra.launcher.timeout_min=60",
+]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no_accounting", "accounting"])
@@ -41,13 +57,21 @@ def squeue(env) -> dict[str, str]:
 
 def accounted_state(env, job_id: str) -> str:
     """The job's state in SLURM accounting (sacct), once slurmdbd has recorded its end."""
+
     def state() -> str:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
 
-    services.wait_for(lambda: state().split(" ")[0] not in ("", "PENDING", "RUNNING", "REQUEUED"),
-                      f"the accounting record of the end of SLURM job {job_id}")
+    services.wait_for(
+        lambda: state().split(" ")[0] not in ("", "PENDING", "RUNNING", "REQUEUED"),
+        f"the accounting record of the end of SLURM job {job_id}",
+    )
     return state().split(" ")[0]  # "CANCELLED by 0"
 
 
@@ -93,18 +117,25 @@ def points(client, run_id) -> dict[str, dict[int, int]]:
 
 
 @pytest.mark.parametrize("interrupt", ["scontrol requeue", "scancel --signal=USR2"])
-def test_a_requeued_or_signalled_job_resumes_into_one_run_with_the_uninterrupted_weights(tmp_path, cluster,
-                                                                                           interrupt):
+def test_a_requeued_or_signalled_job_resumes_into_one_run_with_the_uninterrupted_weights(tmp_path, cluster, interrupt):
     """Held at step 3 (between checkpoints), interrupted, released: the job ends COMPLETED after its requeue
     (PENDING for SLURM's BeginTime first) in one MLflow child run, FINISHED, resumed once, every step of every
     metric once, with the weights of the same run without SLURM."""
     env, _, accounting = cluster
     want = load_file(_reference(tmp_path) / "final_model/model.safetensors")
     marker, release = tmp_path / "held", tmp_path / "release"
-    sweep = start_cli("-m", *LAUNCHER, *RUN, f"hydra.sweep.dir={tmp_path}/sweep",
-                      "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
-                      f"+callbacks.hold.release={release}", "+callbacks.hold.step=3",
-                      env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}, log=tmp_path / "sweep.log")
+    sweep = start_cli(
+        "-m",
+        *LAUNCHER,
+        *RUN,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt",
+        f"+callbacks.hold.marker={marker}",
+        f"+callbacks.hold.release={release}",
+        "+callbacks.hold.step=3",
+        env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"},
+        log=tmp_path / "sweep.log",
+    )
     wait_for_file(marker, sweep)
     (job_id,) = squeue(env)
     subprocess.run([*interrupt.split(), job_id], env=env, check=True, capture_output=True)
@@ -137,9 +168,17 @@ def test_a_cancelled_job_is_a_row_the_others_are_collected_and_the_same_command_
     the cancelled cell, which resumes from its checkpoint, and the report then pools the three seeds."""
     env, _, accounting = cluster
     held = tmp_path / "held"
-    command = ["-m", *LAUNCHER, *RUN, "seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep",
-               "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={held}" + "-${seed}",
-               f"+callbacks.hold.release={tmp_path}/release" + "-${seed}", "+callbacks.hold.step=3"]
+    command = [
+        "-m",
+        *LAUNCHER,
+        *RUN,
+        "seed=1,2,3",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt",
+        f"+callbacks.hold.marker={held}" + "-${seed}",
+        f"+callbacks.hold.release={tmp_path}/release" + "-${seed}",
+        "+callbacks.hold.step=3",
+    ]
     run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
     sweep = start_cli(*command, env=run_env, log=tmp_path / "sweep.log")
     wait_for_file(Path(f"{held}-2"), sweep)
@@ -157,7 +196,10 @@ def test_a_cancelled_job_is_a_row_the_others_are_collected_and_the_same_command_
     _, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlruns.db")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.data.params.get("seed"): r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {
-        "1": "FINISHED", "2": "KILLED", "3": "FINISHED"}
+        "1": "FINISHED",
+        "2": "KILLED",
+        "3": "FINISHED",
+    }
     if accounting:  # once slurmctld has forgotten the job (MinJobAge), the launcher asks sacct: the same answer
         assert accounted_state(env, job_of_seed_2) == "CANCELLED"
         assert final_state_without_slurmctld(env, job_of_seed_2) == ("CANCELLED", "")

@@ -19,8 +19,15 @@ GROUPS = ["model", "algorithm", "prompt", "data", "reward"]
 
 
 def test_groups_hold_what_the_product_promises():
-    assert set(options("model")) >= {"tiny_qwen2_audio", "tiny_qwen2_5_omni", "tiny_qwen3_omni", "qwen2_audio_7b",
-                                     "qwen2_5_omni_7b", "qwen2_5_omni_3b", "qwen3_omni_30b_a3b"}
+    assert set(options("model")) >= {
+        "tiny_qwen2_audio",
+        "tiny_qwen2_5_omni",
+        "tiny_qwen3_omni",
+        "qwen2_audio_7b",
+        "qwen2_5_omni_7b",
+        "qwen2_5_omni_3b",
+        "qwen3_omni_30b_a3b",
+    }
     assert set(options("algorithm")) >= {"grpo", "sft", "lora"}
     assert set(options("prompt")) >= {"no_think", "think", "echoink"}
     assert set(options("data")) >= {"synthetic", "avqa", "avqa_r1", "mmau"}
@@ -65,24 +72,40 @@ def test_experiment_presets(experiment):
         assert cfg.prompt.answer_style == "letter"
 
 
-@pytest.mark.parametrize("args", [[], ["model=qwen2_5_omni_7b", "data=avqa_r1", "prompt=echoink", "trainer=ddp"],
-                                  ["experiment=r1_aqa"], ["algorithm=lora", "prompt=think", "data=mmau"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["model=qwen2_5_omni_7b", "data=avqa_r1", "prompt=echoink", "trainer=ddp"],
+        ["experiment=r1_aqa"],
+        ["algorithm=lora", "prompt=think", "data=mmau"],
+    ],
+)
 def test_cli_prints_composed_config(args):
-    out = subprocess.run([sys.executable, "run.py", "--cfg", "job", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--cfg", "job", *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert {"model", "algorithm", "prompt", "data", "trainer", "logger", "task", "seed", "ckpt_path"} <= set(printed)
 
 
-@pytest.mark.parametrize("sweep,params", [
-    ("rl_vs_sft", {"algorithm": "grpo,sft,lora"}),
-    ("think_ablation", {"prompt": "no_think,think"}),
-    ("reward_weights", {"reward.weights.accuracy": "1.0,2.0", "reward.weights.format": "0.0,0.5,1.0"}),
-])
+@pytest.mark.parametrize(
+    "sweep,params",
+    [
+        ("rl_vs_sft", {"algorithm": "grpo,sft,lora"}),
+        ("think_ablation", {"prompt": "no_think,think"}),
+        ("reward_weights", {"reward.weights.accuracy": "1.0,2.0", "reward.weights.format": "0.0,0.5,1.0"}),
+    ],
+)
 def test_sweep_presets_set_the_grid(sweep, params):
-    out = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", f"sweep={sweep}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--cfg", "hydra", f"sweep={sweep}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["hydra"]["sweeper"]["params"] == params
 
@@ -122,8 +145,11 @@ def test_typed_schemas_refuse_misspelt_keys_and_wrong_types(tmp_path):
     from hydra import initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    for override, name in (("model.dtipe=bfloat16", "dtipe"), ("optim.lrr=1e-4", "lrr"),
-                           ("algorithm.lora.rank=4", "rank")):
+    for override, name in (
+        ("model.dtipe=bfloat16", "dtipe"),
+        ("optim.lrr=1e-4", "lrr"),
+        ("algorithm.lora.rank=4", "rank"),
+    ):
         with pytest.raises(ConfigCompositionException) as e:
             compose(["algorithm=grpo_lora", override])
         assert f"Key '{name}' not in" in str(e.value.__cause__ or e.value)
@@ -131,8 +157,9 @@ def test_typed_schemas_refuse_misspelt_keys_and_wrong_types(tmp_path):
         compose(["optim.lr=fast"])
     # A YAML option of the user's own with a typo (found through hydra.searchpath, as a user adds models).
     (tmp_path / "model").mkdir()
-    (tmp_path / "model/my_model.yaml").write_text("defaults:\n  - _qwen2_audio\n  - _self_\nname: mine\n"
-                                                  "name_or_path: /models/mine\nfreeze_audio_encodr: true\n")
+    (tmp_path / "model/my_model.yaml").write_text(
+        "defaults:\n  - _qwen2_audio\n  - _self_\nname: mine\nname_or_path: /models/mine\nfreeze_audio_encodr: true\n"
+    )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigCompositionException) as e:
             hydra_compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "model=my_model"])

@@ -13,7 +13,13 @@ def run(run_dir, *overrides):
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
     one = run(tmp_path / "one", "data.batch_size=4")
-    two = run(tmp_path / "two", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "trainer.precision=32-true", "data.batch_size=2")
+    two = run(
+        tmp_path / "two",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "data.batch_size=2",
+    )
     assert (tmp_path / "two/train_ddp_process_1.log").exists()  # a second rank really ran
     assert_same_trained_weights(two, one)

@@ -52,9 +52,17 @@ def test_default_run_learns_to_listen(tmp_path, model):
 
 @pytest.mark.slow
 def test_sft_and_omni_run_through_the_cli(tmp_path):
-    run_cli(f"hydra.run.dir={tmp_path}/out", "algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink",
-            "trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4", "data.batch_size=2",
-            tmp_path=tmp_path)
+    run_cli(
+        f"hydra.run.dir={tmp_path}/out",
+        "algorithm=sft",
+        "model=tiny_qwen2_5_omni",
+        "prompt=echoink",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "data.val_size=4",
+        "data.batch_size=2",
+        tmp_path=tmp_path,
+    )
     client, run = only_run(tmp_path)
     assert run.data.tags["algorithm"] == "sft" and run.data.tags["model"] == "tiny_qwen2_5_omni"
     assert "train/loss" in run.data.metrics and "val/accuracy" in run.data.metrics
@@ -66,10 +74,20 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     named so, tagged for the MLflow UI's Group by; the report is written when the sweep ends (arms pooled over seeds
     with intervals, paired comparisons, one row per run, the plots), its arm table logged on the parent run, the
     parent's address printed, and rewritten by `python -m avrl.sweeps.report DIR` with no tracking URI given."""
-    out = run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2",
-            "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2",
-            "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
+    out = run_cli(
+        "-m",
+        "sweep=rl_vs_sft",
+        "algorithm=grpo,sft",
+        "seeds=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.val_size=4",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=10",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        tmp_path=tmp_path,
+    )
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -82,24 +100,32 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     assert all(sorted(int(c.data.params["seed"]) for c in v) == [42, 43] for v in by_arm.values())
     assert sorted(v[0].data.tags["algorithm"] for v in by_arm.values()) == ["grpo", "sft"]
     assert sorted(by_arm) == ["grpo · no_think", "sft · no_think"]
-    assert sorted(c.info.run_name for c in children) == ["grpo · no_think · seed 42", "grpo · no_think · seed 43",
-                                                         "sft · no_think · seed 42", "sft · no_think · seed 43"]
+    assert sorted(c.info.run_name for c in children) == [
+        "grpo · no_think · seed 42",
+        "grpo · no_think · seed 43",
+        "sft · no_think · seed 42",
+        "sft · no_think · seed 43",
+    ]
     for c in children:  # what the UI's Group by offers
         tags = c.data.tags
         assert tags["seed"] == c.data.params["seed"] and tags["method"] == tags["algorithm"]
         assert tags["prompt"] == "no_think" and tags["model"] == "tiny_qwen2_audio"
     parent = parents[0]
     assert parent.info.run_name == "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"
-    assert (f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): http://127.0.0.1:5000/"
-            f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}") in out.stdout
+    assert (
+        f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): http://127.0.0.1:5000/"
+        f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    ) in out.stdout
     assert all("val/accuracy" in c.data.metrics and c.data.tags.get("best_checkpoint") for c in children)
     assert parents[0].info.status == "FINISHED"
     for run in (*parents, *children):  # what decides the numbers, on every run (avrl/versions.py)
         tags = run.data.tags
         assert tags["version.torch"] == metadata.version("torch")
         assert tags["version.python"] == platform.python_version()
-        assert tags["version.avrl"].split("-")[0] == subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], text=True).strip()
+        assert (
+            tags["version.avrl"].split("-")[0]
+            == subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], text=True).strip()
+        )
 
     from scipy.stats import t
 
@@ -107,7 +133,9 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     for rerun in (False, True):
         if rerun:  # the CLI, without MLFLOW_TRACKING_URI: the sweep recorded where it logged
             (sweep / "report.md").unlink()
-            run_cli(str(sweep), module="avrl.sweeps.report", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/nowhere.db"})
+            run_cli(
+                str(sweep), module="avrl.sweeps.report", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/nowhere.db"}
+            )
         text = (sweep / "report.md").read_text()
         tables = [[line for line in block.splitlines() if line.startswith("| ")][1:] for block in text.split("##")]
         arms, runs_table, environment = tables[0], tables[-2], tables[-1]
@@ -143,10 +171,20 @@ def test_an_optuna_study_names_its_trials_and_plots_them(tmp_path):
     from PIL import Image
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    run_cli("-m", "search=grpo_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
-            "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
-            "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep",
-            tmp_path=tmp_path)
+    run_cli(
+        "-m",
+        "search=grpo_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        "trainer.max_steps=2",
+        "data.val_size=4",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        tmp_path=tmp_path,
+    )
     _, runs = mlflow_runs(tmp_path)
     names = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert names == ["trial 0 · grpo · no_think · seed 42", "trial 1 · grpo · no_think · seed 42"]
@@ -154,7 +192,8 @@ def test_an_optuna_study_names_its_trials_and_plots_them(tmp_path):
     trials = optuna.load_study(study_name=study_name, storage=storage).trials
     arms = json.loads((tmp_path / "sweep/report.json").read_text())["arms"]
     assert {arm: stats["val/accuracy"]["mean"] for arm, stats in arms.items()} == pytest.approx(
-        {f"trial {t.number}": t.value for t in trials})
+        {f"trial {t.number}": t.value for t in trials}
+    )
     with Image.open(tmp_path / "sweep/optuna_trials.png") as image:
         image.verify()
 
@@ -168,10 +207,19 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
     from PIL import Image
 
     with mlflow_server(tmp_path) as uri:
-        run_cli("-m", "algorithm=grpo,sft", "trainer.max_steps=1", "trainer.val_check_interval=1", "data.val_size=2",
-                "data.batch_size=2", "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false",
-                "++algorithm.log_completions_every_n_steps=1", f"hydra.sweep.dir={tmp_path}/sweep",
-                env={"MLFLOW_TRACKING_URI": uri})
+        run_cli(
+            "-m",
+            "algorithm=grpo,sft",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            "data.val_size=2",
+            "data.batch_size=2",
+            "algorithm.max_completion_length=10",
+            "trainer.enable_progress_bar=false",
+            "++algorithm.log_completions_every_n_steps=1",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
         client, runs = mlflow_runs(uri)  # REST
         children = {r.data.tags["algorithm"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
         (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
@@ -179,8 +227,11 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
         assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # proxied by the server
 
         def fetch(run, path: str) -> Path:
-            return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path,
-                                                            tracking_uri=uri, dst_path=str(tmp_path / "back")))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path=path, tracking_uri=uri, dst_path=str(tmp_path / "back")
+                )
+            )
 
         grpo = children["grpo"]
         config = OmegaConf.load(fetch(grpo, "config.yaml"))
@@ -200,10 +251,20 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
 def test_a_failing_sweep_job_leaves_the_others_and_fails_the_sweep(tmp_path):
     """One cell of a multirun raises (a loss type GRPO does not know): the other job still completes, the failed
     job's MLflow run is FAILED with the traceback as error.txt, the sweep prints a summary and exits non-zero."""
-    out = run_cli("-m", "algorithm.loss_type=no_such_loss,grpo", "trainer.max_steps=1", "trainer.val_check_interval=1",
-                  "data.val_size=2", "data.batch_size=2", "algorithm.max_completion_length=8",
-                  "trainer.enable_progress_bar=false", "save_final_model=false", f"hydra.sweep.dir={tmp_path}/sweep",
-                  tmp_path=tmp_path, check=False)
+    out = run_cli(
+        "-m",
+        "algorithm.loss_type=no_such_loss,grpo",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "data.val_size=2",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "1 of 2 jobs failed" in out.stderr
     summary = json.loads((tmp_path / "sweep/sweep_summary.json").read_text())

@@ -29,8 +29,14 @@ def test_eval_on_mmau_writes_scorable_predictions_deterministically(cfg_factory,
     path, records = mmau_subset(tmp_path)
     metrics = []
     for run in ("a", "b"):
-        cfg = cfg_factory("task=eval", "data=mmau", f"data.test_path={path}", "data.eval_batch_size=5",
-                          f"output_dir={tmp_path}/{run}", "eval.max_new_tokens=12")
+        cfg = cfg_factory(
+            "task=eval",
+            "data=mmau",
+            f"data.test_path={path}",
+            "data.eval_batch_size=5",
+            f"output_dir={tmp_path}/{run}",
+            "eval.max_new_tokens=12",
+        )
         metrics.append(evaluate(cfg))
     first = json.loads((tmp_path / "a/predictions.json").read_text())
     second = json.loads((tmp_path / "b/predictions.json").read_text())
@@ -48,8 +54,15 @@ def test_eval_of_trained_folder_and_sampling_spread(cfg_factory, tmp_path):
     from avrl.models.tiny import build
 
     folder = build(tmp_path / "tiny", "qwen2_audio")
-    cfg = cfg_factory("task=eval", f"ckpt_path={folder}", "data.test_size=6", "eval.do_sample=true",
-                      "eval.num_samples=3", "eval.max_new_tokens=8", "logger=none")
+    cfg = cfg_factory(
+        "task=eval",
+        f"ckpt_path={folder}",
+        "data.test_size=6",
+        "eval.do_sample=true",
+        "eval.num_samples=3",
+        "eval.max_new_tokens=8",
+        "logger=none",
+    )
     metrics = evaluate(cfg)
     assert {"eval/accuracy", "eval/accuracy_mean", "eval/accuracy_std"} <= set(metrics)
     predictions = json.loads((tmp_path / "out/predictions.json").read_text())
@@ -69,9 +82,16 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
     from avrl.models import load_model, load_processor
     from avrl.train import train
 
-    common = ["data.val_size=4", "data.test_size=4", "algorithm.max_completion_length=10", "eval.max_new_tokens=10",
-              "logger=none",
-              "data.batch_size=2", "algorithm.num_generations=2", "trainer.enable_progress_bar=false"]
+    common = [
+        "data.val_size=4",
+        "data.test_size=4",
+        "algorithm.max_completion_length=10",
+        "eval.max_new_tokens=10",
+        "logger=none",
+        "data.batch_size=2",
+        "algorithm.num_generations=2",
+        "trainer.enable_progress_bar=false",
+    ]
     train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2"))
     (ckpt,) = (tmp_path / "out/checkpoints").glob("best*.ckpt")  # step 2 = the final weights
     cfg = cfg_factory(*common, "task=eval", f"ckpt_path={ckpt}")
@@ -86,10 +106,26 @@ def test_eval_loads_the_lightning_checkpoint_weights(cfg_factory, tmp_path):
 def test_eval_of_lora_adapters(cfg_factory, tmp_path):
     from avrl.train import train
 
-    common = ["algorithm=grpo_lora", "data.val_size=2", "data.test_size=3", "algorithm.max_completion_length=10",
-              "eval.max_new_tokens=10", "logger=none", "data.batch_size=2", "trainer.enable_progress_bar=false"]
-    train(cfg_factory(*common, "trainer.max_steps=2", "trainer.val_check_interval=2", "algorithm.temperature=1.5",
-                      "algorithm.num_generations=4", "algorithm.lora.merge_on_save=true"))
+    common = [
+        "algorithm=grpo_lora",
+        "data.val_size=2",
+        "data.test_size=3",
+        "algorithm.max_completion_length=10",
+        "eval.max_new_tokens=10",
+        "logger=none",
+        "data.batch_size=2",
+        "trainer.enable_progress_bar=false",
+    ]
+    train(
+        cfg_factory(
+            *common,
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "algorithm.temperature=1.5",
+            "algorithm.num_generations=4",
+            "algorithm.lora.merge_on_save=true",
+        )
+    )
     assert (tmp_path / "out/final_model/adapter_config.json").exists()
     from avrl.models import load_model
     from tests.support import compose
@@ -98,10 +134,14 @@ def test_eval_of_lora_adapters(cfg_factory, tmp_path):
     assert not any("lora_" in k for k in merged.state_dict())
     base = load_model(compose().model).state_dict()
     assert any(not torch.equal(base[k], v) for k, v in merged.state_dict().items())  # the adapters did something
-    metrics = evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model",
-                                   f"output_dir={tmp_path}/eval"))
-    evaluate(cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model_merged",
-                         f"output_dir={tmp_path}/eval_merged"))
+    metrics = evaluate(
+        cfg_factory(*common, "task=eval", f"ckpt_path={tmp_path}/out/final_model", f"output_dir={tmp_path}/eval")
+    )
+    evaluate(
+        cfg_factory(
+            *common, "task=eval", f"ckpt_path={tmp_path}/out/final_model_merged", f"output_dir={tmp_path}/eval_merged"
+        )
+    )
     adapters = json.loads((tmp_path / "eval/predictions.json").read_text())
     merged_predictions = json.loads((tmp_path / "eval_merged/predictions.json").read_text())
     # Evaluating the adapters is evaluating base + adapters: the same greedy outputs as the merged weights.

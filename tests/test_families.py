@@ -11,9 +11,17 @@ from safetensors.torch import load_file
 from avrl.models import families
 from tests.support import ROOT
 
-COMMON = ["model=tiny_qwen3_omni", "data.val_size=2", "data.test_size=3", "data.batch_size=2",
-          "algorithm.max_completion_length=8", "eval.max_new_tokens=8", "logger=none",
-          "trainer.enable_progress_bar=false", "trainer.val_check_interval=2"]
+COMMON = [
+    "model=tiny_qwen3_omni",
+    "data.val_size=2",
+    "data.test_size=3",
+    "data.batch_size=2",
+    "algorithm.max_completion_length=8",
+    "eval.max_new_tokens=8",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=2",
+]
 
 
 def test_only_the_registry_knows_family_names():
@@ -41,8 +49,15 @@ def test_qwen3_omni_trains_with_grpo_and_evaluates(cfg_factory, tmp_path, algori
     from avrl.evaluation import evaluate
     from avrl.train import train
 
-    train(cfg_factory(*COMMON, f"algorithm={algorithm}", "algorithm.num_generations=4", "algorithm.temperature=1.5",
-                      "trainer.max_steps=2"))
+    train(
+        cfg_factory(
+            *COMMON,
+            f"algorithm={algorithm}",
+            "algorithm.num_generations=4",
+            "algorithm.temperature=1.5",
+            "trainer.max_steps=2",
+        )
+    )
     final = tmp_path / "out/final_model"
     base = load_file(ROOT / "avrl/assets/tiny_qwen3_omni/model.safetensors")
     if algorithm == "grpo":

@@ -20,8 +20,14 @@ from tests.support.helpers import STRATEGY_RUN
 SHAPES = ROOT / "avrl/assets/shapes"
 # The DeepSpeed equivalence run of tests/test_strategies.py, on one GPU in fp32 (bf16 rollouts would sample different
 # tokens on different strategies, so equality is checked where it is defined).
-EQUIVALENCE = [*STRATEGY_RUN, "data.batch_size=4", "algorithm.micro_batch_prompts=2", "trainer.accelerator=gpu",
-               "trainer.devices=1", "trainer.precision=32-true"]
+EQUIVALENCE = [
+    *STRATEGY_RUN,
+    "data.batch_size=4",
+    "algorithm.micro_batch_prompts=2",
+    "trainer.accelerator=gpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+]
 
 
 def test_qwen2_audio_7b_shape_has_the_published_parameter_count():
@@ -39,8 +45,9 @@ def test_qwen2_audio_7b_shape_has_the_published_parameter_count():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_a_skipped_update_under_deepspeed_on_cuda_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path,
-                                                                            stage, restored_environment):
+def test_a_skipped_update_under_deepspeed_on_cuda_leaves_no_gradient_behind(
+    cfg_factory, monkeypatch, tmp_path, stage, restored_environment
+):
     """NaN skipping over NCCL: the weights after a skipped update are the plain strategy's (support/deepspeed_checks.py;
     on CPU in tests/test_reliability.py)."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
@@ -98,8 +105,11 @@ def test_qwen2_5_omni_7b_thinker_shape_has_the_published_sizes():
     own = count(audio.proj) + count(audio.ln_post) + count(audio.audio_bos_eos_token)
     assert count(audio) == whisper_layers - 2 * 1280 + own  # Qwen2-Audio's final layer_norm is Omni's ln_post
     assert count(thinker) == pytest.approx(8.93e9, abs=0.005e9)
-    assert not config.text_config.tie_word_embeddings and config.text_config.rope_parameters["mrope_section"] == \
-        [16, 24, 24]
+    assert not config.text_config.tie_word_embeddings and config.text_config.rope_parameters["mrope_section"] == [
+        16,
+        24,
+        24,
+    ]
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -116,15 +126,29 @@ def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, t
 
     if trainer.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
-    run_cli(f"hydra.run.dir={tmp_path}", f"trainer={trainer}", f"trainer.accelerator={accelerator}",
-            "trainer.devices=1", "model.dtype=bfloat16",
-            "optim.lr=1e-6", "optim.scheduler=constant", "optim.warmup_ratio=0", "trainer.max_steps=1",
-            "checkpoint_every_n_steps=1", "trainer.val_check_interval=1", "data.val_size=4", "algorithm.beta=0.04",
-            "algorithm.temperature=1.5", "logger=none", "trainer.enable_progress_bar=false")
+    run_cli(
+        f"hydra.run.dir={tmp_path}",
+        f"trainer={trainer}",
+        f"trainer.accelerator={accelerator}",
+        "trainer.devices=1",
+        "model.dtype=bfloat16",
+        "optim.lr=1e-6",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0",
+        "trainer.max_steps=1",
+        "checkpoint_every_n_steps=1",
+        "trainer.val_check_interval=1",
+        "data.val_size=4",
+        "algorithm.beta=0.04",
+        "algorithm.temperature=1.5",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    )
     masters = checkpoint_weights(tmp_path / "checkpoints/last.ckpt")
     # The run loaded the asset rounded to bfloat16: a master weight the step did not move still equals that.
-    base = Qwen2AudioForConditionalGeneration.from_pretrained(ROOT / "avrl/assets/tiny_qwen2_audio",
-                                                              dtype=torch.bfloat16).state_dict()
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(
+        ROOT / "avrl/assets/tiny_qwen2_audio", dtype=torch.bfloat16
+    ).state_dict()
     assert masters.keys() == base.keys()
     moved = sum(not torch.equal(masters[n].float(), base[n].float()) for n in masters)
     assert moved > len(masters) // 2
@@ -145,8 +169,9 @@ def one_adamw_step(model, batch, ids, mask, ref, advantages, G, precision: str, 
     model = copy.deepcopy(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
-    policy = Policy(model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
-                    shared_prefix=True)
+    policy = Policy(
+        model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"), shared_prefix=True
+    )
     context = MixedPrecision(precision, device.type).forward_context() if precision != "32-true" else nullcontext()
     with context:
         logps, _ = policy.completion_logps(batch, policy.encode(batch), ids, mask, G)
@@ -172,17 +197,26 @@ def test_a_bf16_mixed_step_matches_the_fp32_step_within_bf16_tolerance(device):
     device = torch.device(device)
     torch.manual_seed(0)
     # fp32 masters holding bf16-loaded values (model.dtype=bfloat16, then configure_model's upcast)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(ROOT / "avrl/assets/tiny_qwen2_audio",
-                                                               dtype=torch.bfloat16).float().to(device)
+    model = (
+        Qwen2AudioForConditionalGeneration.from_pretrained(ROOT / "avrl/assets/tiny_qwen2_audio", dtype=torch.bfloat16)
+        .float()
+        .to(device)
+    )
     model.model.audio_tower.requires_grad_(False)
     G, length = 4, 32
     batch = media_batch(model.config, families.get("qwen2_audio"), 2, 10.0, device)
-    policy = Policy(model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"),
-                    shared_prefix=True)
+    policy = Policy(
+        model, FullLengthProcessor(model.config.text_config.vocab_size), families.get("qwen2_audio"), shared_prefix=True
+    )
     with torch.no_grad():
         media = policy.encode(batch)
-        ids, mask = policy.generate(batch, media, G, {"max_new_tokens": length, "temperature": 1.0, "top_p": 1.0,
-                                                      "top_k": 0}, keys=list(range(2 * G)))
+        ids, mask = policy.generate(
+            batch,
+            media,
+            G,
+            {"max_new_tokens": length, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+            keys=list(range(2 * G)),
+        )
         ref = policy.completion_logps(batch, media, ids, mask, G)[0] - 0.05 * torch.rand(2 * G, length, device=device)
     advantages = torch.randn(2 * G, device=device)
 

@@ -76,10 +76,21 @@ def test_loss_matches_reference(loss_type, beta, eps_high):
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     lengths = torch.tensor([7, 3, 5, 1, 7, 4])
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    loss, metrics = grpo_loss(logps, old, ref if beta else None, adv, mask, beta=beta, epsilon=0.2,
-                              epsilon_high=eps_high, loss_type=loss_type, max_completion_length=10)
-    expected = ref_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), beta, 0.2,
-                        eps_high, loss_type, 10)
+    loss, metrics = grpo_loss(
+        logps,
+        old,
+        ref if beta else None,
+        adv,
+        mask,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=eps_high,
+        loss_type=loss_type,
+        max_completion_length=10,
+    )
+    expected = ref_loss(
+        logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), beta, 0.2, eps_high, loss_type, 10
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     assert 0 < metrics["clip_ratio"].item() < 1  # the case exercises clipping
     assert ("kl" in metrics) == (beta != 0)

@@ -7,13 +7,29 @@ from avrl.train import train
 from tests.support import compose, mlflow_runs
 
 TRAIN_METRICS = [
-    "train/loss", "train/reward", "train/reward_std", "train/rewards/accuracy/mean", "train/rewards/accuracy/std",
-    "train/rewards/format/mean", "train/rewards/format/std", "train/frac_reward_zero_std", "train/kl",
-    "train/completions/mean_length", "train/completions/clipped_ratio", "train/clip_ratio", "train/entropy",
+    "train/loss",
+    "train/reward",
+    "train/reward_std",
+    "train/rewards/accuracy/mean",
+    "train/rewards/accuracy/std",
+    "train/rewards/format/mean",
+    "train/rewards/format/std",
+    "train/frac_reward_zero_std",
+    "train/kl",
+    "train/completions/mean_length",
+    "train/completions/clipped_ratio",
+    "train/clip_ratio",
+    "train/entropy",
     "train/step_time",
 ]
-FAST = ["data.batch_size=2", "algorithm.num_generations=3", "algorithm.max_completion_length=10",
-        "data.val_size=4", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]
+FAST = [
+    "data.batch_size=2",
+    "algorithm.num_generations=3",
+    "algorithm.max_completion_length=10",
+    "data.val_size=4",
+    "data.eval_batch_size=4",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def fit_module(cfg):
@@ -28,16 +44,29 @@ def fit_module(cfg):
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
     module = build_module(cfg, processor, prompt)
     dm = AudioQADataModule(cfg.data, processor, prompt, splits=("train", "val"))
-    trainer = L.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, precision=cfg.trainer.precision,
-                        logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=cfg.trainer.max_steps,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     return module, dm, trainer
 
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
-    cfg = cfg_factory(*FAST, "trainer.max_steps=2", "algorithm.beta=0.04", "algorithm.validate_at_start=false",
-                      "algorithm.temperature=1.5", f"model.freeze_audio_encoder={str(freeze).lower()}")
+    cfg = cfg_factory(
+        *FAST,
+        "trainer.max_steps=2",
+        "algorithm.beta=0.04",
+        "algorithm.validate_at_start=false",
+        "algorithm.temperature=1.5",
+        f"model.freeze_audio_encoder={str(freeze).lower()}",
+    )
     module, dm, trainer = fit_module(cfg)
     module.configure_model()
     clips = {"policy": 0, "ref": 0}
@@ -45,6 +74,7 @@ def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
     def counter(name):
         def hook(mod, args, kwargs):
             clips[name] += args[0].shape[0]  # input_features: one row per clip
+
         return hook
 
     module.model.model.audio_tower.register_forward_pre_hook(counter("policy"), with_kwargs=True)
@@ -61,9 +91,16 @@ def test_audio_encoder_runs_once_per_prompt(cfg_factory, freeze):
 
 
 def test_grpo_steps_change_weights_and_log_every_metric(cfg_factory, tmp_path):
-    cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.val_check_interval=3", "algorithm.temperature=1.5",
-                      "data.batch_size=4", "algorithm.num_generations=4",
-                      "algorithm.log_completions_every_n_steps=1", "algorithm.beta=0.04")
+    cfg = cfg_factory(
+        *FAST,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "algorithm.temperature=1.5",
+        "data.batch_size=4",
+        "algorithm.num_generations=4",
+        "algorithm.log_completions_every_n_steps=1",
+        "algorithm.beta=0.04",
+    )
     from avrl.models import load_model
 
     before = {k: v.clone() for k, v in load_model(cfg.model).state_dict().items()}
@@ -106,8 +143,15 @@ def test_no_reference_model_when_beta_is_zero(cfg_factory):
 
 
 def test_grpo_on_lora_uses_the_base_as_reference_and_trains_only_adapters(cfg_factory, tmp_path):
-    cfg = cfg_factory(*FAST, "algorithm=grpo_lora", "algorithm.beta=0.04", "trainer.max_steps=2",
-                      "trainer.val_check_interval=2", "algorithm.temperature=1.5", "logger=none")
+    cfg = cfg_factory(
+        *FAST,
+        "algorithm=grpo_lora",
+        "algorithm.beta=0.04",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "algorithm.temperature=1.5",
+        "logger=none",
+    )
     module, dm, trainer = fit_module(cfg)
     module.configure_model()
     assert module.ref_model is None and module.is_peft
@@ -148,8 +192,10 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_updates(cfg_factor
     assert getattr(module.model, "is_activation_checkpointing", None) or module.model.is_gradient_checkpointing
     assert calls["n"] > plain_calls  # the loss pass's layers ran again during backward
     base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")
-    assert not torch.equal(plain["model.language_model.layers.0.mlp.up_proj.weight"],
-                           base["language_model.model.layers.0.mlp.up_proj.weight"])  # two steps moved it
+    assert not torch.equal(
+        plain["model.language_model.layers.0.mlp.up_proj.weight"],
+        base["language_model.model.layers.0.mlp.up_proj.weight"],
+    )  # two steps moved it
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -157,9 +203,17 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_updates(cfg_factor
 def one_step_at_papers_lr(cfg_factory, precision):
     """The policy's weights before and after one GRPO step at lr 1e-6 (the papers' lr) with the weights loaded in
     bfloat16, as the 7B presets load them, under a trainer precision."""
-    cfg = cfg_factory(*FAST, "trainer.max_steps=1", "algorithm.temperature=1.5", "model.dtype=bfloat16",
-                      "optim.lr=1e-6", "optim.scheduler=constant", "optim.warmup_ratio=0", "algorithm.beta=0.04",
-                      f"trainer.precision={precision}")
+    cfg = cfg_factory(
+        *FAST,
+        "trainer.max_steps=1",
+        "algorithm.temperature=1.5",
+        "model.dtype=bfloat16",
+        "optim.lr=1e-6",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0",
+        "algorithm.beta=0.04",
+        f"trainer.precision={precision}",
+    )
     module, dm, trainer = fit_module(cfg)
     module.configure_model()
     before = {n: p.detach().float().clone() for n, p in module.model.named_parameters() if p.requires_grad}
@@ -172,8 +226,12 @@ def fraction_moved(before, after):
     return sum((after[n] != before[n]).sum().item() for n in before) / sum(t.numel() for t in before.values())
 
 
-SHIPPED_PRECISIONS = sorted({compose([f"trainer={t}"]).trainer.precision
-                             for t in ("cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")})
+SHIPPED_PRECISIONS = sorted(
+    {
+        compose([f"trainer={t}"]).trainer.precision
+        for t in ("cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+    }
+)
 
 
 @pytest.mark.parametrize("precision", SHIPPED_PRECISIONS)

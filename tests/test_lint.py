@@ -12,8 +12,9 @@ PATHS = ["avrl", "hydra_plugins", "benchmarks", "tests", "run.py", ".ci"]
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True,
-                          timeout=HANG_GUARD)
+    return subprocess.run(
+        [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD
+    )
 
 
 def test_ruff_finds_nothing():
@@ -30,6 +31,7 @@ def test_imports_go_one_way():
     """pyproject.toml's [tool.importlinter]: no package imports a sibling that imports it back, and the layers of the
     README's code map hold, counting imports inside functions."""
     lint_imports = Path(sys.executable).with_name("lint-imports")  # import-linter's command (the dev extra)
-    out = subprocess.run([str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=HANG_GUARD)
+    out = subprocess.run(
+        [str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD
+    )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]

@@ -15,9 +15,18 @@ import pytest
 
 from tests.support import ROOT, mlflow_runs, run_cli, services
 
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1600,1200")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1200",
+)
 WAIT = 120  # seconds: a hang guard for each thing the page must show, far above a render on a busy machine
 
 
@@ -26,9 +35,24 @@ def mlflow_ui(store_uri: str, log: Path):
     """`mlflow ui` on 127.0.0.1 over the store, as the sweep's last lines say to start it; yields its address."""
     port = services.free_port()
     with open(log, "w") as console:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
-                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                  stdout=console, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "ui",
+                "--backend-store-uri",
+                store_uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=console,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -74,7 +98,8 @@ def seen(driver, xpath: str, count: int = 1) -> list:
 
     return WebDriverWait(driver, WAIT).until(
         lambda d: found if len(found := d.find_elements(By.XPATH, xpath)) >= count else False,
-        message=f"not shown: {xpath}")
+        message=f"not shown: {xpath}",
+    )
 
 
 def view(driver, mode: str) -> None:
@@ -105,10 +130,21 @@ def test_a_researcher_compares_a_two_seed_sweep_in_the_mlflow_ui(tmp_path):
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.keys import Keys
 
-        run_cli("-m", "sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2",
-                "trainer.val_check_interval=2", "data.val_size=4", "data.batch_size=2",
-                "algorithm.max_completion_length=10", "trainer.enable_progress_bar=false", "save_final_model=false",
-                f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path)
+        run_cli(
+            "-m",
+            "sweep=rl_vs_sft",
+            "algorithm=grpo,sft",
+            "seeds=2",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.val_size=4",
+            "data.batch_size=2",
+            "algorithm.max_completion_length=10",
+            "trainer.enable_progress_bar=false",
+            "save_final_model=false",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            tmp_path=tmp_path,
+        )
         _, runs = mlflow_runs(tmp_path)
         (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
         arms = json.loads((tmp_path / "sweep/report.json").read_text())["arms"]
@@ -129,10 +165,16 @@ def test_a_researcher_compares_a_two_seed_sweep_in_the_mlflow_ui(tmp_path):
             # Expanded, its four runs: one name per arm and seed.
             view(driver, "TABLE")
             seen(driver, "//div[@col-id='attributes.`Run Name`']//button")[0].click()  # the row's expander
-            names = [a.text for a in seen(driver, "//div[@col-id='attributes.`Run Name`']//a[contains(@href, "
-                                                  "'/runs/')]", count=5)]
-            assert sorted(names[1:]) == ["grpo · no_think · seed 42", "grpo · no_think · seed 43",
-                                         "sft · no_think · seed 42", "sft · no_think · seed 43"]
+            names = [
+                a.text
+                for a in seen(driver, "//div[@col-id='attributes.`Run Name`']//a[contains(@href, '/runs/')]", count=5)
+            ]
+            assert sorted(names[1:]) == [
+                "grpo · no_think · seed 42",
+                "grpo · no_think · seed 43",
+                "sft · no_think · seed 42",
+                "sft · no_think · seed 43",
+            ]
 
             # "Group by" offers the arm (and the seed, the method); grouped, each arm is one group of two runs.
             seen(driver, "//button[contains(., 'Group by')]")[0].click()

@@ -1,13 +1,12 @@
 """MMAU's matching rule against a direct, independent implementation of the rule's text."""
 
-
 import pytest
 
 from avrl.mmau import mmau_match
 from tests.support.helpers import mmau_reference
 
 CASES = [
-    ("Man", "Man", ["Man", "Woman"]),                       # shared word? no: 'woman' is its own token
+    ("Man", "Man", ["Man", "Woman"]),  # shared word? no: 'woman' is its own token
     ("Woman", "Man", ["Man", "Woman"]),
     ("a man speaking", "Man speaking", ["Man speaking", "Man singing", "Woman speaking"]),
     ("man singing", "Man speaking", ["Man speaking", "Man singing", "Woman speaking"]),
@@ -20,7 +19,7 @@ CASES = [
     ("120", "120 bpm", ["90 bpm", "120 bpm", "150 bpm", "60 bpm", "100 bpm", "110 bpm", "130 bpm", "140 bpm"]),
     ("Yes", "Yes", ["Yes", "No"]),
     ("yes, no doubt", "Yes", ["Yes", "No"]),
-    ("Piano", "Piano", ["Piano", "Grand piano"]),            # answer tokens a subset of another choice's
+    ("Piano", "Piano", ["Piano", "Grand piano"]),  # answer tokens a subset of another choice's
     ("grand piano", "Piano", ["Piano", "Grand piano"]),
     ("Grand piano", "Grand piano", ["Piano", "Grand piano"]),
 ]

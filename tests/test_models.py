@@ -15,8 +15,10 @@ from tests.support import compose, write_wav
 # Audio tokens of a 1 s and a 1.5 s clip (100 mel frames per second): Qwen2-Audio's and Qwen2.5-Omni's rule is
 # (frames - 1) // 2 + 1, then (x - 2) // 2 + 1; Qwen3-Omni's is 13 per 100-frame window plus three stride-2 convs
 # on the rest (50 -> 25 -> 13 -> 7).
-@pytest.mark.parametrize("model_name, audio_tokens", [
-    ("tiny_qwen2_audio", [25, 37]), ("tiny_qwen2_5_omni", [25, 37]), ("tiny_qwen3_omni", [13, 20])])
+@pytest.mark.parametrize(
+    "model_name, audio_tokens",
+    [("tiny_qwen2_audio", [25, 37]), ("tiny_qwen2_5_omni", [25, 37]), ("tiny_qwen3_omni", [13, 20])],
+)
 def test_forward_on_real_audio_file_and_encoder_once_matches_transformers(tmp_path, model_name, audio_tokens):
     cfg = compose([f"model={model_name}"])
     model, processor = load_model(cfg.model).eval(), load_processor(cfg.model)
@@ -28,9 +30,17 @@ def test_forward_on_real_audio_file_and_encoder_once_matches_transformers(tmp_pa
 
         image = tmp_path / "a.png"
         Image.fromarray((np.random.default_rng(0).random((56, 56, 3)) * 255).astype("uint8")).save(image)
-    items = [QAItem(id=str(i), question=f"Question {i}?", choices=["a", "b"], answer_index=0,
-                    audio=str(write_wav(tmp_path / f"{i}.wav", seconds=1.0 + 0.5 * i, freq=300 * (i + 1))),
-                    image=str(image) if image else None) for i in range(2)]
+    items = [
+        QAItem(
+            id=str(i),
+            question=f"Question {i}?",
+            choices=["a", "b"],
+            answer_index=0,
+            audio=str(write_wav(tmp_path / f"{i}.wav", seconds=1.0 + 0.5 * i, freq=300 * (i + 1))),
+            image=str(image) if image else None,
+        )
+        for i in range(2)
+    ]
     loaded = [with_media(it, processor.sampling_rate, 30) for it in items]
     prompts = [processor.render(it.question, True, omni) for it, _ in loaded]
     batch = processor(prompts, [it.waveform for it, _ in loaded], [im for _, im in loaded] if omni else None)
@@ -63,8 +73,10 @@ def test_tiny_builder_round_trip(tmp_path):
     tok = processor.tokenizer
     assert tok.convert_tokens_to_ids("<|AUDIO|>") != tok.unk_token_id
     text = processor.render("Is it high?")
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nIs it high?<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nIs it high?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.decode(tok(text)["input_ids"]) == text
     assert load_model(cfg.model).config.audio_config.max_source_positions == 100
 
@@ -102,8 +114,14 @@ def test_a_second_model_built_under_zero3_runs_forward(mutate):
 
     from tests.support import ROOT, cli_env
 
-    out = subprocess.run([sys.executable, "-c", TWO_ZERO3_MODELS.replace("{mutate}", str(mutate))], cwd=ROOT,
-                         env=cli_env(pythonpath=ROOT), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", TWO_ZERO3_MODELS.replace("{mutate}", str(mutate))],
+        cwd=ROOT,
+        env=cli_env(pythonpath=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if mutate and out.returncode == 0 and Version(deepspeed.__version__) > Version("0.19.8"):
         pytest.skip(f"DeepSpeed {deepspeed.__version__} no longer needs loading.import_modeling_modules: remove it")
     if mutate:

@@ -35,12 +35,12 @@ def r1_aqa_reference(content: str, gold: str) -> tuple[float, float]:
 
 R1_AQA_CASES = [  # (completion, gold, accuracy, format)
     ("<answer>car horn</answer>", "car horn", 1.0, 1.0),
-    (" <answer>car horn</answer>", "car horn", 1.0, 0.0),           # no strip before the format match
-    ("<answer>\ncar horn</answer>", "car horn", 0.0, 1.0),          # no DOTALL: a block across lines is no block
+    (" <answer>car horn</answer>", "car horn", 1.0, 0.0),  # no strip before the format match
+    ("<answer>\ncar horn</answer>", "car horn", 0.0, 1.0),  # no DOTALL: a block across lines is no block
     ("<answer>dog</answer><answer>car horn</answer>", "car horn", 0.0, 1.0),  # the first block counts
-    ("car horn", "car horn", 1.0, 0.0),                              # untagged: the whole completion
-    ("<answer>Car horn</answer>", "car horn", 0.0, 1.0),            # exact string match
-    ("answer: 4", "four, 4", 1.0, 0.0),                             # math_verify: 4 == 4
+    ("car horn", "car horn", 1.0, 0.0),  # untagged: the whole completion
+    ("<answer>Car horn</answer>", "car horn", 0.0, 1.0),  # exact string match
+    ("answer: 4", "four, 4", 1.0, 0.0),  # math_verify: 4 == 4
 ]
 
 
@@ -48,33 +48,41 @@ R1_AQA_CASES = [  # (completion, gold, accuracy, format)
 def test_r1_aqa_rewards_follow_the_released_rules(completion, gold, accuracy, fmt):
     item = ITEM.__class__(id="1", question="q", choices=["dog", gold], answer_index=1)
     assert r1_aqa_reference(completion, gold) == (accuracy, fmt)  # the cases say what the released code does
-    assert (r1_aqa_accuracy([completion], [item], spec("no_think"))[0],
-            r1_aqa_format([completion], [item], spec("no_think"))[0]) == (accuracy, fmt)
+    assert (
+        r1_aqa_accuracy([completion], [item], spec("no_think"))[0],
+        r1_aqa_format([completion], [item], spec("no_think"))[0],
+    ) == (accuracy, fmt)
 
 
-ECHOINK_FORMAT = re.compile(r'^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)'
-                            r'<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$')
+ECHOINK_FORMAT = re.compile(
+    r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)"
+    r"<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
+)
 
 ECHOINK_CASES = [  # (completion, accuracy against gold "B", format)
     ("<think>it honks</think><answer>B</answer>", 1.0, 1.0),
-    ("  <think>x</think>\n<answer> B </answer>\n", 1.0, 1.0),        # stripped, inside and out
-    ("<think></think><answer>B</answer>", 1.0, 0.0),                 # the think block must not be empty
-    ("<answer>\nB\n</answer>", 1.0, 0.0),                            # DOTALL answer; no think block
-    ("<think>x</think><answer>B</answer><answer>C</answer>", 1.0, 0.0),   # two answers on one line
+    ("  <think>x</think>\n<answer> B </answer>\n", 1.0, 1.0),  # stripped, inside and out
+    ("<think></think><answer>B</answer>", 1.0, 0.0),  # the think block must not be empty
+    ("<answer>\nB\n</answer>", 1.0, 0.0),  # DOTALL answer; no think block
+    ("<think>x</think><answer>B</answer><answer>C</answer>", 1.0, 0.0),  # two answers on one line
     ("<think>x\n</think><answer>B</answer>\n<answer>C</answer>", 1.0, 1.0),  # ... on two lines pass (no DOTALL)
-    ("<think>x</think><answer>b</answer>", 0.0, 1.0),                # the letter exactly
-    ("B", 0.0, 0.0),                                                 # no block, no answer
+    ("<think>x</think><answer>b</answer>", 0.0, 1.0),  # the letter exactly
+    ("B", 0.0, 0.0),  # no block, no answer
 ]
 
 
 @pytest.mark.parametrize("completion, accuracy, fmt", ECHOINK_CASES)
 def test_echoink_rewards_follow_the_released_rules(completion, accuracy, fmt):
     m = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S).search(completion)  # grpo.py's extract_answer
-    assert (float((m.group(1).strip() if m else "") == "B"), float(bool(ECHOINK_FORMAT.fullmatch(completion.strip())))
-            ) == (accuracy, fmt)
+    assert (
+        float((m.group(1).strip() if m else "") == "B"),
+        float(bool(ECHOINK_FORMAT.fullmatch(completion.strip()))),
+    ) == (accuracy, fmt)
     echo = spec("echoink")
     assert (echoink_accuracy([completion], [ITEM], echo)[0], echoink_format([completion], [ITEM], echo)[0]) == (
-        accuracy, fmt)
+        accuracy,
+        fmt,
+    )
 
 
 def test_each_preset_selects_its_papers_rewards():
@@ -87,17 +95,24 @@ def test_each_preset_selects_its_papers_rewards():
 
 # ---------------------------------------------------------------------------------------------------- prompts
 def test_r1_aqa_prompt_is_the_released_text_for_a_real_avqa_record(tmp_path):
-    record = {"id": 7, "video_name": "-HG3Omg_89c_30", "video_id": 341, "question_text":
-              "What happened in the video? Are the videos loud?", "multi_choice":
-              ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"], "answer": 1,
-              "question_relation": "View", "question_type": "Happening", "dataset_name": "AVQA",
-              "audio_path": "a.wav"}
+    record = {
+        "id": 7,
+        "video_name": "-HG3Omg_89c_30",
+        "video_id": 341,
+        "question_text": "What happened in the video? Are the videos loud?",
+        "multi_choice": ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"],
+        "answer": 1,
+        "question_relation": "View",
+        "question_type": "Happening",
+        "dataset_name": "AVQA",
+        "audio_path": "a.wav",
+    }
     (tmp_path / "a.wav").write_bytes(b"RIFF")
     (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
     (item,), _ = read_avqa(tmp_path / "train.jsonl", check_audio=False)  # a stand-in clip: its header is no audio
     # src/dataset/dataset.py, _handle_avqa: a plain str.replace ("videos" -> "audios") and the list's repr.
     choice_str = f"Please choose the answer from the following options: {record['multi_choice']}."
-    question = record['question_text'].replace('video', 'audio')
+    question = record["question_text"].replace("video", "audio")
     expected = f"{question} {choice_str} Output the final answer in <answer> </answer>."
     from avrl.models import load_processor
     from avrl.prompts import render_question
@@ -106,7 +121,8 @@ def test_r1_aqa_prompt_is_the_released_text_for_a_real_avqa_record(tmp_path):
     processor = load_processor(compose().model)
     assert processor.render(expected) == (  # Qwen2-Audio-Instruct's chat template, audio first
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{expected}<|im_end|>\n<|im_start|>assistant\n")
+        f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{expected}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 QUESTION_TEMPLATE = (  # EchoInk's grpo.py and omniInstruct-v1_eval_valid.py
@@ -119,15 +135,22 @@ QUESTION_TEMPLATE = (  # EchoInk's grpo.py and omniInstruct-v1_eval_valid.py
     "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer between "
     "the <answer> </answer> tags."
 )
-MULTIPLE_CHOICE = (" Please provide only the single option letter (e.g., A, B, C, D, etc.) within the "
-                   "<answer> </answer> tags.")
+MULTIPLE_CHOICE = (
+    " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
+)
 
 
 def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_path):
-    record = {"problem_id": 3, "problem": "What is the source of the sound?", "data_type": "image_audio",
-              "problem_type": "multiple choice", "options": ["A. Piano", "B.  Violin", "C. Drum", "D. Flute"],
-              "solution": "<answer>B</answer>", "path": {"image": "i.jpg", "audio": "a.wav"},
-              "data_source": "AVQA"}
+    record = {
+        "problem_id": 3,
+        "problem": "What is the source of the sound?",
+        "data_type": "image_audio",
+        "problem_type": "multiple choice",
+        "options": ["A. Piano", "B.  Violin", "C. Drum", "D. Flute"],
+        "solution": "<answer>B</answer>",
+        "path": {"image": "i.jpg", "audio": "a.wav"},
+        "data_source": "AVQA",
+    }
     for name in ("i.jpg", "a.wav"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "omni_rl_format_train.json").write_text(json.dumps([record]))
@@ -141,18 +164,21 @@ def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@pytest.mark.parametrize("protocol, completion, output, correct", [
-    ("r1_aqa", "<answer>car horn</answer> then <answer>dog</answer>", "car horn", True),   # the first block
-    ("r1_aqa", "It is a car horn.", "It is a car horn.", True),         # no block: the raw output, MMAU's rule
-    ("r1_aqa", "<answer>\ncar horn</answer>", "<answer>\ncar horn</answer>", True),  # no DOTALL: raw output
-    ("r1_aqa", "<answer>dog or car horn</answer>", "dog or car horn", False),  # MMAU: a wrong choice's token
-    ("echoink", "<think>x</think><answer> b </answer>", "car horn", True),  # any case, spaces allowed
-    ("echoink", "I think it is a car horn", "dog", False),                # the article "a" reads as A
-    ("echoink", "<answer>E</answer> C", "rain", False),                  # A-D only; then the loose letter C
-    ("echoink", "no idea", "?", False),
-    ("strict", "<answer>dog</answer><answer>car horn</answer>", "car horn", True),  # avrl's: the last block
-    ("strict", "car horn", "", False),                                   # avrl's: no block, no answer
-])
+@pytest.mark.parametrize(
+    "protocol, completion, output, correct",
+    [
+        ("r1_aqa", "<answer>car horn</answer> then <answer>dog</answer>", "car horn", True),  # the first block
+        ("r1_aqa", "It is a car horn.", "It is a car horn.", True),  # no block: the raw output, MMAU's rule
+        ("r1_aqa", "<answer>\ncar horn</answer>", "<answer>\ncar horn</answer>", True),  # no DOTALL: raw output
+        ("r1_aqa", "<answer>dog or car horn</answer>", "dog or car horn", False),  # MMAU: a wrong choice's token
+        ("echoink", "<think>x</think><answer> b </answer>", "car horn", True),  # any case, spaces allowed
+        ("echoink", "I think it is a car horn", "dog", False),  # the article "a" reads as A
+        ("echoink", "<answer>E</answer> C", "rain", False),  # A-D only; then the loose letter C
+        ("echoink", "no idea", "?", False),
+        ("strict", "<answer>dog</answer><answer>car horn</answer>", "car horn", True),  # avrl's: the last block
+        ("strict", "car horn", "", False),  # avrl's: no block, no answer
+    ],
+)
 def test_evaluation_protocols_parse_as_the_papers_scripts(protocol, completion, output, correct):
     prompt = spec("echoink" if protocol == "echoink" else "no_think")
     assert prediction(protocol, prompt, completion, ITEM) == (output, correct)
@@ -160,31 +186,77 @@ def test_evaluation_protocols_parse_as_the_papers_scripts(protocol, completion, 
 
 # ------------------------------------------------------------------------------------------------- recipes
 R1_AQA = {  # key: value (source in xiaomi-research/r1-aqa)
-    "model.name_or_path": "Qwen/Qwen2-Audio-7B-Instruct", "model.freeze_audio_encoder": False,
-    "model.gradient_checkpointing": False, "seed": 42,                           # src/train.py
-    "algorithm.num_generations": 8, "algorithm.temperature": 1.0,                # src/train.py
-    "algorithm.top_p": 1.0, "algorithm.top_k": 50,                              # fresh GenerationConfig
-    "algorithm.max_completion_length": 256, "algorithm.beta": 0.04, "optim.lr": 1e-6,  # TRL 0.15.2 defaults
-    "algorithm.kl_clamp": None, "algorithm.loss_type": "grpo", "algorithm.scale_rewards": "group",
-    "algorithm.num_iterations": 1, "algorithm.micro_batch_prompts": 1, "data.batch_size": 2,  # 1 x accum 2
-    "optim.scheduler": "linear", "optim.warmup_ratio": 0.0, "optim.weight_decay": 0.0,   # HF defaults
-    "optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.max_grad_norm": 1.0,
-    "trainer.max_steps": 1000, "trainer.devices": -1, "trainer.precision": "bf16-mixed",
-    "checkpoint_every_n_steps": 100, "prompt.name": "no_think", "reward.name": "r1_aqa", "data.name": "avqa",
-    "eval.protocol": "r1_aqa", "eval.max_new_tokens": 256, "eval.do_sample": False, "data.eval_batch_size": 32,
+    "model.name_or_path": "Qwen/Qwen2-Audio-7B-Instruct",
+    "model.freeze_audio_encoder": False,
+    "model.gradient_checkpointing": False,
+    "seed": 42,  # src/train.py
+    "algorithm.num_generations": 8,
+    "algorithm.temperature": 1.0,  # src/train.py
+    "algorithm.top_p": 1.0,
+    "algorithm.top_k": 50,  # fresh GenerationConfig
+    "algorithm.max_completion_length": 256,
+    "algorithm.beta": 0.04,
+    "optim.lr": 1e-6,  # TRL 0.15.2 defaults
+    "algorithm.kl_clamp": None,
+    "algorithm.loss_type": "grpo",
+    "algorithm.scale_rewards": "group",
+    "algorithm.num_iterations": 1,
+    "algorithm.micro_batch_prompts": 1,
+    "data.batch_size": 2,  # 1 x accum 2
+    "optim.scheduler": "linear",
+    "optim.warmup_ratio": 0.0,
+    "optim.weight_decay": 0.0,  # HF defaults
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+    "optim.max_grad_norm": 1.0,
+    "trainer.max_steps": 1000,
+    "trainer.devices": -1,
+    "trainer.precision": "bf16-mixed",
+    "checkpoint_every_n_steps": 100,
+    "prompt.name": "no_think",
+    "reward.name": "r1_aqa",
+    "data.name": "avqa",
+    "eval.protocol": "r1_aqa",
+    "eval.max_new_tokens": 256,
+    "eval.do_sample": False,
+    "data.eval_batch_size": 32,
 }
 ECHOINK = {  # key: value (source in HarryHsing/EchoInk)
-    "model.name_or_path": "Qwen/Qwen2.5-Omni-7B", "model.freeze_audio_encoder": False,
-    "model.freeze_vision_encoder": False, "model.gradient_checkpointing": True, "seed": 42,
-    "algorithm.num_generations": 16, "algorithm.max_completion_length": 768, "algorithm.beta": 0.001,  # script
-    "algorithm.temperature": 1.0, "algorithm.top_p": 0.95, "algorithm.top_k": 50,  # grpo_trainer.py
-    "algorithm.kl_clamp": 10.0, "algorithm.loss_type": "grpo", "algorithm.scale_rewards": "group",
-    "algorithm.num_iterations": 1, "data.batch_size": 1,
-    "optim.lr": 1e-6, "optim.scheduler": "cosine", "optim.warmup_ratio": 0.0, "optim.weight_decay": 0.01,
-    "optim.max_grad_norm": 5.0, "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
-    "trainer.max_epochs": 1, "trainer.max_steps": -1, "trainer.devices": -1, "trainer.precision": "bf16-mixed",
-    "checkpoint_every_n_steps": 100, "prompt.name": "echoink", "reward.name": "echoink", "data.name": "avqa_r1",
-    "eval.protocol": "echoink", "eval.do_sample": True, "eval.top_p": 0.95, "eval.temperature": 1.0,
+    "model.name_or_path": "Qwen/Qwen2.5-Omni-7B",
+    "model.freeze_audio_encoder": False,
+    "model.freeze_vision_encoder": False,
+    "model.gradient_checkpointing": True,
+    "seed": 42,
+    "algorithm.num_generations": 16,
+    "algorithm.max_completion_length": 768,
+    "algorithm.beta": 0.001,  # script
+    "algorithm.temperature": 1.0,
+    "algorithm.top_p": 0.95,
+    "algorithm.top_k": 50,  # grpo_trainer.py
+    "algorithm.kl_clamp": 10.0,
+    "algorithm.loss_type": "grpo",
+    "algorithm.scale_rewards": "group",
+    "algorithm.num_iterations": 1,
+    "data.batch_size": 1,
+    "optim.lr": 1e-6,
+    "optim.scheduler": "cosine",
+    "optim.warmup_ratio": 0.0,
+    "optim.weight_decay": 0.01,
+    "optim.max_grad_norm": 5.0,
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+    "trainer.max_epochs": 1,
+    "trainer.max_steps": -1,
+    "trainer.devices": -1,
+    "trainer.precision": "bf16-mixed",
+    "checkpoint_every_n_steps": 100,
+    "prompt.name": "echoink",
+    "reward.name": "echoink",
+    "data.name": "avqa_r1",
+    "eval.protocol": "echoink",
+    "eval.do_sample": True,
+    "eval.top_p": 0.95,
+    "eval.temperature": 1.0,
 }
 
 

@@ -19,13 +19,16 @@ def test_avqa(tmp_path):
     assert it.answer == "piano" and it.audio == str(tmp_path / "audio/1.wav") and it.category == "Come From"
 
 
-@pytest.mark.parametrize("bad,message", [
-    ('{"id": 3, "question_text": ', "train.jsonl:2: malformed JSON"),
-    (avqa_record(3, answer=4), "train.jsonl:2: answer 4 is not an index"),
-    (avqa_record(3, multi_choice=[]), "train.jsonl:2: empty or missing choice list"),
-    (avqa_record(3, audio="audio/missing.wav"), "train.jsonl:2: audio file not found"),
-    (avqa_record(3, audio="audio/empty.wav"), "train.jsonl:2: audio file is empty"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ('{"id": 3, "question_text": ', "train.jsonl:2: malformed JSON"),
+        (avqa_record(3, answer=4), "train.jsonl:2: answer 4 is not an index"),
+        (avqa_record(3, multi_choice=[]), "train.jsonl:2: empty or missing choice list"),
+        (avqa_record(3, audio="audio/missing.wav"), "train.jsonl:2: audio file not found"),
+        (avqa_record(3, audio="audio/empty.wav"), "train.jsonl:2: audio file is empty"),
+    ],
+)
 def test_avqa_bad_input_names_file_and_line(tmp_path, bad, message):
     write_wav(tmp_path / "audio/1.wav")
     (tmp_path / "audio/empty.wav").write_bytes(b"")
@@ -45,10 +48,16 @@ def test_avqa_r1(tmp_path):
 
     (split / "image").mkdir()
     Image.new("RGB", (32, 32)).save(split / "image/a.jpg")
-    record = {"problem_id": 7, "problem": "Which instrument is heard?", "data_type": "image_audio",
-              "problem_type": "multiple choice", "options": ["A. violin", "B. cello", "C. drum"],
-              "solution": "<answer>B</answer>", "path": {"image": "image/a.jpg", "audio": "audio/a.wav"},
-              "data_source": "AVQA"}
+    record = {
+        "problem_id": 7,
+        "problem": "Which instrument is heard?",
+        "data_type": "image_audio",
+        "problem_type": "multiple choice",
+        "options": ["A. violin", "B. cello", "C. drum"],
+        "solution": "<answer>B</answer>",
+        "path": {"image": "image/a.jpg", "audio": "audio/a.wav"},
+        "data_source": "AVQA",
+    }
     (split / "train.json").write_text(json.dumps([record]))
     (it,), _ = read_avqa_r1(split / "train.json")
     assert it.choices == ["violin", "cello", "drum"] and it.answer_index == 1
@@ -60,9 +69,19 @@ def test_avqa_r1(tmp_path):
 
 
 def mmau_record(i, answer="Man", choices=("Man", "Woman")):
-    return {"id": f"m{i}", "audio_id": f"./test-mini-audios/m{i}.wav", "question": "Who speaks?",
-            "choices": list(choices), "answer": answer, "dataset": "x", "task": "speech", "split": "test-mini",
-            "category": "c", "sub-category": "s", "difficulty": "easy"}
+    return {
+        "id": f"m{i}",
+        "audio_id": f"./test-mini-audios/m{i}.wav",
+        "question": "Who speaks?",
+        "choices": list(choices),
+        "answer": answer,
+        "dataset": "x",
+        "task": "speech",
+        "split": "test-mini",
+        "category": "c",
+        "sub-category": "s",
+        "difficulty": "easy",
+    }
 
 
 def test_mmau_bad_answer_and_empty_choices(tmp_path):

@@ -19,9 +19,16 @@ from tests.support import compose, mlflow_runs, write_wav
 from tests.support.deepspeed_checks import check_skipped_update, nan_on_calls
 from tests.support.helpers import avqa_record, write_jsonl
 
-FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_size=2", "data.batch_size=2",
-        "algorithm.num_generations=2", "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false",
-        "save_final_model=false"]
+FAST = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "data.val_size=2",
+    "data.batch_size=2",
+    "algorithm.num_generations=2",
+    "algorithm.max_completion_length=8",
+    "trainer.enable_progress_bar=false",
+    "save_final_model=false",
+]
 
 
 def broken_media(folder):
@@ -41,14 +48,19 @@ def collate():
     return lambda on_error: PromptCollator(load_processor(cfg.model), prompt_spec(cfg), 30, on_error)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("not_audio.wav", "cannot read audio file"), ("header_only.wav", "cannot read audio file"),
-    ("cut.wav", "is truncated: its header declares 32044 bytes, the file has 16022"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("not_audio.wav", "cannot read audio file"),
+        ("header_only.wav", "cannot read audio file"),
+        ("cut.wav", "is truncated: its header declares 32044 bytes, the file has 16022"),
+    ],
+)
 def test_undecodable_audio_names_file_and_line_or_is_skipped(tmp_path, collate, name, message):
     broken_media(tmp_path / "audio")
-    path = write_jsonl(tmp_path / "train.jsonl", [avqa_record(1, audio="audio/good.wav"),
-                                                  avqa_record(2, audio=f"audio/{name}")])
+    path = write_jsonl(
+        tmp_path / "train.jsonl", [avqa_record(1, audio="audio/good.wav"), avqa_record(2, audio=f"audio/{name}")]
+    )
     # The reader finds these from the header (tests/test_bad_input.py); here its check is off to test the loader's.
     items, skipped = read_avqa(path, check_audio=False)
     assert len(items) == 2 and not skipped
@@ -63,8 +75,13 @@ def test_undecodable_audio_names_file_and_line_or_is_skipped(tmp_path, collate, 
 
 def test_unreadable_image_names_the_item_or_is_skipped(tmp_path, collate):
     broken_media(tmp_path)
-    record = {"problem_id": 7, "problem": "Which?", "options": ["A. x", "B. y"], "solution": "<answer>B</answer>",
-              "path": {"image": "bad.jpg", "audio": "good.wav"}}
+    record = {
+        "problem_id": 7,
+        "problem": "Which?",
+        "options": ["A. x", "B. y"],
+        "solution": "<answer>B</answer>",
+        "path": {"image": "bad.jpg", "audio": "good.wav"},
+    }
     (tmp_path / "train.json").write_text(json.dumps([record]))
     items, _ = read_avqa_r1(tmp_path / "train.json")
     with pytest.raises(DataError, match=r"train.json\[item 0, id 7\]: cannot read image file .*bad.jpg"):
@@ -78,8 +95,15 @@ def test_a_run_skips_undecodable_items_lists_and_counts_them(cfg_factory, tmp_pa
     records = [avqa_record(i, audio="audio/good.wav") for i in range(4)]
     records += [avqa_record(10 + i, audio=f"audio/{name}") for i, name in enumerate(bad)]
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    cfg = cfg_factory(*FAST, "data=avqa", f"data.train_path={path}", f"data.val_path={path}", "data.on_error=skip",
-                      "trainer.max_steps=4", "trainer.val_check_interval=4")
+    cfg = cfg_factory(
+        *FAST,
+        "data=avqa",
+        f"data.train_path={path}",
+        f"data.val_path={path}",
+        "data.on_error=skip",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+    )
     train(cfg)
     listed = json.loads((tmp_path / "out/skipped_items.json").read_text())
     assert sorted(r["source"].rsplit(":", 1)[1] for r in listed) == ["5", "6", "7"]
@@ -87,8 +111,12 @@ def test_a_run_skips_undecodable_items_lists_and_counts_them(cfg_factory, tmp_pa
     assert run.data.metrics["data/skipped"] == 3
 
 
-ZERO2_ONE_PROCESS = ["trainer=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1",
-                     "trainer.precision=32-true"]
+ZERO2_ONE_PROCESS = [
+    "trainer=deepspeed_zero2",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+]
 
 
 @pytest.mark.parametrize("strategy", [[], ZERO2_ONE_PROCESS], ids=["plain", "zero2"])
@@ -96,8 +124,14 @@ def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, st
     if strategy:
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     nan_on_calls(monkeypatch, {1})
-    cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.val_check_interval=3", "algorithm.num_generations=4",
-                      "algorithm.temperature=1.5", *strategy)
+    cfg = cfg_factory(
+        *FAST,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "algorithm.num_generations=4",
+        "algorithm.temperature=1.5",
+        *strategy,
+    )
     seen = []
     from avrl.algorithms.grpo import GRPOModule
 
@@ -119,8 +153,9 @@ def test_a_nan_loss_skips_the_update_and_is_counted(cfg_factory, monkeypatch, st
 
 
 @pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_a_skipped_update_under_deepspeed_leaves_no_gradient_behind(cfg_factory, monkeypatch, tmp_path, stage,
-                                                                    restored_environment):
+def test_a_skipped_update_under_deepspeed_leaves_no_gradient_behind(
+    cfg_factory, monkeypatch, tmp_path, stage, restored_environment
+):
     """On CPU processes (gloo); the same on a GPU is in tests/test_gpu.py."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     check_skipped_update(cfg_factory, monkeypatch, tmp_path, stage, "cpu")
@@ -177,13 +212,14 @@ def test_a_server_that_answers_with_an_error_status_counts_as_reachable():
 
 
 def test_secrets_never_reach_params_or_the_config_artifact(cfg_factory, tmp_path):
-    cfg = cfg_factory(*FAST, "+hub_token=hf_abcdef", "+db.password=pw123",
-                      "+notes=see postgresql://bob:pw456@db.example/optuna")
+    cfg = cfg_factory(
+        *FAST, "+hub_token=hf_abcdef", "+db.password=pw123", "+notes=see postgresql://bob:pw456@db.example/optuna"
+    )
     train(cfg)
     client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
     assert run.data.params["hub_token"] == "***" and run.data.params["db.password"] == "***"
     assert run.data.params["notes"] == "see postgresql://bob:***@db.example/optuna"
-    config = (tmp_path / "config.yaml")
+    config = tmp_path / "config.yaml"
     client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     text = config.read_text()
     assert "hf_abcdef" not in text and "pw123" not in text and "pw456" not in text and "hub_token: '***'" in text

@@ -57,15 +57,30 @@ def test_ckpt_path_last_names_the_missing_file_and_auto_starts_fresh_or_resumes(
     assert resolve_ckpt_path("auto", tmp_path) == str(folder / "last.ckpt")
 
 
-COMMON = ["trainer.max_steps=12", "checkpoint_every_n_steps=3", "trainer.val_check_interval=4", "data.val_size=4",
-          "data.batch_size=4", "data.train_size=40", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
-          "algorithm.num_iterations=2", "algorithm.beta=0.04", "trainer.enable_progress_bar=false"]
+COMMON = [
+    "trainer.max_steps=12",
+    "checkpoint_every_n_steps=3",
+    "trainer.val_check_interval=4",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "data.train_size=40",
+    "algorithm.num_generations=2",
+    "algorithm.max_completion_length=8",
+    "algorithm.num_iterations=2",
+    "algorithm.beta=0.04",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def launch(tmp_path, run_dir, *extra, db="mlruns.db"):
     """`python run.py` in the background; its console goes to <run_dir>.log."""
-    return start_cli(f"hydra.run.dir={run_dir}", *COMMON, *extra, log=Path(f"{run_dir}.log"),
-                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{db}"})
+    return start_cli(
+        f"hydra.run.dir={run_dir}",
+        *COMMON,
+        *extra,
+        log=Path(f"{run_dir}.log"),
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{db}"},
+    )
 
 
 def histories(db, run_id):
@@ -132,8 +147,12 @@ def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp
     # Held (support/hold.py) one batch after its second checkpoint, and SIGKILLed there: it cannot finish before the
     # kill, however the machine schedules the two processes; that batch's metrics are in MLflow, in no checkpoint.
     marker = tmp_path / "holding"
-    hold = ["+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint", f"+callbacks.hold.marker={marker}",
-            "+callbacks.hold.checkpoints=2", "+callbacks.hold.batches_after=1"]
+    hold = [
+        "+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint",
+        f"+callbacks.hold.marker={marker}",
+        "+callbacks.hold.checkpoints=2",
+        "+callbacks.hold.batches_after=1",
+    ]
     kill_when_held(launch(tmp_path, tmp_path / "run", *hold), marker)
     assert not (tmp_path / "run/final_model").exists()
     last = tmp_path / "run/checkpoints/last.ckpt"
@@ -149,8 +168,10 @@ def test_sigkill_torn_checkpoint_and_auto_resume_reach_the_uninterrupted_run(tmp
 
     run_info = assert_same_run(tmp_path, reference, tmp_path / "run")
     assert run_info.data.tags["resume_count"] == "1"
-    client, counts = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db"), points(
-        tmp_path / "mlruns.db", run_info.info.run_id)
+    client, counts = (
+        mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db"),
+        points(tmp_path / "mlruns.db", run_info.info.run_id),
+    )
 
     # Finished: the same command once more returns the recorded result and logs nothing.
     again = finish(launch(tmp_path, tmp_path / "run"))
@@ -169,9 +190,14 @@ def test_a_signal_stops_the_run_after_a_checkpoint_at_the_next_step_and_it_resum
     import time
 
     marker, release = tmp_path / "holding", tmp_path / "release"
-    run = launch(tmp_path, tmp_path / "run", "+callbacks.hold._target_=tests.support.hold.HoldAt",
-                 f"+callbacks.hold.marker={marker}", f"+callbacks.hold.release={release}",
-                 "checkpoint_every_n_steps=100")  # no checkpoint of its own before the signal
+    run = launch(
+        tmp_path,
+        tmp_path / "run",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt",
+        f"+callbacks.hold.marker={marker}",
+        f"+callbacks.hold.release={release}",
+        "checkpoint_every_n_steps=100",
+    )  # no checkpoint of its own before the signal
     while not marker.exists():
         assert run.poll() is None, finish(run, check=False)[-3000:]
         time.sleep(0.05)
@@ -209,8 +235,11 @@ def test_auto_continues_a_folder_only_for_the_same_command(tmp_path, monkeypatch
     monkeypatch.setattr(resume, "job_overrides", lambda: ["seed=1", "optim.lr=1e-3", "logger.tracking_uri=x"])
     assert resume.resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")
     monkeypatch.setattr(resume, "job_overrides", lambda: ["optim.lr=1e-4", "seed=1"])
-    with pytest.raises(ValueError, match=r"holds a run of another command \(overrides that differ: optim.lr=1e-3 "
-                                         r"optim.lr=1e-4\).*ckpt_path=last"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a run of another command \(overrides that differ: optim.lr=1e-3 "
+        r"optim.lr=1e-4\).*ckpt_path=last",
+    ):
         resume.resolve_ckpt_path("auto", tmp_path)
     assert resume.resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints/last.ckpt")
 

@@ -39,8 +39,12 @@ def test_a_row_draws_the_same_whatever_the_batch_around_it():
     logits = torch.randn(6, 50)
     keys = [row_key(3, 7, f"q{i}", g) for i in range(3) for g in range(2)]
     whole = KeyedSampler(keys, 0)(torch.zeros(6, 2, dtype=torch.long), logits.clone()).argmax(1)
-    halves = torch.cat([KeyedSampler(keys[:4], 0)(torch.zeros(4, 2, dtype=torch.long), logits[:4].clone()).argmax(1),
-                        KeyedSampler(keys[4:], 0)(torch.zeros(2, 2, dtype=torch.long), logits[4:].clone()).argmax(1)])
+    halves = torch.cat(
+        [
+            KeyedSampler(keys[:4], 0)(torch.zeros(4, 2, dtype=torch.long), logits[:4].clone()).argmax(1),
+            KeyedSampler(keys[4:], 0)(torch.zeros(2, 2, dtype=torch.long), logits[4:].clone()).argmax(1),
+        ]
+    )
     assert torch.equal(whole, halves)
     torch.manual_seed(123)  # the global generator plays no part
     again = KeyedSampler(keys, 0)(torch.zeros(6, 2, dtype=torch.long), logits.clone()).argmax(1)

@@ -64,8 +64,9 @@ def assert_typed(cfg):
 
 
 # --------------------------------------------------------------------------------- every preset composes
-@pytest.mark.parametrize("override", [f"algorithm={o}" for o in options("algorithm")]
-                         + [f"data={o}" for o in options("data")])
+@pytest.mark.parametrize(
+    "override", [f"algorithm={o}" for o in options("algorithm")] + [f"data={o}" for o in options("data")]
+)
 def test_every_algorithm_and_data_option_composes_under_its_schema(override):
     assert_typed(compose([override]))
 
@@ -95,8 +96,9 @@ def test_a_paper_presets_data_keys_meet_another_data_option():
     assert cfg.data.version == "original" and cfg.data.test_path.endswith("mmau-test-mini-original.json")
 
 
-@pytest.mark.parametrize("preset", [f"sweep={o}" for o in options("sweep")]
-                         + [f"search={o}" for o in options("search")])
+@pytest.mark.parametrize(
+    "preset", [f"sweep={o}" for o in options("sweep")] + [f"search={o}" for o in options("search")]
+)
 def test_every_sweep_and_search_presets_jobs_compose_under_the_schemas(preset):
     cfg = compose_with(ROOT / "conf", [preset], hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
@@ -106,31 +108,58 @@ def test_every_sweep_and_search_presets_jobs_compose_under_the_schemas(preset):
 
 
 # ---------------------------------------------------------------------------------- a typo is refused
-@pytest.mark.parametrize("overrides,key", [
-    (["algorithm.num_generatons=8"], "num_generatons"),
-    (["algorithm=sft", "algorithm.shared_prefx=true"], "shared_prefx"),
-    (["algorithm=lora", "algorithm.lora.rnk=4"], "rnk"),
-    (["data.bach_size=4"], "bach_size"),
-    (["data=mmau", "data.verion=original"], "verion"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["algorithm.num_generatons=8"], "num_generatons"),
+        (["algorithm=sft", "algorithm.shared_prefx=true"], "shared_prefx"),
+        (["algorithm=lora", "algorithm.lora.rnk=4"], "rnk"),
+        (["data.bach_size=4"], "bach_size"),
+        (["data=mmau", "data.verion=original"], "verion"),
+    ],
+)
 def test_a_misspelt_key_on_the_command_line_is_refused_naming_it(overrides, key):
     with pytest.raises(ConfigCompositionException) as e:
         compose(overrides)
     assert f"Key '{key}' not in" in refused(e)
 
 
-@pytest.mark.parametrize("path,text,selection,key", [
-    ("algorithm/my_grpo.yaml", "defaults:\n  - grpo\n  - _self_\nname: my_grpo\nnum_generatons: 8\n",
-     "algorithm=my_grpo", "num_generatons"),
-    ("algorithm/my_sft.yaml", "defaults:\n  - sft\n  - _self_\nname: my_sft\nvalidate_at_strat: false\n",
-     "algorithm=my_sft", "validate_at_strat"),
-    ("data/my_data.yaml", "defaults:\n  - avqa\n  - _self_\nname: my_data\ntrian_path: /data/train.jsonl\n",
-     "data=my_data", "trian_path"),
-    ("experiment/my_paper.yaml", "# @package _global_\ndefaults:\n  - override /algorithm: grpo\n"
-     "algorithm:\n  num_generations: 8\n  betta: 0.01\n", "experiment=my_paper", "betta"),
-    ("experiment/my_data_paper.yaml", "# @package _global_\ndata:\n  batch_size: 2\n  eval_bach_size: 8\n",
-     "experiment=my_data_paper", "eval_bach_size"),
-])
+@pytest.mark.parametrize(
+    "path,text,selection,key",
+    [
+        (
+            "algorithm/my_grpo.yaml",
+            "defaults:\n  - grpo\n  - _self_\nname: my_grpo\nnum_generatons: 8\n",
+            "algorithm=my_grpo",
+            "num_generatons",
+        ),
+        (
+            "algorithm/my_sft.yaml",
+            "defaults:\n  - sft\n  - _self_\nname: my_sft\nvalidate_at_strat: false\n",
+            "algorithm=my_sft",
+            "validate_at_strat",
+        ),
+        (
+            "data/my_data.yaml",
+            "defaults:\n  - avqa\n  - _self_\nname: my_data\ntrian_path: /data/train.jsonl\n",
+            "data=my_data",
+            "trian_path",
+        ),
+        (
+            "experiment/my_paper.yaml",
+            "# @package _global_\ndefaults:\n  - override /algorithm: grpo\n"
+            "algorithm:\n  num_generations: 8\n  betta: 0.01\n",
+            "experiment=my_paper",
+            "betta",
+        ),
+        (
+            "experiment/my_data_paper.yaml",
+            "# @package _global_\ndata:\n  batch_size: 2\n  eval_bach_size: 8\n",
+            "experiment=my_data_paper",
+            "eval_bach_size",
+        ),
+    ],
+)
 def test_a_misspelt_key_in_a_preset_is_refused_naming_it(tmp_path, path, text, selection, key):
     (tmp_path / path).parent.mkdir(parents=True)
     (tmp_path / path).write_text(text)
@@ -141,8 +170,10 @@ def test_a_misspelt_key_in_a_preset_is_refused_naming_it(tmp_path, path, text, s
 
 def test_a_misspelt_key_in_a_sweep_preset_is_refused_when_its_jobs_compose(tmp_path):
     (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep/my_grid.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"
-                                                 "      algorithm.betta: 0.0,0.04\n      data.bach_size: 2,4\n")
+    (tmp_path / "sweep/my_grid.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+        "      algorithm.betta: 0.0,0.04\n      data.bach_size: 2,4\n"
+    )
     cfg = compose_with(tmp_path, ["sweep=my_grid"], hydra_config=True)
     for overrides in job_overrides(OmegaConf.to_container(cfg.hydra.sweeper.params)):
         with pytest.raises(ConfigCompositionException) as e:
@@ -168,8 +199,9 @@ def test_interpolated_defaults_resolve_and_follow_their_source():
 
 
 def test_cli_prints_the_interpolations_as_written():
-    out = subprocess.run([sys.executable, "run.py", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["algorithm"]["sampling_seed"] == "${seed}"

@@ -16,9 +16,14 @@ from tests.support import mlflow_runs, run_cli
 
 def test_sweep_syntax_maps_to_optuna_distributions():
     space, fixed = search.search_space(
-        {"optim.lr": "tag(log, interval(1e-5, 1e-2))", "algorithm.beta": "interval(0, 0.1)",
-         "algorithm.num_generations": "choice(2, 4, 8)", "prompt": "no_think,think",
-         "data.batch_size": "range(4, 17, 4)", "algorithm.max_completion_length": "int(interval(8, 64))"},
+        {
+            "optim.lr": "tag(log, interval(1e-5, 1e-2))",
+            "algorithm.beta": "interval(0, 0.1)",
+            "algorithm.num_generations": "choice(2, 4, 8)",
+            "prompt": "no_think,think",
+            "data.batch_size": "range(4, 17, 4)",
+            "algorithm.max_completion_length": "int(interval(8, 64))",
+        },
         ["seed=3", "algorithm.beta=interval(0.01, 0.05)"],
     )
     assert space["optim.lr"] == FloatDistribution(1e-5, 1e-2, log=True)
@@ -41,14 +46,17 @@ def test_trial_values_round_trip_through_hydras_override_parser(value):
     assert override.value() == value and not override.is_sweep_override()
 
 
-@pytest.mark.parametrize("value, error, state", [
-    (0.5, None, TrialState.COMPLETE),
-    (float("nan"), None, TrialState.FAIL),
-    (float("inf"), None, TrialState.FAIL),
-    (None, None, TrialState.FAIL),  # the objective metric was never logged
-    (None, ValueError("bad"), TrialState.FAIL),
-    (None, optuna.TrialPruned("pruned at step 2"), TrialState.PRUNED),
-])
+@pytest.mark.parametrize(
+    "value, error, state",
+    [
+        (0.5, None, TrialState.COMPLETE),
+        (float("nan"), None, TrialState.FAIL),
+        (float("inf"), None, TrialState.FAIL),
+        (None, None, TrialState.FAIL),  # the objective metric was never logged
+        (None, ValueError("bad"), TrialState.FAIL),
+        (None, optuna.TrialPruned("pruned at step 2"), TrialState.PRUNED),
+    ],
+)
 def test_job_outcomes_become_trial_states(value, error, state):
     got, number, reason = search.outcome(value, error)
     assert got == state
@@ -116,8 +124,10 @@ def test_a_trial_the_cluster_ended_is_asked_again_with_its_parameters_and_counte
     assert search.counted_trials(study) == 1  # three attempts of one trial: counted once
 
     cancelled = []
-    monkeypatch.setattr("subprocess.run", lambda args, **kw: cancelled.append(args) or
-                        __import__("subprocess").CompletedProcess(args, 0, "", ""))
+    monkeypatch.setattr(
+        "subprocess.run",
+        lambda args, **kw: cancelled.append(args) or __import__("subprocess").CompletedProcess(args, 0, "", ""),
+    )
     from types import SimpleNamespace
 
     search.cancel_job(SimpleNamespace(number=2, user_attrs={"slurm_job": "12_3"}))  # (a stale trial, frozen)
@@ -165,10 +175,21 @@ hydra:
 
 
 def run_study(tmp_path, *overrides):
-    return run_cli("-m", "search=test_study", f"hydra.searchpath=[file://{tmp_path}/conf]", "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "data.val_size=8", "data.batch_size=2",
-                   "algorithm.num_generations=2", "trainer.enable_progress_bar=false", "save_final_model=false",
-                   *overrides, tmp_path=tmp_path, check=False)
+    return run_cli(
+        "-m",
+        "search=test_study",
+        f"hydra.searchpath=[file://{tmp_path}/conf]",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.val_size=8",
+        "data.batch_size=2",
+        "algorithm.num_generations=2",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        *overrides,
+        tmp_path=tmp_path,
+        check=False,
+    )
 
 
 @pytest.mark.slow
@@ -190,8 +211,9 @@ def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
     # MLflow: one parent for the study, one child per trial, the trial's number as a param and its state as a tag.
     client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("optuna_study") == "test"]
-    children = {int(r.data.params["trial"]): r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        int(r.data.params["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert sorted(children) == [0, 1, 2, 3] and len(runs) == 5
     for trial in study.trials:
         child = children[trial.number]
@@ -205,8 +227,9 @@ def test_optuna_study_prunes_survives_a_crash_resumes_and_is_tracked(tmp_path):
     assert parent.data.tags["best_trial"] == str(best.number)
 
     # The same command with a larger n_trials resumes: two new trials, the first four kept, no parameters replayed.
-    out = run_study(tmp_path, f"hydra.sweep.dir={tmp_path}/second", "hydra.sweeper.n_trials=6",
-                    "algorithm.loss_type=grpo")  # a fixed value on the command line takes it out of the search
+    out = run_study(
+        tmp_path, f"hydra.sweep.dir={tmp_path}/second", "hydra.sweeper.n_trials=6", "algorithm.loss_type=grpo"
+    )  # a fixed value on the command line takes it out of the search
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     study = optuna.load_study(study_name="test", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert len(study.trials) == 6 and [t.state for t in study.trials[:4]] == states
@@ -237,10 +260,21 @@ def test_seeds_expand_into_a_seed_sweep():
 def test_a_quick_search_shorter_than_the_validation_interval_completes(tmp_path):
     """max_steps below trainer.val_check_interval: every trial still returns the final model's val/accuracy (a
     validation runs at the end of training), so the study completes its trials."""
-    out = run_cli("-m", "search=grpo_optuna", "trainer.max_steps=2", "hydra.sweeper.n_trials=2",
-                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", "data.val_size=4", "data.batch_size=2",
-                  "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
-                  f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, check=False)
+    out = run_cli(
+        "-m",
+        "search=grpo_optuna",
+        "trainer.max_steps=2",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "data.val_size=4",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (study_name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
@@ -274,12 +308,24 @@ def test_a_trial_failed_by_another_worker_while_it_runs_is_reported_not_told(tmp
 
     storage, marker, release = f"sqlite:///{tmp_path}/optuna.db", tmp_path / "holding", tmp_path / "go"
     worker = start_cli(
-        "-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=late",
-        "hydra.sweeper.n_trials=1", "trainer.max_steps=2", "data.val_size=4", "data.batch_size=2",
-        "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", "save_final_model=false",
-        "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
-        f"+callbacks.hold.release={release}", f"hydra.sweep.dir={tmp_path}/sweep", log=tmp_path / "worker.log",
-        tmp_path=tmp_path)
+        "-m",
+        "search=grpo_optuna",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=late",
+        "hydra.sweeper.n_trials=1",
+        "trainer.max_steps=2",
+        "data.val_size=4",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt",
+        f"+callbacks.hold.marker={marker}",
+        f"+callbacks.hold.release={release}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        log=tmp_path / "worker.log",
+        tmp_path=tmp_path,
+    )
     wait_for(lambda: marker.exists() or worker.poll() is not None, "the held trial", limit=HANG_GUARD)
     assert worker.poll() is None, worker.log.read_text()[-3000:]
     store = optuna.storages.RDBStorage(storage)

@@ -18,8 +18,16 @@ from avrl import db
 from tests.support import HANG_GUARD, ROOT, finish, mlflow_runs, mlflow_server, run_cli, services, start_cli
 
 # A trial or job of a few seconds: two steps, a small validation, no final controls.
-QUICK = ["trainer.max_steps=2", "data.val_size=4", "data.batch_size=2", "algorithm.max_completion_length=8",
-         "trainer.enable_progress_bar=false", "save_final_model=false", "final_eval.audio=[]", "final_eval.ood=false"]
+QUICK = [
+    "trainer.max_steps=2",
+    "data.val_size=4",
+    "data.batch_size=2",
+    "algorithm.max_completion_length=8",
+    "trainer.enable_progress_bar=false",
+    "save_final_model=false",
+    "final_eval.audio=[]",
+    "final_eval.ood=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +48,19 @@ def test_a_missing_database_driver_is_named_before_any_job_starts(tmp_path):
     for not_a_database in ("http://127.0.0.1:5000", "mlruns", "file:///tmp/mlruns"):
         db.require_driver(not_a_database, "logger.tracking_uri")
 
-    out = run_cli("-m", "search=grpo_optuna", "hydra.sweeper.storage=postgresql+psycopg2://me:secret@127.0.0.1:1/x",
-                  f"hydra.sweep.dir={tmp_path}/sweep", tmp_path=tmp_path, check=False)
+    out = run_cli(
+        "-m",
+        "search=grpo_optuna",
+        "hydra.sweeper.storage=postgresql+psycopg2://me:secret@127.0.0.1:1/x",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert out.returncode == 1
-    assert "hydra.sweeper.storage=postgresql+psycopg2://me:***@127.0.0.1:1/x needs the database driver `psycopg2`" \
+    assert (
+        "hydra.sweeper.storage=postgresql+psycopg2://me:***@127.0.0.1:1/x needs the database driver `psycopg2`"
         in out.stderr
+    )
     assert "secret" not in out.stdout + out.stderr
     assert not list((tmp_path / "sweep").glob("[0-9]*"))  # no job started
 
@@ -53,8 +69,9 @@ def test_a_sweep_whose_mlflow_server_does_not_answer_starts_no_job(tmp_path):
     """Hydra turns an exception in a multirun callback into a warning and runs the jobs anyway (each then failing,
     or logging outside the sweep); avrl's parent-run callback stops the sweep at once instead, naming the server."""
     url = f"http://127.0.0.1:{services.free_port()}"
-    out = run_cli("-m", "algorithm=grpo,sft", f"hydra.sweep.dir={tmp_path}/sweep", env={"MLFLOW_TRACKING_URI": url},
-                  check=False)
+    out = run_cli(
+        "-m", "algorithm=grpo,sft", f"hydra.sweep.dir={tmp_path}/sweep", env={"MLFLOW_TRACKING_URI": url}, check=False
+    )
     assert out.returncode == 1
     assert f"no job was started: MLflow tracking server {url} is unreachable" in out.stderr
     assert not list((tmp_path / "sweep").glob("[0-9]*"))
@@ -94,25 +111,46 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
     storage = services.create_database(postgres_url, "optuna")
     with mlflow_server(tmp_path, backend=services.create_database(postgres_url, "mlflow")) as tracking:
         env = {"MLFLOW_TRACKING_URI": tracking}
-        study_args = ["-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
-                      *QUICK]
+        study_args = [
+            "-m",
+            "search=grpo_optuna",
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=shared",
+            *QUICK,
+        ]
         # Beats every second (stale after 2 s) only for the worker that is killed and the one that checks after it:
         # two live workers with such a short grace could fail each other's trials on a busy machine.
         fast_beats = "hydra.sweeper.heartbeat_interval=1"
 
         started = time.monotonic()
-        workers = {name: start_cli(*study_args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}",
-                                   env=env, log=tmp_path / f"{name}.log") for name in ("a", "b")}
+        workers = {
+            name: start_cli(
+                *study_args,
+                "hydra.sweeper.n_trials=4",
+                f"hydra.sweep.dir={tmp_path}/{name}",
+                env=env,
+                log=tmp_path / f"{name}.log",
+            )
+            for name in ("a", "b")
+        }
         for name, process in workers.items():
             finish(process)
         together_s = time.monotonic() - started
-        ran = {name: [j["job"] for j in json.loads((tmp_path / name / "sweep_summary.json").read_text())["jobs"]]
-               for name in workers}
+        ran = {
+            name: [j["job"] for j in json.loads((tmp_path / name / "sweep_summary.json").read_text())["jobs"]]
+            for name in workers
+        }
         assert sorted(ran["a"] + ran["b"]) == [0, 1, 2, 3], ran  # each trial once, n_trials is the study's total
 
         # A worker killed in the middle of trial 4: the trial stays RUNNING until someone checks its heartbeat.
-        killed = start_cli(*study_args, fast_beats, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={tmp_path}/killed",
-                           env=env, log=tmp_path / "killed.log")
+        killed = start_cli(
+            *study_args,
+            fast_beats,
+            "hydra.sweeper.n_trials=5",
+            f"hydra.sweep.dir={tmp_path}/killed",
+            env=env,
+            log=tmp_path / "killed.log",
+        )
         store = optuna.storages.RDBStorage(storage)
 
         def trial_4_has_a_run() -> bool:
@@ -125,8 +163,16 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
         killed.wait()
         time.sleep(3)  # > the grace period (2 heartbeat intervals): no heartbeat can come from a dead worker
 
-        finish(start_cli(*study_args, fast_beats, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path}/c", env=env,
-                         log=tmp_path / "c.log"))
+        finish(
+            start_cli(
+                *study_args,
+                fast_beats,
+                "hydra.sweeper.n_trials=6",
+                f"hydra.sweep.dir={tmp_path}/c",
+                env=env,
+                log=tmp_path / "c.log",
+            )
+        )
         resumed = json.loads((tmp_path / "c" / "sweep_summary.json").read_text())["jobs"]
         assert [j["job"] for j in resumed] == [5] and resumed[0]["status"] == "COMPLETE"
 
@@ -136,18 +182,24 @@ def test_optuna_workers_share_a_postgresql_study(postgres_url, tmp_path):
 
         client, runs = mlflow_runs(tracking)
         (parent,) = [r for r in runs if r.data.tags.get("optuna_study") == "shared"]
-        children = {int(r.data.params["trial"]): r for r in runs
-                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        children = {
+            int(r.data.params["trial"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
         assert sorted(children) == list(range(6)) and len(runs) == 7
         assert parent.info.status == "FINISHED"  # closed by the last worker to end, none of its trials running
         assert children[4].info.status == "FAILED" and children[4].data.tags["optuna_state"] == "FAIL"
         assert "heartbeats" in children[4].data.tags["optuna_reason"]
         assert all(children[n].info.status == "FINISHED" for n in (0, 1, 2, 3, 5))
 
-        seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
-                   if t.state == TrialState.COMPLETE]
-        print(f"\ntwo workers, 4 trials: {together_s:.0f} s in all; trials per worker {ran}; "
-              f"{sum(seconds) / len(seconds):.1f} s per trial (mean of {len(seconds)})")
+        seconds = [
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.trials
+            if t.state == TrialState.COMPLETE
+        ]
+        print(
+            f"\ntwo workers, 4 trials: {together_s:.0f} s in all; trials per worker {ran}; "
+            f"{sum(seconds) / len(seconds):.1f} s per trial (mean of {len(seconds)})"
+        )
 
 
 @pytest.mark.slow
@@ -162,17 +214,33 @@ def test_a_trial_outlives_its_database_connections_being_terminated(postgres_url
 
     storage = services.create_database(postgres_url, "blip")
     marker, release = tmp_path / "held", tmp_path / "go"
-    study_args = ["-m", "search=grpo_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=blip",
-                  "hydra.sweeper.heartbeat_interval=1", *QUICK]
+    study_args = [
+        "-m",
+        "search=grpo_optuna",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=blip",
+        "hydra.sweeper.heartbeat_interval=1",
+        *QUICK,
+    ]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
-    first = start_cli(*study_args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/first",
-                      "+callbacks.hold._target_=tests.support.hold.HoldAt", f"+callbacks.hold.marker={marker}",
-                      f"+callbacks.hold.release={release}", env=env, log=tmp_path / "first.log")
-    services.wait_for(lambda: marker.exists() or first.poll() is not None, "the held trial", first.log,
-                      limit=HANG_GUARD)
+    first = start_cli(
+        *study_args,
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweep.dir={tmp_path}/first",
+        "+callbacks.hold._target_=tests.support.hold.HoldAt",
+        f"+callbacks.hold.marker={marker}",
+        f"+callbacks.hold.release={release}",
+        env=env,
+        log=tmp_path / "first.log",
+    )
+    services.wait_for(
+        lambda: marker.exists() or first.poll() is not None, "the held trial", first.log, limit=HANG_GUARD
+    )
     with psycopg.connect(f"{postgres_url}/postgres", autocommit=True) as connection:
-        terminated, at = connection.execute("SELECT count(pg_terminate_backend(pid)), now() FROM pg_stat_activity "
-                                            "WHERE datname = 'blip' AND pid <> pg_backend_pid()").fetchone()
+        terminated, at = connection.execute(
+            "SELECT count(pg_terminate_backend(pid)), now() FROM pg_stat_activity "
+            "WHERE datname = 'blip' AND pid <> pg_backend_pid()"
+        ).fetchone()
     assert terminated >= 1
 
     def beating_again() -> bool:  # a heartbeat recorded after the connections were terminated
@@ -182,8 +250,15 @@ def test_a_trial_outlives_its_database_connections_being_terminated(postgres_url
         return last is not None and last.replace(tzinfo=None) > at.replace(tzinfo=None)
 
     services.wait_for(beating_again, "a heartbeat after the blip", first.log, limit=HANG_GUARD)
-    finish(start_cli(*study_args, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/second", env=env,
-                     log=tmp_path / "second.log"))
+    finish(
+        start_cli(
+            *study_args,
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={tmp_path}/second",
+            env=env,
+            log=tmp_path / "second.log",
+        )
+    )
     release.touch()
     finish(first)
     study = optuna.load_study(study_name="blip", storage=storage)
@@ -202,10 +277,23 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed here")
     with services.slurm() as (slurm_env, cluster), mlflow_server(tmp_path) as tracking:
         env = {**slurm_env, "MLFLOW_TRACKING_URI": tracking}
-        launcher = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-                    "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"]
-        out = start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "algorithm.loss_type=no_such_loss,grpo",
-                        *QUICK, f"hydra.sweep.dir={tmp_path}/sweep", env=env, log=tmp_path / "sweep.log")
+        launcher = [
+            "hydra/launcher=slurm",
+            "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=4",
+            "hydra.launcher.timeout_min=60",
+        ]
+        out = start_cli(
+            "-m",
+            *launcher,
+            "hydra.launcher.tasks_per_node=1",
+            "algorithm.loss_type=no_such_loss,grpo",
+            *QUICK,
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            env=env,
+            log=tmp_path / "sweep.log",
+        )
         console = finish(out, check=False)
         assert out.returncode == 1, console[-4000:]
         assert "1 of 2 jobs failed" in console and "sweep summary: 1 of 2 jobs completed" in console
@@ -219,8 +307,11 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
 
         client, runs = mlflow_runs(tracking)
         (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
-        children = {r.data.params["algorithm.loss_type"]: r for r in runs
-                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        children = {
+            r.data.params["algorithm.loss_type"]: r
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
         assert children["no_such_loss"].info.status == "FAILED" and children["grpo"].info.status == "FINISHED"
         assert parent.info.status == "FAILED"
         for run in children.values():
@@ -230,9 +321,20 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
             assert "slurm.gpus_on_node" not in tags  # gpus_per_node=0: no GPU asked for, none given
 
         # One task per device: 2 tasks per node -> trainer.devices=2, a DDP job whose ranks are SLURM's tasks.
-        finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=2", "trainer.devices=2",
-                         "trainer.strategy=ddp", "algorithm=grpo,sft", *QUICK, f"hydra.sweep.dir={tmp_path}/ddp",
-                         env=env, log=tmp_path / "ddp.log"))
+        finish(
+            start_cli(
+                "-m",
+                *launcher,
+                "hydra.launcher.tasks_per_node=2",
+                "trainer.devices=2",
+                "trainer.strategy=ddp",
+                "algorithm=grpo,sft",
+                *QUICK,
+                f"hydra.sweep.dir={tmp_path}/ddp",
+                env=env,
+                log=tmp_path / "ddp.log",
+            )
+        )
         _, runs = mlflow_runs(tracking)
         (parent,) = [r for r in runs if r.data.tags.get("sweep_dir") == f"{tmp_path}/ddp"]
         ddp = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -247,13 +349,23 @@ def test_a_sweep_through_a_real_slurm_cluster(tmp_path):
         import optuna
 
         storage = f"sqlite:///{tmp_path}/optuna.db"
-        finish(start_cli("-m", *launcher, "hydra.launcher.tasks_per_node=1", "search=grpo_optuna",
-                         f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=on_slurm",
-                         "hydra.sweeper.n_trials=2", *QUICK, f"hydra.sweep.dir={tmp_path}/study", env=env,
-                         log=tmp_path / "study.log"))
+        finish(
+            start_cli(
+                "-m",
+                *launcher,
+                "hydra.launcher.tasks_per_node=1",
+                "search=grpo_optuna",
+                f"hydra.sweeper.storage={storage}",
+                "hydra.sweeper.study_name=on_slurm",
+                "hydra.sweeper.n_trials=2",
+                *QUICK,
+                f"hydra.sweep.dir={tmp_path}/study",
+                env=env,
+                log=tmp_path / "study.log",
+            )
+        )
         study = optuna.load_study(study_name="on_slurm", storage=storage)
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
         _, runs = mlflow_runs(tracking)
         trial_runs = [r for r in runs if r.data.params.get("trial") in ("0", "1") and "slurm.job_id" in r.data.tags]
         assert len({r.data.tags["slurm.job_id"] for r in trial_runs}) == 2  # one SLURM job per trial
-

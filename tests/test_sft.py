@@ -12,12 +12,17 @@ from tests.support import compose
 RANDOM_INIT = "model.name_or_path='${avrl_tiny_init:${model.family}}'"  # not yet taught the answer format
 
 
-@pytest.mark.parametrize("overrides", [["algorithm=sft", RANDOM_INIT],
-                                       ["algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink", RANDOM_INIT],
-                                       ["algorithm=sft", "model=tiny_qwen3_omni", RANDOM_INIT],
-                                       ["algorithm=lora", RANDOM_INIT],
-                                       ["algorithm=lora", "model=tiny_qwen3_omni", RANDOM_INIT]],
-                         ids=["qwen2_audio", "omni", "qwen3_omni", "lora", "lora_qwen3_omni"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm=sft", RANDOM_INIT],
+        ["algorithm=sft", "model=tiny_qwen2_5_omni", "prompt=echoink", RANDOM_INIT],
+        ["algorithm=sft", "model=tiny_qwen3_omni", RANDOM_INIT],
+        ["algorithm=lora", RANDOM_INIT],
+        ["algorithm=lora", "model=tiny_qwen3_omni", RANDOM_INIT],
+    ],
+    ids=["qwen2_audio", "omni", "qwen3_omni", "lora", "lora_qwen3_omni"],
+)
 def test_sft_lowers_loss_on_a_fixed_batch(overrides):
     cfg = compose([*overrides, "data.label_mode=gold"])
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)

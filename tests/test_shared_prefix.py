@@ -30,9 +30,17 @@ def tiny(model_name: str, tmp_path: Path, *overrides):
         image = tmp_path / "a.png"
         Image.fromarray((np.random.default_rng(0).random((56, 56, 3)) * 255).astype("uint8")).save(image)
     clips = [write_wav(tmp_path / f"{i}.wav", seconds=1 + 0.5 * i, freq=300 + 400 * i) for i in range(2)]
-    items = [QAItem(id=str(i), question=f"Question {i}" + " word" * (3 * i) + "?", choices=["a", "b"],
-                    answer_index=0, audio=str(clips[i]), image=str(image) if image and i == 0 else None)
-             for i in range(2)]
+    items = [
+        QAItem(
+            id=str(i),
+            question=f"Question {i}" + " word" * (3 * i) + "?",
+            choices=["a", "b"],
+            answer_index=0,
+            audio=str(clips[i]),
+            image=str(image) if image and i == 0 else None,
+        )
+        for i in range(2)
+    ]
     loaded = [with_media(item, processor.sampling_rate, 30) for item in items]
     prompts = [processor.render(item.question, True, item.image is not None) for item, _ in loaded]
     images = [im for _, im in loaded] if cfg.model.images else None
@@ -129,12 +137,26 @@ def test_grpo_run_gives_the_repeated_paths_weights(tmp_path):
 
     weights = {}
     for shared in (True, False):
-        cfg = compose(["logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_size=2",
-                          "data.val_size=2", "algorithm.num_generations=4", "algorithm.max_completion_length=8",
-                          "algorithm.temperature=1.5", "algorithm.beta=0.04", "algorithm.micro_batch_prompts=1",
-                          "algorithm.num_iterations=2", "algorithm.validate_at_start=false", "optim.eps=1e-6",
-                       "model.freeze_audio_encoder=false", f"algorithm.shared_prefix={str(shared).lower()}"],
-                      output_dir=str(tmp_path / f"shared_prefix_{shared}"))
+        cfg = compose(
+            [
+                "logger=none",
+                "trainer.max_steps=3",
+                "trainer.val_check_interval=3",
+                "data.batch_size=2",
+                "data.val_size=2",
+                "algorithm.num_generations=4",
+                "algorithm.max_completion_length=8",
+                "algorithm.temperature=1.5",
+                "algorithm.beta=0.04",
+                "algorithm.micro_batch_prompts=1",
+                "algorithm.num_iterations=2",
+                "algorithm.validate_at_start=false",
+                "optim.eps=1e-6",
+                "model.freeze_audio_encoder=false",
+                f"algorithm.shared_prefix={str(shared).lower()}",
+            ],
+            output_dir=str(tmp_path / f"shared_prefix_{shared}"),
+        )
         train(cfg)
         weights[shared] = load_file(Path(cfg.output_dir) / "final_model/model.safetensors")
     base = load_file(ROOT / "avrl/assets/tiny_qwen2_audio/model.safetensors")

@@ -60,11 +60,18 @@ def test_calls_wait_on_disk_in_order_and_are_sent_once_when_the_server_is_back(t
     assert client.get_run("r") == "a read, never spooled"
     server.up = True
     client.log_batch("r", metrics=metric(3))
+
     def batch(step):
         return ("log_batch", "r", [("train/loss", float(step), step)])
 
-    assert server.received == [batch(0), batch(1), ("log_artifact", "r", "{}", None),
-                               ("set_tag", "r", "best_checkpoint", str(tmp_path)), batch(2), batch(3)]
+    assert server.received == [
+        batch(0),
+        batch(1),
+        ("log_artifact", "r", "{}", None),
+        ("set_tag", "r", "best_checkpoint", str(tmp_path)),
+        batch(2),
+        batch(3),
+    ]
     assert not (tmp_path / "mlflow_spool").exists() and client.flush()
 
 
@@ -111,10 +118,27 @@ def test_a_run_outlives_its_mlflow_server_going_away_and_coming_back_on_the_same
     uri = f"http://127.0.0.1:{port}"
 
     def serve():
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
-                                   "--artifacts-destination", str(tmp_path / "art"), "--workers", "1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path}/server.db",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(tmp_path / "art"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while not spool.healthy(uri):
             assert server.poll() is None, "mlflow server exited at start"
             time.sleep(0.2)
@@ -126,13 +150,29 @@ def test_a_run_outlives_its_mlflow_server_going_away_and_coming_back_on_the_same
             time.sleep(0.2)
 
     server = serve()
-    holds = [f"+callbacks.{name}.{key}={value}" for name, step in (("away", 2), ("back", 5)) for key, value in
-             (("_target_", "tests.support.hold.HoldAt"), ("marker", tmp_path / f"{name}.held"),
-              ("release", tmp_path / f"{name}.go"), ("step", step))]
-    run = start_cli(f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=8", "trainer.val_check_interval=4",
-                    "data.val_size=4", "data.batch_size=2", "algorithm.num_generations=2",
-                    "algorithm.max_completion_length=8", "trainer.enable_progress_bar=false", *holds,
-                    env={"MLFLOW_TRACKING_URI": uri}, log=tmp_path / "run.log")
+    holds = [
+        f"+callbacks.{name}.{key}={value}"
+        for name, step in (("away", 2), ("back", 5))
+        for key, value in (
+            ("_target_", "tests.support.hold.HoldAt"),
+            ("marker", tmp_path / f"{name}.held"),
+            ("release", tmp_path / f"{name}.go"),
+            ("step", step),
+        )
+    ]
+    run = start_cli(
+        f"hydra.run.dir={tmp_path}/run",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "data.val_size=4",
+        "data.batch_size=2",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        *holds,
+        env={"MLFLOW_TRACKING_URI": uri},
+        log=tmp_path / "run.log",
+    )
     try:
         held(tmp_path / "away.held", run)
         server.terminate()

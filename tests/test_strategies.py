@@ -22,9 +22,11 @@ def test_fsdp_on_one_device_or_on_cpu_is_refused_before_anything_starts(cfg_fact
     from avrl.strategies import check
     from avrl.train import train
 
-    for overrides, where in ((["trainer.devices=1"], "on 1 device"),
-                             (["trainer.strategy=fsdp", "trainer.devices=1"], "on 1 device"),  # Lightning's name
-                             (["trainer.accelerator=cpu", "trainer.devices=2"], "on CPU")):
+    for overrides, where in (
+        (["trainer.devices=1"], "on 1 device"),
+        (["trainer.strategy=fsdp", "trainer.devices=1"], "on 1 device"),  # Lightning's name
+        (["trainer.accelerator=cpu", "trainer.devices=2"], "on CPU"),
+    ):
         cfg = cfg_factory("trainer=fsdp", *overrides)
         with pytest.raises(ValueError, match=f"trainer=fsdp {where}.*trainer=deepspeed_zero3 trainer.devices=1"):
             train(cfg)
@@ -69,7 +71,7 @@ def test_the_papers_zero3_config_resolves_as_the_hf_trainer_would():
 def test_auto_values_avrl_cannot_fill_are_named():
     with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size"):
         resolve_auto({"zero_optimization": {"reduce_bucket_size": "auto"}}, hidden_size=None, max_grad_norm=1.0)
-    with pytest.raises(ValueError, match="left \"auto\".*communication_data_type"):
+    with pytest.raises(ValueError, match='left "auto".*communication_data_type'):
         resolve_auto({"communication_data_type": "auto"}, hidden_size=8, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="gradient_clipping=0.5 but optim.max_grad_norm=1.0"):
         resolve_auto({"gradient_clipping": 0.5}, hidden_size=8, max_grad_norm=1.0)
@@ -86,8 +88,11 @@ def test_deepspeed_reads_the_resolved_values_where_it_would_drop_or_keep_the_raw
     raw = json.loads(PAPER_ZERO3.read_text())
     resolved = DeepSpeedConfig({**resolve_auto(raw, hidden_size=64, max_grad_norm=1.0), **batch})
     assert resolved.zero_optimization_stage == 3 and resolved.gradient_clipping == 1.0
-    assert (resolved.zero_config.reduce_bucket_size, resolved.zero_config.prefetch_bucket_size,
-            resolved.zero_config.param_persistence_threshold) == (4096, int(0.9 * 4096), 640)
+    assert (
+        resolved.zero_config.reduce_bucket_size,
+        resolved.zero_config.prefetch_bucket_size,
+        resolved.zero_config.param_persistence_threshold,
+    ) == (4096, int(0.9 * 4096), 640)
     # Unresolved, DeepSpeed silently swaps its own defaults in for the sizes and keeps the string "auto" as the
     # clipping norm (which its engine then compares with a number).
     unresolved = DeepSpeedConfig({**raw, **batch, "train_batch_size": 2})
@@ -98,8 +103,12 @@ def test_the_strategy_gets_the_clipping_norm_and_hidden_size_from_the_run_config
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
     from avrl import strategies
 
-    cfg = cfg_factory("model=tiny_qwen2_5_omni", "trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}",
-                      "optim.max_grad_norm=0.3")
+    cfg = cfg_factory(
+        "model=tiny_qwen2_5_omni",
+        "trainer=deepspeed_zero3",
+        f"trainer.strategy.config={PAPER_ZERO3}",
+        "optim.max_grad_norm=0.3",
+    )
     strategy = strategies.build(OmegaConf.to_container(cfg.trainer.strategy, resolve=True), cfg)
     assert strategy.config["gradient_clipping"] == 0.3
     assert strategy.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny Omni text config's
@@ -110,8 +119,9 @@ CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precis
 
 
 def run(run_dir, *overrides, stubs=False):
-    return final_weights_of_cli_run(run_dir, *COMMON, *overrides,
-                                    pythonpath=ROOT / "tests/support/cpu_stubs" if stubs else None)
+    return final_weights_of_cli_run(
+        run_dir, *COMMON, *overrides, pythonpath=ROOT / "tests/support/cpu_stubs" if stubs else None
+    )
 
 
 @pytest.mark.slow
@@ -133,11 +143,18 @@ def test_zero3_with_the_papers_config_on_two_cpu_processes_equals_one_process(tm
     # Micro-batches too: ZeRO-3 starts a micro-step in the engine's forward, which the micro-batches inside one
     # Lightning step never call; without starting each by hand it copied the second's gradients over the first's.
     one = run(tmp_path / "one", "data.batch_size=4", "algorithm.micro_batch_prompts=2")
-    run(tmp_path / "zero3", "trainer=deepspeed_zero3", f"trainer.strategy.config={PAPER_ZERO3}", *CPU_PROCESSES,
-        "algorithm.micro_batch_prompts=1", stubs=True)
+    run(
+        tmp_path / "zero3",
+        "trainer=deepspeed_zero3",
+        f"trainer.strategy.config={PAPER_ZERO3}",
+        *CPU_PROCESSES,
+        "algorithm.micro_batch_prompts=1",
+        stubs=True,
+    )
     # The gathered final model is a transformers folder under the usual weight names, with the one-process weights.
-    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "zero3/final_model",
-                                                                      output_loading_info=True)
+    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(
+        tmp_path / "zero3/final_model", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     saved = load_file(tmp_path / "zero3/final_model/model.safetensors")
     assert set(saved) == set(one)

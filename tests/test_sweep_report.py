@@ -60,8 +60,9 @@ def sweep(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
     (folder / PARENT_RUN_FILE).write_text(parent)
-    return SimpleNamespace(client=client, parent=parent, folder=folder, made=made,
-                           uri=f"sqlite:///{tmp_path}/mlruns.db")
+    return SimpleNamespace(
+        client=client, parent=parent, folder=folder, made=made, uri=f"sqlite:///{tmp_path}/mlruns.db"
+    )
 
 
 def rows(text: str, heading: str) -> list[list[str]]:
@@ -79,8 +80,12 @@ def test_one_finished_run_per_arm_and_seed_the_rest_listed_apart(sweep):
         mean, low, high = interval(finals)
         assert arms[arm][3] == "2" and arms[arm][4] == f"{100 * mean:.2f} ± {100 * (high - mean):.2f}"
     left = {row[0]: row for row in rows(text, "## Runs left out")}
-    assert sorted(left) == ["grpo failed attempt", "grpo seed 2 first", "sft · no_think · seed 3",
-                            "sft · no_think · seed 4"]
+    assert sorted(left) == [
+        "grpo failed attempt",
+        "grpo seed 2 first",
+        "sft · no_think · seed 3",
+        "sft · no_think · seed 4",
+    ]
     assert left["grpo failed attempt"][3:] == ["FAILED", "did not finish"]
     assert left["sft · no_think · seed 3"][3:] == ["KILLED", "did not finish"]
     assert left["sft · no_think · seed 4"][3:] == ["RUNNING", "still running"]
@@ -129,12 +134,22 @@ def test_plots_draw_one_line_per_arm_with_the_tables_interval(sweep, monkeypatch
 
 def test_the_study_plot_draws_the_best_trial_so_far(tmp_path):
     def trial(number, state, value):
-        return SimpleNamespace(data=SimpleNamespace(params={"trial": str(number), "objective": "val/accuracy"},
-                                                    tags={"optuna_state": state},
-                                                    metrics={"val/accuracy": value}))
+        return SimpleNamespace(
+            data=SimpleNamespace(
+                params={"trial": str(number), "objective": "val/accuracy"},
+                tags={"optuna_state": state},
+                metrics={"val/accuracy": value},
+            )
+        )
 
-    runs = [trial(0, "COMPLETE", 0.3), trial(1, "COMPLETE", 0.5), trial(2, "PRUNED", 0.9), trial(3, "COMPLETE", 0.4),
-            trial(4, "FAIL", 0.95), trial(5, "COMPLETE", 0.6)]
+    runs = [
+        trial(0, "COMPLETE", 0.3),
+        trial(1, "COMPLETE", 0.5),
+        trial(2, "PRUNED", 0.9),
+        trial(3, "COMPLETE", 0.4),
+        trial(4, "FAIL", 0.95),
+        trial(5, "COMPLETE", 0.6),
+    ]
     best = report.plot_study(runs, "maximize", tmp_path / "study.png")
     assert best == [(0, 30.0), (1, 50.0), (3, 50.0), (5, 60.0)]  # pruned and failed trials are not a best
     assert report.plot_study(runs, "minimize", tmp_path / "min.png")[-1] == (5, 30.0)
@@ -143,19 +158,37 @@ def test_the_study_plot_draws_the_best_trial_so_far(tmp_path):
     assert report.plot_study(runs[2:3], "maximize", tmp_path / "none.png") == []
 
 
-@pytest.mark.parametrize("params, command_line, want", [
-    ({"algorithm": "grpo,sft,lora"}, ["sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2"],
-     ["grpo · no_think · seed 42", "grpo · no_think · seed 43", "sft · no_think · seed 42",
-      "sft · no_think · seed 43"]),
-    ({"reward.weights.format": "0.0,0.5"}, ["seed=1,2", "model=tiny_qwen2_audio"],
-     ["grpo · no_think · format=0.0 · seed 1", "grpo · no_think · format=0.0 · seed 2",
-      "grpo · no_think · format=0.5 · seed 1", "grpo · no_think · format=0.5 · seed 2"]),
-])
+@pytest.mark.parametrize(
+    "params, command_line, want",
+    [
+        (
+            {"algorithm": "grpo,sft,lora"},
+            ["sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2"],
+            [
+                "grpo · no_think · seed 42",
+                "grpo · no_think · seed 43",
+                "sft · no_think · seed 42",
+                "sft · no_think · seed 43",
+            ],
+        ),
+        (
+            {"reward.weights.format": "0.0,0.5"},
+            ["seed=1,2", "model=tiny_qwen2_audio"],
+            [
+                "grpo · no_think · format=0.0 · seed 1",
+                "grpo · no_think · format=0.0 · seed 2",
+                "grpo · no_think · format=0.5 · seed 1",
+                "grpo · no_think · format=0.5 · seed 2",
+            ],
+        ),
+    ],
+)
 def test_sweep_runs_are_named_by_what_differs_arm_and_seed(tmp_path, monkeypatch, params, command_line, want):
     """Each job's name: its method and prompt, the overrides the sweep varies (not those every job shares), its
     seed; the arm tag is the name without the seed."""
-    OmegaConf.save({"hydra": {"sweeper": {"params": params}, "overrides": {"task": command_line}}},
-                   tmp_path / "multirun.yaml")
+    OmegaConf.save(
+        {"hydra": {"sweeper": {"params": params}, "overrides": {"task": command_line}}}, tmp_path / "multirun.yaml"
+    )
     names = []
     for job in range(4):
         if params.get("algorithm"):
@@ -178,19 +211,25 @@ def test_a_name_without_the_sweeps_file_holds_every_override(tmp_path, monkeypat
     """An override with an interpolation only the job resolves is read as written; without multirun.yaml every
     override but the seed is in the name (long, but never two runs under one name)."""
     task = ["trainer.max_steps=2", r"+callbacks.hold.marker=/tmp/held-$\{seed\}", "seed=1"]  # as Hydra escapes it
-    monkeypatch.setattr(tracking, "hydra_config", lambda: OmegaConf.create(
-        {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}}))
+    monkeypatch.setattr(
+        tracking,
+        "hydra_config",
+        lambda: OmegaConf.create({"sweep": {"dir": str(tmp_path)}, "overrides": {"task": task}}),
+    )
     cfg, tags = OmegaConf.create({"seed": 1, "trial": None}), {"algorithm": "grpo", "prompt": "no_think"}
     assert tracking.run_label(cfg, tags)[1] == r"grpo · no_think · max_steps=2 · marker=/tmp/held-$\{seed\} · seed 1"
     sweep_line = ["trainer.max_steps=2", "+callbacks.hold.marker=/tmp/held-${seed}", "seed=1,2"]  # multirun.yaml's
-    OmegaConf.save({"hydra": {"sweeper": {"params": None}, "overrides": {"task": sweep_line}}},
-                   tmp_path / "multirun.yaml")
+    OmegaConf.save(
+        {"hydra": {"sweeper": {"params": None}, "overrides": {"task": sweep_line}}}, tmp_path / "multirun.yaml"
+    )
     assert tracking.run_label(cfg, tags)[1] == "grpo · no_think · seed 1"
 
 
 def test_the_parent_is_named_by_its_preset_and_what_the_command_line_sweeps():
-    assert sweep_name(["sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2"]) == \
-        "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"
+    assert (
+        sweep_name(["sweep=rl_vs_sft", "algorithm=grpo,sft", "seeds=2", "trainer.max_steps=2"])
+        == "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"
+    )
     assert sweep_name(["seeds=1", "seed=1,2", "data.val_size=4"]) == "sweep seed=1,2"
 
 

@@ -31,11 +31,17 @@ def run(**tags):
 
 
 def test_the_report_lists_each_version_once_and_flags_runs_that_disagree():
-    runs = [run(python="3.11.7", transformers="5.25.0", avrl="abc"), run(python="3.11.7", transformers="5.25.0",
-            avrl="abc"), run(python="3.11.7", transformers="5.24.0", avrl="abc")]
+    runs = [
+        run(python="3.11.7", transformers="5.25.0", avrl="abc"),
+        run(python="3.11.7", transformers="5.25.0", avrl="abc"),
+        run(python="3.11.7", transformers="5.24.0", avrl="abc"),
+    ]
     rows = environment_table(runs).splitlines()[2:]
-    assert rows == ["| python | 3.11.7 |", "| avrl | abc |",
-                    "| transformers | **differs:** 5.25.0 (2 runs), 5.24.0 (1 runs) |"]
+    assert rows == [
+        "| python | 3.11.7 |",
+        "| avrl | abc |",
+        "| transformers | **differs:** 5.25.0 (2 runs), 5.24.0 (1 runs) |",
+    ]
     assert environment_table([SimpleNamespace(data=SimpleNamespace(tags={}))]) == ""
 
 
@@ -62,5 +68,6 @@ def test_the_lock_pins_every_dependency_within_pyprojects_ranges():
     for requirement in checked:
         name = requirement.name.lower().replace("_", "-")
         assert name in pinned, f"{requirement.name} is not in constraints.txt: run bash .ci/latest"
-        assert requirement.specifier.contains(pinned[name]), f"constraints.txt pins {name}=={pinned[name]}, " \
-            f"outside pyproject.toml's {requirement}"
+        assert requirement.specifier.contains(pinned[name]), (
+            f"constraints.txt pins {name}=={pinned[name]}, outside pyproject.toml's {requirement}"
+        )

@@ -16,8 +16,9 @@ def saved_names(asset):
         return set(f.keys())
 
 
-@pytest.mark.parametrize("model, prefix", [
-    ("tiny_qwen2_audio", ""), ("tiny_qwen2_5_omni", "thinker."), ("tiny_qwen3_omni", "thinker.")])
+@pytest.mark.parametrize(
+    "model, prefix", [("tiny_qwen2_audio", ""), ("tiny_qwen2_5_omni", "thinker."), ("tiny_qwen3_omni", "thinker.")]
+)
 def test_synced_weights_are_the_checkpoint_names_and_values(model, prefix):
     """transformers' own save_pretrained wrote the tiny assets in checkpoint layout (names; Qwen3-Omni's experts one
     by one); the hub's Omni checkpoints, which vLLM loads, hold the thinker under "thinker."."""

@@ -89,8 +89,13 @@ class AudioLMModule(L.LightningModule):
     def score_greedy(self, batch: dict) -> list[dict]:
         """Greedy completions for a batch, each scored (protocol "strict"): the deterministic evaluation used in
         validation, through the same path as task=eval."""
-        return score_batch(self.policy, batch, self.prompt, sampling_settings(self.algo),
-                           format_reward=self.reward_functions.get("format"))
+        return score_batch(
+            self.policy,
+            batch,
+            self.prompt,
+            sampling_settings(self.algo),
+            format_reward=self.reward_functions.get("format"),
+        )
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.record_validation(self._val_results)
@@ -147,12 +152,17 @@ class AudioLMModule(L.LightningModule):
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         limit = self.optim.max_skipped_in_row
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
-                    self.global_step, self.nonfinite_in_row, self.skipped_steps)
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+            self.global_step,
+            self.nonfinite_in_row,
+            self.skipped_steps,
+        )
         if self.nonfinite_in_row >= limit:
             raise FloatingPointError(
                 f"{self.nonfinite_in_row} updates in a row had a non-finite loss or gradient (at step "
-                f"{self.global_step}); stopping. Lower optim.lr, check the data, or raise optim.max_skipped_in_row.")
+                f"{self.global_step}); stopping. Lower optim.lr, check the data, or raise optim.max_skipped_in_row."
+            )
         return False
 
     def clip_gradient_norm(self, optimizer) -> None:
@@ -167,12 +177,17 @@ class AudioLMModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas),
+            params,
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=tuple(self.optim.betas),
             eps=self.optim.eps,
         )
         total = self.trainer.estimated_stepping_batches * self.algo.num_iterations
         scheduler = get_scheduler(
-            self.optim.scheduler, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total),
+            self.optim.scheduler,
+            optimizer,
+            num_warmup_steps=int(self.optim.warmup_ratio * total),
             num_training_steps=total,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

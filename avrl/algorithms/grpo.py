@@ -114,8 +114,9 @@ class GRPOModule(AudioLMModule):
     def __init__(self, *args, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.algo.num_generations < 2:
-            raise ValueError(f"algorithm.num_generations must be >= 2 (a group needs a spread), got "
-                             f"{self.algo.num_generations}")
+            raise ValueError(
+                f"algorithm.num_generations must be >= 2 (a group needs a spread), got {self.algo.num_generations}"
+            )
         self.automatic_optimization = False
         # Held in lists so that they are not registered submodules: the frozen reference never enters checkpoints,
         # and the rollout backend (a vLLM engine with rollout=vllm) is built once the model exists.
@@ -187,15 +188,15 @@ class GRPOModule(AudioLMModule):
             old_logps = policy.completion_logps(batch, media, ids, mask, G, temperature)[0] if need_old else None
             weights = None
             if rollout.sampling_logps is not None and self.rollout_cfg.importance_sampling_correction:
-                weights = importance_weights(old_logps, rollout.sampling_logps,
-                                             self.rollout_cfg.importance_sampling_cap)
+                weights = importance_weights(
+                    old_logps, rollout.sampling_logps, self.rollout_cfg.importance_sampling_cap
+                )
             ref_logps = None
             if algo.beta != 0.0:
                 with self.ref_context():
                     ref_model = self.ref_model if not self.is_peft else None
                     ref_media = media if (reuse_media and ref_model is None) else policy.encode(batch, ref_model)
-                    ref_logps = policy.completion_logps(batch, ref_media, ids, mask, G, temperature,
-                                                        model=ref_model)[0]
+                    ref_logps = policy.completion_logps(batch, ref_media, ids, mask, G, temperature, model=ref_model)[0]
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         chunk = algo.micro_batch_prompts or num_prompts
@@ -206,16 +207,26 @@ class GRPOModule(AudioLMModule):
                 strategies.accumulation_boundary(self.trainer.strategy, last=lo + chunk >= num_prompts)
                 p, s = slice(lo, lo + chunk), slice(lo * G, (lo + chunk) * G)
                 part = prompt_slice(batch, p, with_media=False)
-                part_media = (policy.slice_media(media, batch, p) if reuse_media
-                              else policy.encode(prompt_slice(batch, p)))
-                logps, entropy = policy.completion_logps(part, part_media, ids[s], mask[s], G, temperature,
-                                                         with_entropy=True)
+                part_media = (
+                    policy.slice_media(media, batch, p) if reuse_media else policy.encode(prompt_slice(batch, p))
+                )
+                logps, entropy = policy.completion_logps(
+                    part, part_media, ids[s], mask[s], G, temperature, with_entropy=True
+                )
                 old = old_logps[s] if old_logps is not None else logps.detach()
                 loss, metrics = grpo_loss(
-                    logps, old, ref_logps[s] if ref_logps is not None else None, advantages[s], mask[s],
-                    beta=algo.beta, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, loss_type=algo.loss_type,
+                    logps,
+                    old,
+                    ref_logps[s] if ref_logps is not None else None,
+                    advantages[s],
+                    mask[s],
+                    beta=algo.beta,
+                    epsilon=algo.epsilon,
+                    epsilon_high=algo.epsilon_high,
+                    loss_type=algo.loss_type,
                     max_completion_length=algo.max_completion_length,
-                    importance_weights=weights[s] if weights is not None else None, kl_clamp=algo.kl_clamp,
+                    importance_weights=weights[s] if weights is not None else None,
+                    kl_clamp=algo.kl_clamp,
                 )
                 weight = _micro_batch_weight(algo.loss_type, mask, s)
                 self.manual_backward(loss * weight)
@@ -254,9 +265,15 @@ class GRPOModule(AudioLMModule):
         self.log("reward", logs["train/reward"].float(), prog_bar=True, logger=False)
         texts = rollout.texts
         self._sample_rows = [
-            {"prompt": items[i].question, "choices": items[i].choices, "answer": items[i].answer,
-             "completion": texts[i], "reward": float(rewards[i]), "advantage": float(advantages[i]),
-             **{name: float(v[i]) for name, v in per_function.items()}}
+            {
+                "prompt": items[i].question,
+                "choices": items[i].choices,
+                "answer": items[i].answer,
+                "completion": texts[i],
+                "reward": float(rewards[i]),
+                "advantage": float(advantages[i]),
+                **{name: float(v[i]) for name, v in per_function.items()},
+            }
             for i in range(min(len(texts), self.algo.log_completions_rows))
         ]
 

@@ -30,8 +30,24 @@ def load_audio(path: str, sampling_rate: int, max_seconds: float, source: str) -
 # Formats libsndfile reads (soundfile.available_formats(), by file extension and by leading bytes). A file of one
 # of these that libsndfile cannot open is not audio; any other file (.m4a, .aac, .mp4, ...) librosa hands to
 # audioread, whose decoders are too slow to run up front: such a file is checked when its item is loaded.
-_SNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
-                       ".snd", ".caf", ".w64", ".rf64", ".wavex"}
+_SNDFILE_EXTENSIONS = {
+    ".wav",
+    ".wave",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".au",
+    ".snd",
+    ".caf",
+    ".w64",
+    ".rf64",
+    ".wavex",
+}
 _SNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b".snd", b"caff", b"ID3")
 
 
@@ -77,8 +93,10 @@ def wav_truncation(path: str) -> str | None:
                 if length in (0, 0xFFFFFFFF) or start + length <= size:
                     return None
                 promised, present = length // block_align, (size - start) // block_align
-                return (f"is truncated: its header declares {start + length} bytes, the file has {size} "
-                        f"({present} of {promised} sample frames)")
+                return (
+                    f"is truncated: its header declares {start + length} bytes, the file has {size} "
+                    f"({present} of {promised} sample frames)"
+                )
             position += 8 + length + (length & 1)  # chunks are padded to an even length
     return None
 

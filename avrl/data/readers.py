@@ -56,8 +56,10 @@ def _not_utf8(error: UnicodeDecodeError, data: bytes, offset: int = 0) -> str:
     at = offset + error.start
     line_start = data.rfind(b"\n", 0, at) + 1
     line, column = data.count(b"\n", 0, at) + 1, at - line_start + 1
-    return (f"{line}: not UTF-8 text: byte 0x{data[at]:02x} at column {column} (in bytes; is the file in another "
-            f"encoding, such as Latin-1 or Windows-1252? save it as UTF-8)")
+    return (
+        f"{line}: not UTF-8 text: byte 0x{data[at]:02x} at column {column} (in bytes; is the file in another "
+        f"encoding, such as Latin-1 or Windows-1252? save it as UTF-8)"
+    )
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -69,10 +71,11 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"data file not found: {path}")
     data = path.read_bytes()
     if data.startswith(BOM):
-        return data[len(BOM):]
+        return data[len(BOM) :]
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:4] == b"\x00\x00\xfe\xff":
-        raise DataError(f"{path}:1: the file is UTF-16 or UTF-32 (it starts with that byte-order mark); "
-                        "save it as UTF-8")
+        raise DataError(
+            f"{path}:1: the file is UTF-16 or UTF-32 (it starts with that byte-order mark); save it as UTF-8"
+        )
     return data
 
 
@@ -154,9 +157,14 @@ def read_avqa(path: str | Path, root: str | Path | None = None, on_error: str = 
         # str.replace (src/dataset/dataset.py): "videos" becomes "audios" too.
         question = str(r["question_text"]).replace("video", "audio")
         return QAItem(
-            id=str(r["id"]), question=question, choices=choices, answer_index=answer,
+            id=str(r["id"]),
+            question=question,
+            choices=choices,
+            answer_index=answer,
             audio=media_path(r["audio_path"], source, "audio"),
-            category=r.get("question_type"), source=source, meta=r,
+            category=r.get("question_type"),
+            source=source,
+            meta=r,
         )
 
     return _read(path, _records_jsonl(path), parse, on_error)
@@ -185,11 +193,16 @@ def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str
             raise DataError(f"{source}: solution {r['solution']!r} does not name one of the {len(choices)} options")
         media = r["path"]
         return QAItem(
-            id=str(r["problem_id"]), question=str(r["problem"]), choices=choices,
+            id=str(r["problem_id"]),
+            question=str(r["problem"]),
+            choices=choices,
             answer_index=LETTERS.index(solution.group(1)),
             audio=media_path(media.get("audio"), source, "audio"),
             image=media_path(media.get("image"), source, "image") if media.get("image") else None,
-            category=r.get("data_source"), source=source, meta=r, options_text=[str(o) for o in options],
+            category=r.get("data_source"),
+            source=source,
+            meta=r,
+            options_text=[str(o) for o in options],
         )
 
     return _read(path, _records_json_list(path), parse, on_error)
@@ -206,9 +219,15 @@ def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = 
         if r["answer"] not in choices:
             raise DataError(f"{source}: answer {r['answer']!r} is not among the choices {choices}")
         return QAItem(
-            id=str(r["id"]), question=str(r["question"]), choices=choices, answer_index=choices.index(r["answer"]),
+            id=str(r["id"]),
+            question=str(r["question"]),
+            choices=choices,
+            answer_index=choices.index(r["answer"]),
             audio=media_path(r["audio_id"], source, "audio"),
-            category=r.get("task"), difficulty=r.get("difficulty"), source=source, meta=r,
+            category=r.get("task"),
+            difficulty=r.get("difficulty"),
+            source=source,
+            meta=r,
         )
 
     return _read(path, _records_json_list(path), parse, on_error)

@@ -65,7 +65,7 @@ def _clip(rng: np.random.Generator, task: str, answer: str, seconds: float, cond
         first, second = (high, low) if answer == "the high tone" else (low, high)
         half = n // 2
         a, b = _tone(rng, first, seconds * 0.35, 0.5), _tone(rng, second, seconds * 0.35, 0.5)
-        audio[:len(a)] += a
+        audio[: len(a)] += a
         audio[half : half + len(b)] += b
     else:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {TASKS}")

@@ -27,8 +27,10 @@ def load_model(cfg: DictConfig, path: str | None = None):
     source = str(path or cfg.name_or_path)
     family = families.get(cfg.family)
     if cfg.images and family.image_token is None:
-        raise ValueError(f"model.images=true, but avrl feeds no images to the {family.name} family "
-                         f"(see avrl/models/families/{family.name}.py)")
+        raise ValueError(
+            f"model.images=true, but avrl feeds no images to the {family.name} family "
+            f"(see avrl/models/families/{family.name}.py)"
+        )
     hub = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if not Path(source).exists():
         log.info("loading %s from the hub (or its local cache)", source)
@@ -82,8 +84,11 @@ def import_modeling_modules(config) -> None:
         if module not in seen:
             seen.add(module)
             importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-        stack.extend(sub for key in getattr(config, "sub_configs", {})
-                     if (sub := getattr(config, key, None)) is not None and hasattr(sub, "model_type"))
+        stack.extend(
+            sub
+            for key in getattr(config, "sub_configs", {})
+            if (sub := getattr(config, key, None)) is not None and hasattr(sub, "model_type")
+        )
 
 
 def enable_checkpointing(model) -> None:
@@ -101,8 +106,11 @@ _SAID: set[str] = set()
 
 def _special_tokens_only(config):
     keep = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    dropped = {k: v for k, v in config.to_diff_dict().items()
-               if k not in keep and k not in ("transformers_version", "_from_model_config", "use_cache")}
+    dropped = {
+        k: v
+        for k, v in config.to_diff_dict().items()
+        if k not in keep and k not in ("transformers_version", "_from_model_config", "use_cache")
+    }
 
     # Once, on rank 0 (the reference model is the same checkpoint; every rank loads it).
     if dropped and str(dropped) not in _SAID and rank_zero_only.rank == 0:
@@ -114,6 +122,5 @@ def _special_tokens_only(config):
 def load_processor(cfg: DictConfig, path: str | None = None) -> AudioTextProcessor:
     source = str(path or cfg.processor_path or cfg.name_or_path)
     return AudioTextProcessor.from_pretrained(
-        source, family=families.get(cfg.family), with_images=cfg.images,
-        revision=cfg.revision
+        source, family=families.get(cfg.family), with_images=cfg.images, revision=cfg.revision
     )

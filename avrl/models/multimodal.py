@@ -46,8 +46,10 @@ def embed(model, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> tor
     model = unwrap(model)
     embeds = model.get_input_embeddings()(input_ids)
     config = model.config
-    for kind, token_id in (("audio", getattr(config, "audio_token_id", None)),
-                           ("image", getattr(config, "image_token_id", None))):
+    for kind, token_id in (
+        ("audio", getattr(config, "audio_token_id", None)),
+        ("image", getattr(config, "image_token_id", None)),
+    ):
         if kind not in media:
             continue
         mask = input_ids == token_id

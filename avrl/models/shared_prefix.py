@@ -35,7 +35,11 @@ def prompt_positions(model, family: Family, batch: dict) -> torch.Tensor:
         return family.position_ids(batch["attention_mask"])
     feature_mask = batch.get("feature_attention_mask")
     positions, _ = unwrap(model).model.get_rope_index(
-        batch["input_ids"], batch.get("image_grid_thw"), None, batch["attention_mask"], False,
+        batch["input_ids"],
+        batch.get("image_grid_thw"),
+        None,
+        batch["attention_mask"],
+        False,
         feature_mask.sum(-1) if feature_mask is not None else None,
     )
     return positions
@@ -49,18 +53,22 @@ def following_positions(prompt_pos: torch.Tensor, length: int, offset: int = 0) 
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
-def packed_attention_mask(prompt_mask: torch.Tensor, groups: int, length: int, dtype: torch.dtype,
-                          attn_implementation: str) -> torch.Tensor:
+def packed_attention_mask(
+    prompt_mask: torch.Tensor, groups: int, length: int, dtype: torch.dtype, attn_implementation: str
+) -> torch.Tensor:
     """(B, 1, L, L) mask of the packed rows [prompt, completion 1, ..., completion G], L = P + G * length: a
     completion token sees the prompt's real tokens and its own completion up to itself; a prompt token sees the
     prompt causally. Every token sees itself (a left-pad query would otherwise see nothing: NaN in softmax)."""
     if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"algorithm.shared_prefix needs model.attn_implementation sdpa or eager (a dense "
-                         f"attention mask), got {attn_implementation!r}; set algorithm.shared_prefix=false")
+        raise ValueError(
+            f"algorithm.shared_prefix needs model.attn_implementation sdpa or eager (a dense "
+            f"attention mask), got {attn_implementation!r}; set algorithm.shared_prefix=false"
+        )
     batch, prompt = prompt_mask.shape
     device = prompt_mask.device
-    block = torch.cat([torch.full((prompt,), -1, device=device),
-                       torch.arange(groups, device=device).repeat_interleave(length)])
+    block = torch.cat(
+        [torch.full((prompt,), -1, device=device), torch.arange(groups, device=device).repeat_interleave(length)]
+    )
     index = torch.arange(block.shape[0], device=device)
     causal = index[None, :] <= index[:, None]  # (query, key)
     visible = causal & ((block[:, None] == block[None, :]) | (block[None, :] == -1))
@@ -72,8 +80,9 @@ def packed_attention_mask(prompt_mask: torch.Tensor, groups: int, length: int, d
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def completion_logits(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, ids: torch.Tensor,
-                      groups: int) -> torch.Tensor:
+def completion_logits(
+    model, family: Family, batch: dict, prompt_embeds: torch.Tensor, ids: torch.Tensor, groups: int
+) -> torch.Tensor:
     """Logits that predict each completion token, (B * G, T, vocab), from one packed forward per prompt.
     `prompt_embeds` (B, P, d) are the prompts' embeddings with the media written in; `ids` (B * G, T) the
     completions grouped by prompt."""
@@ -85,25 +94,43 @@ def completion_logits(model, family: Family, batch: dict, prompt_embeds: torch.T
     prompt_pos = prompt_positions(base, family, batch)
     completion_pos = following_positions(prompt_pos, length).repeat(*([1] * (prompt_pos.dim() - 1)), groups)
     positions = torch.cat([prompt_pos, completion_pos], dim=-1)
-    mask = packed_attention_mask(batch["attention_mask"], groups, length, embeds.dtype,
-                                 base.config._attn_implementation)
+    mask = packed_attention_mask(
+        batch["attention_mask"], groups, length, embeds.dtype, base.config._attn_implementation
+    )
     hidden = base.model(
         input_ids=torch.cat([batch["input_ids"], packed_ids], 1) if family.forward_takes_input_ids else None,
-        attention_mask=mask, inputs_embeds=embeds, position_ids=positions, use_cache=False,
+        attention_mask=mask,
+        inputs_embeds=embeds,
+        position_ids=positions,
+        use_cache=False,
     ).last_hidden_state
     # Token t of completion g is predicted at the token before it: the prompt's last for t = 0 (shared by the G
     # completions), else token t - 1 of the same completion.
     starts = prompt + length * torch.arange(groups, device=ids.device)
-    before = torch.cat([torch.full((groups, 1), prompt - 1, device=ids.device),
-                        starts[:, None] + torch.arange(length - 1, device=ids.device)], dim=1)
+    before = torch.cat(
+        [
+            torch.full((groups, 1), prompt - 1, device=ids.device),
+            starts[:, None] + torch.arange(length - 1, device=ids.device),
+        ],
+        dim=1,
+    )
     picked = hidden[:, before.flatten()].reshape(num_prompts * groups, length, hidden.shape[-1])
     return base.lm_head(picked)
 
 
 # ----------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, groups: int, max_new_tokens: int,
-             stop_ids: list[int], pad_id: int, choose=None) -> torch.Tensor:
+def generate(
+    model,
+    family: Family,
+    batch: dict,
+    prompt_embeds: torch.Tensor,
+    groups: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    choose=None,
+) -> torch.Tensor:
     """(B * G, T) completions: one prefill per prompt, its cache copied to the G rows, then decoding as
     transformers' generate does it (a finished row emits pad; all rows stop when all have stopped).
     `choose(scores, position) -> tokens` picks each next token (the keyed sampler); greedy when None."""
@@ -111,8 +138,13 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
     takes_ids = family.forward_takes_input_ids
     cache_argument = _cache_argument(base.model)
     prompt_pos = prompt_positions(base, family, batch)
-    out = base.model(input_ids=batch["input_ids"] if takes_ids else None, attention_mask=batch["attention_mask"],
-                     inputs_embeds=prompt_embeds, position_ids=prompt_pos, use_cache=True)
+    out = base.model(
+        input_ids=batch["input_ids"] if takes_ids else None,
+        attention_mask=batch["attention_mask"],
+        inputs_embeds=prompt_embeds,
+        position_ids=prompt_pos,
+        use_cache=True,
+    )
     cache = _cache_of(out)
     cache.batch_repeat_interleave(groups)
     logits = base.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(groups, dim=0)
@@ -129,10 +161,14 @@ def generate(model, family: Family, batch: dict, prompt_embeds: torch.Tensor, gr
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-        out = base.model(input_ids=step[:, None] if takes_ids else None,
-                         inputs_embeds=base.get_input_embeddings()(step[:, None]), attention_mask=attention,
-                         position_ids=following_positions(prompt_pos, 1, offset=t), use_cache=True,
-                         **{cache_argument: cache})
+        out = base.model(
+            input_ids=step[:, None] if takes_ids else None,
+            inputs_embeds=base.get_input_embeddings()(step[:, None]),
+            attention_mask=attention,
+            position_ids=following_positions(prompt_pos, 1, offset=t),
+            use_cache=True,
+            **{cache_argument: cache},
+        )
         cache = _cache_of(out)
         logits = base.lm_head(out.last_hidden_state[:, -1]).float()
     return torch.stack(tokens, dim=1)

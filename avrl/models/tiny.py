@@ -33,15 +33,20 @@ PROMPT_TEMPLATES = [
 
 
 def _corpus() -> list[str]:
-    texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ",
-             "<|im_end|>\n<|im_start|>assistant\n"]
+    texts = [
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ",
+        "<|im_end|>\n<|im_start|>assistant\n",
+    ]
     for question, choices in QUESTIONS.values():
         options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
         for template in PROMPT_TEMPLATES:
             texts.append(template.format(question=question, choices=str(choices), options=options))
         for i, choice in enumerate(choices):
-            texts += [f"<answer>{choice}</answer>", f"<answer>{chr(65 + i)}</answer>",
-                      f"<think>The audio sounds {choice}.</think><answer>{choice}</answer>"]
+            texts += [
+                f"<answer>{choice}</answer>",
+                f"<answer>{chr(65 + i)}</answer>",
+                f"<think>The audio sounds {choice}.</think><answer>{choice}</answer>",
+            ]
     return texts * 20
 
 

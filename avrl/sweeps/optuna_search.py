@@ -98,8 +98,9 @@ def as_override(key: str, value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the study
-def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
-            stale_trial_callback=None) -> optuna.storages.BaseStorage:
+def storage(
+    url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None, stale_trial_callback=None
+) -> optuna.storages.BaseStorage:
     """An RDB storage (SQLite file, PostgreSQL, MySQL: any SQLAlchemy URL; a missing driver is named first). With
     heartbeats, a trial whose worker was killed is marked FAIL by the next worker after `grace_period` seconds
     instead of staying RUNNING forever; `stale_trial_callback(study, trial)` is then called."""
@@ -109,9 +110,13 @@ def storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | N
     if heartbeat_interval:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period or 2 * heartbeat_interval,
-                                              heartbeat_stale_trial_callback=stale_trial_callback, **engine)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period or 2 * heartbeat_interval,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+                **engine,
+            )
     return optuna.storages.RDBStorage(url, **engine)
 
 
@@ -141,8 +146,12 @@ def open_study(name: str, storage_: optuna.storages.BaseStorage, direction: str,
     """Create the study, or load it to resume when it already exists in the storage."""
     optuna.create_study(study_name=name, storage=storage_, direction=direction, load_if_exists=True)
     trials_so_far = len(storage_.get_all_trials(storage_.get_study_id_from_name(name), deepcopy=False))
-    return optuna.load_study(study_name=name, storage=storage_, sampler=make_sampler(sampler_cfg, trials_so_far),
-                             pruner=make_pruner(pruner_cfg))
+    return optuna.load_study(
+        study_name=name,
+        storage=storage_,
+        sampler=make_sampler(sampler_cfg, trials_so_far),
+        pruner=make_pruner(pruner_cfg),
+    )
 
 
 def counted_trials(study: optuna.Study) -> int:
@@ -164,8 +173,9 @@ CLUSTER_ENDED = ("PREEMPTED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 def ended_by_the_cluster(error: BaseException | None) -> bool:
     """Preemption, a time limit (also after submitit's requeues ran out), a node failure."""
-    return error is not None and (getattr(error, "state", "") in CLUSTER_ENDED
-                                  or "timed-out too many times" in str(error))
+    return error is not None and (
+        getattr(error, "state", "") in CLUSTER_ENDED or "timed-out too many times" in str(error)
+    )
 
 
 def retry(study: optuna.Study, trial: optuna.Trial, error: BaseException | None) -> bool:
@@ -176,8 +186,13 @@ def retry(study: optuna.Study, trial: optuna.Trial, error: BaseException | None)
     first = trial.user_attrs.get(RETRY_OF, trial.number)
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF: first, ATTEMPT: attempt + 1})
     trial.set_user_attr(RETRIED, True)
-    log.warning("trial %d: the cluster ended its job (%s); its parameters are asked again (attempt %d of %d)",
-                trial.number, redact(str(error))[:200], attempt + 1, MAX_ATTEMPTS)
+    log.warning(
+        "trial %d: the cluster ended its job (%s); its parameters are asked again (attempt %d of %d)",
+        trial.number,
+        redact(str(error))[:200],
+        attempt + 1,
+        MAX_ATTEMPTS,
+    )
     return True
 
 
@@ -186,8 +201,12 @@ def cancel_job(trial) -> None:
     job = trial.user_attrs.get("slurm_job")
     if job:
         out = subprocess.run(["scancel", str(job)], capture_output=True, text=True)
-        log.warning("trial %d: its SLURM job %s cancelled%s", trial.number, job,
-                    "" if out.returncode == 0 else f" (scancel: {out.stderr.strip()[:200]})")
+        log.warning(
+            "trial %d: its SLURM job %s cancelled%s",
+            trial.number,
+            job,
+            "" if out.returncode == 0 else f" (scancel: {out.stderr.strip()[:200]})",
+        )
 
 
 def ask(study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
@@ -218,8 +237,13 @@ class Heartbeat:
             except Exception as error:
                 failures += 1
                 wait = min(float(self.interval), 2.0 ** (failures - 1))
-                log.warning("heartbeat of trial %d not recorded (%s: %s); retrying in %.0f s", self.trial_id,
-                            type(error).__name__, redact(str(error))[:300], wait)
+                log.warning(
+                    "heartbeat of trial %d not recorded (%s: %s); retrying in %.0f s",
+                    self.trial_id,
+                    type(error).__name__,
+                    redact(str(error))[:300],
+                    wait,
+                )
                 self._stop.wait(wait)
                 continue
             if failures:
@@ -271,6 +295,7 @@ def job_trial(trial_number: int | None) -> optuna.Trial | None:
 def pruning_callback(trial: optuna.Trial, metric: str):
     """A Lightning callback that reports `metric` to the trial after each validation and stops training when
     the study's pruner says so; `pruned_at` is then the step it stopped at."""
+
     class ReportToTrial(Callback):
         pruned_at: int | None = None
 

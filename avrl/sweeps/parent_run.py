@@ -48,8 +48,10 @@ class SweepParentRun(Callback):
         try:
             self._start(config, study)
         except Exception as error:  # noqa: BLE001 - re-raised as the sweep's exit
-            raise SweepNotStarted(f"the sweep's MLflow parent run could not be created, so no job was started: "
-                                  f"{type(error).__name__}: {redact(str(error))}") from error
+            raise SweepNotStarted(
+                f"the sweep's MLflow parent run could not be created, so no job was started: "
+                f"{type(error).__name__}: {redact(str(error))}"
+            ) from error
 
     def _start(self, config: DictConfig, study: dict | None) -> None:
         if study:
@@ -73,8 +75,11 @@ class SweepParentRun(Callback):
 def _trials_running(config: DictConfig) -> bool:
     """Whether the Optuna study has trials running now (other workers'; this worker's are finished)."""
     store = optuna_search.storage(config.hydra.sweeper.storage, heartbeat_interval=None)
-    trials = store.get_all_trials(store.get_study_id_from_name(config.hydra.sweeper.study_name), deepcopy=False,
-                                  states=(optuna.trial.TrialState.RUNNING,))
+    trials = store.get_all_trials(
+        store.get_study_id_from_name(config.hydra.sweeper.study_name),
+        deepcopy=False,
+        states=(optuna.trial.TrialState.RUNNING,),
+    )
     return bool(trials)
 
 
@@ -91,9 +96,17 @@ def _parent_run(config: DictConfig, study: dict | None):
     given = [redact(o) for o in config.hydra.overrides.task]  # the command line, secrets masked
     overrides = " ".join(given)
     default_name = f"study {study['optuna_study']}" if study else sweep_name(given)
-    return client.create_run(experiment_id, run_name=config.run_name or default_name,
-                             tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir), **(study or {}),
-                                   "sweep_overrides": overrides, **version_tags()})
+    return client.create_run(
+        experiment_id,
+        run_name=config.run_name or default_name,
+        tags={
+            "sweep": "true",
+            "sweep_dir": str(config.hydra.sweep.dir),
+            **(study or {}),
+            "sweep_overrides": overrides,
+            **version_tags(),
+        },
+    )
 
 
 def sweep_name(overrides: list[str]) -> str:
@@ -120,12 +133,18 @@ def write_sweep_report(config: DictConfig) -> None:
         written = write_report(config.hydra.sweep.dir, config.logger.tracking_uri)
         log.info("ablation report: %s", written[0])
     except Exception as error:  # noqa: BLE001 - the sweep's jobs are done; say why and go on
-        log.warning("the ablation report was not written (%s: %s); rerun: python -m avrl.sweeps.report %s",
-                    type(error).__name__, error, config.hydra.sweep.dir)
+        log.warning(
+            "the ablation report was not written (%s: %s); rerun: python -m avrl.sweeps.report %s",
+            type(error).__name__,
+            error,
+            config.hydra.sweep.dir,
+        )
     uri = redact(absolute_sqlite(config.logger.tracking_uri))
     experiment = _client(config.logger.tracking_uri).get_run(parent).info.experiment_id
-    print(f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): "
-          f"{run_url(uri, experiment, parent)}")
+    print(
+        f"MLflow: the sweep's parent run (the comparison; its runs are nested under it): "
+        f"{run_url(uri, experiment, parent)}"
+    )
     if not uri.startswith(("http://", "https://")):
         print(f"  view with: mlflow ui --backend-store-uri {uri}")
 
@@ -143,8 +162,8 @@ def absolute_sqlite(uri: str) -> str:
     """sqlite:///relative.db made absolute (relative to the directory the sweep ran in), so that the report can be
     rerun from anywhere; every other URI unchanged."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -169,8 +188,9 @@ def study_tags(config: DictConfig) -> dict[str, str] | None:
 
 def _find_study_run(client, experiment_id: str, tags: dict[str, str]):
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1,
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
+    )
     return runs[0] if runs else None
 
 

@@ -52,8 +52,12 @@ CURVES = {  # file: (metric, y axis, scale to its unit)
     "completion_length.png": ("train/completions/mean_length", "completion length (tokens, mean)", 1),
 }
 STEP_AXIS = "training step (optimizer updates)"
-COLUMNS = (("val/accuracy", "in-distribution"), ("val_ood/accuracy", "out-of-distribution"),
-           ("val_muted/accuracy", "audio muted"), ("val/audio_reliance", "audio reliance"))
+COLUMNS = (
+    ("val/accuracy", "in-distribution"),
+    ("val_ood/accuracy", "out-of-distribution"),
+    ("val_muted/accuracy", "audio muted"),
+    ("val/audio_reliance", "audio reliance"),
+)
 BOOTSTRAP_SAMPLES = 10_000
 
 
@@ -202,8 +206,10 @@ def run_table(runs, prefix: str = "val") -> str:
 def environment_table(runs) -> str:
     """Markdown: the versions each run recorded (avrl/versions.py), one row per package; where the runs disagree
     the row lists each value with its number of runs, marked, since their figures may not be comparable."""
-    names = sorted({k[len(TAG_PREFIX):] for r in runs for k in r.data.tags if k.startswith(TAG_PREFIX)},
-                   key=lambda n: ({"python": 0, "avrl": 1}.get(n, 2), n))
+    names = sorted(
+        {k[len(TAG_PREFIX) :] for r in runs for k in r.data.tags if k.startswith(TAG_PREFIX)},
+        key=lambda n: ({"python": 0, "avrl": 1}.get(n, 2), n),
+    )
     if not names:
         return ""
     lines = ["| package | version |", "|---|---|"]
@@ -212,8 +218,11 @@ def environment_table(runs) -> str:
         for r in runs:
             value = r.data.tags.get(TAG_PREFIX + name, "absent")
             counts[value] = counts.get(value, 0) + 1
-        cell = next(iter(counts)) if len(counts) == 1 else "**differs:** " + ", ".join(
-            f"{value} ({n} runs)" for value, n in counts.items())
+        cell = (
+            next(iter(counts))
+            if len(counts) == 1
+            else "**differs:** " + ", ".join(f"{value} ({n} runs)" for value, n in counts.items())
+        )
         lines.append(f"| {name} | {cell} |")
     return "\n".join(lines) + "\n"
 
@@ -241,8 +250,14 @@ def paired_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], seed:
     pick = rng.integers(0, n, size=(S, n))
     means = (np.take_along_axis(b_means, pick, 1) - np.take_along_axis(a_means, pick, 1)).mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"items": n, "seeds": [len(A), len(B)], "difference": float((B.mean(0) - A.mean(0)).mean()),
-            "low": float(low), "high": float(high), "significant": bool(low > 0 or high < 0)}
+    return {
+        "items": n,
+        "seeds": [len(A), len(B)],
+        "difference": float((B.mean(0) - A.mean(0)).mean()),
+        "low": float(low),
+        "high": float(high),
+        "significant": bool(low > 0 or high < 0),
+    }
 
 
 def per_item(client, run) -> dict[str, dict[str, float]]:
@@ -287,13 +302,18 @@ def comparisons(client, groups: dict[str, list]) -> tuple[str, list[dict]]:
                 continue
             rows.append({"condition": condition, "a": names[0], "b": other, **result})
             verdict = "significant" if result["significant"] else "not significant"
-            lines.append(f"| {label} | {labels[other]} − {labels[names[0]]} | {result['items']} | "
-                         f"{'/'.join(map(str, result['seeds']))} | {100 * result['difference']:+.2f} | "
-                         f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |")
+            lines.append(
+                f"| {label} | {labels[other]} − {labels[names[0]]} | {result['items']} | "
+                f"{'/'.join(map(str, result['seeds']))} | {100 * result['difference']:+.2f} | "
+                f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |"
+            )
     if not lines:
         return "", rows
-    head = ["| items | comparison | n items | seeds | difference (points) | 95% interval (paired bootstrap over "
-            "seeds and items) | at 5% |", "|---|---|---|---|---|---|---|"]
+    head = [
+        "| items | comparison | n items | seeds | difference (points) | 95% interval (paired bootstrap over "
+        "seeds and items) | at 5% |",
+        "|---|---|---|---|---|---|---|",
+    ]
     return "\n".join(head + lines) + "\n", rows
 
 
@@ -305,8 +325,10 @@ def plot(client, groups: dict[str, list], metric: str, ylabel: str, scale: float
     for arm, runs in groups.items():
         at_step: dict[int, list[float]] = {}
         for r in runs:
-            last = {h.step: h.value for h in sorted(client.get_metric_history(r.info.run_id, metric),
-                                                     key=lambda h: (h.step, h.timestamp))}
+            last = {
+                h.step: h.value
+                for h in sorted(client.get_metric_history(r.info.run_id, metric), key=lambda h: (h.step, h.timestamp))
+            }
             for step, value in last.items():
                 if value == value:
                     at_step.setdefault(step, []).append(value)
@@ -340,8 +362,11 @@ def plot_study(runs, direction: str, path: Path) -> list[tuple[int, float]]:
     scale, unit = (100, "%") if objective.endswith("accuracy") else (1, "as logged")
 
     def points(state: str):
-        found = [(n, scale * r.data.metrics[objective]) for n, r in trials
-                 if r.data.tags.get("optuna_state") == state and objective in r.data.metrics]
+        found = [
+            (n, scale * r.data.metrics[objective])
+            for n, r in trials
+            if r.data.tags.get("optuna_state") == state and objective in r.data.metrics
+        ]
         return [n for n, _ in found], [v for _, v in found]
 
     done, pruned = points("COMPLETE"), points("PRUNED")
@@ -381,12 +406,17 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
     runs, left_out = one_run_per_cell(every_run)
     groups = arms(runs)
     paired, rows = comparisons(client, groups)
-    text = [f"# {parent.info.run_name}\n", "Final model of each run; mean ± 95% t-interval over seeds (%). One "
-            "FINISHED run per arm and seed (the newest); the others are listed under *Runs left out*.\n",
-            arm_table(groups)]
+    text = [
+        f"# {parent.info.run_name}\n",
+        "Final model of each run; mean ± 95% t-interval over seeds (%). One "
+        "FINISHED run per arm and seed (the newest); the others are listed under *Runs left out*.\n",
+        arm_table(groups),
+    ]
     if left_out:
-        text += ["\n## Runs left out (not FINISHED, or superseded by a newer run of the same arm and seed)\n",
-                 left_out_table(left_out)]
+        text += [
+            "\n## Runs left out (not FINISHED, or superseded by a newer run of the same arm and seed)\n",
+            left_out_table(left_out),
+        ]
     if paired:
         text += ["\n## Paired comparisons (same items)\n", paired]
     text += ["\n## Runs\n", run_table(runs)]
@@ -395,17 +425,22 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None) -> list
         text += ["\n## Environment (the runs' version tags)\n", environment]
     report = sweep_dir / "report.md"
     write_atomic(report, "\n".join(text))
-    summary = {"arms": {arm_labels(groups)[arm]: stats for arm, stats in arm_statistics(groups).items()},
-               "comparisons": rows,
-               "left_out": [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-                             "reason": why} for r, why in left_out]}
+    summary = {
+        "arms": {arm_labels(groups)[arm]: stats for arm, stats in arm_statistics(groups).items()},
+        "comparisons": rows,
+        "left_out": [
+            {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status, "reason": why}
+            for r, why in left_out
+        ],
+    }
     write_atomic(sweep_dir / "report.json", json.dumps(summary, indent=2))
     written = [report, sweep_dir / "report.json"]
     for name, (metric, label, scale) in CURVES.items():
         if plot(client, groups, metric, label, scale, sweep_dir / name):
             written.append(sweep_dir / name)
-    if "optuna_study" in parent.data.tags and plot_study(every_run, study_direction(sweep_dir),
-                                                         sweep_dir / "optuna_trials.png"):
+    if "optuna_study" in parent.data.tags and plot_study(
+        every_run, study_direction(sweep_dir), sweep_dir / "optuna_trials.png"
+    ):
         written.append(sweep_dir / "optuna_trials.png")
     log_parent_metrics(client, parent.info.run_id, parent_metrics(groups))
     # The MLflow UI's Group by pools every child of an arm; filtering on tags.in_report = "true" gives it the
@@ -422,7 +457,7 @@ def log_parent_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     items = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=items[start:start + 1000])
+        client.log_batch(run_id, metrics=items[start : start + 1000])
 
 
 def recorded_tracking_uri(sweep_dir: Path) -> str:

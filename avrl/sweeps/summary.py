@@ -19,12 +19,19 @@ class SweepFailed(SystemExit):
     process exits with status 1, without a traceback of the sweeper (the jobs' own errors are in their logs)."""
 
 
-def job_row(job: int, status: str, overrides: list[str], value=None, error: BaseException | str | None = None,
-            **extra) -> dict:
+def job_row(
+    job: int, status: str, overrides: list[str], value=None, error: BaseException | str | None = None, **extra
+) -> dict:
     if isinstance(error, BaseException):
         error = f"{type(error).__name__}: {error}"
-    return {"job": job, "status": status, "value": value, "overrides": [redact(o) for o in overrides],
-            "error": redact(error) if error else None, **extra}
+    return {
+        "job": job,
+        "status": status,
+        "value": value,
+        "overrides": [redact(o) for o in overrides],
+        "error": redact(error) if error else None,
+        **extra,
+    }
 
 
 def write_summary(sweep_dir: str | Path, rows: list[dict], objective: str) -> Path:

@@ -62,23 +62,36 @@ class AvrlSlurmLauncher(SlurmLauncher):
             else:
                 to_run.append(k)
         if to_run:
-            for k, ret in zip(to_run, self._submit_and_collect([job_overrides[k] for k in to_run],
-                                                               [initial_job_idx + k for k in to_run]), strict=True):
+            for k, ret in zip(
+                to_run,
+                self._submit_and_collect([job_overrides[k] for k in to_run], [initial_job_idx + k for k in to_run]),
+                strict=True,
+            ):
                 returns[k] = ret
         return returns
 
     def _submit_and_collect(self, job_overrides, numbers) -> list[JobReturn]:
         import submitit
 
-        executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+        executor = submitit.AutoExecutor(
+            cluster="slurm",
+            folder=self.params["submitit_folder"],
+            slurm_max_num_timeout=self.params.get("max_num_timeout", 0),
+        )
         skip = {"submitit_folder", "max_num_timeout"}
         executor.update_parameters(**{_executor_key(k): v for k, v in self.params.items() if k not in skip})
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         for number, overrides in zip(numbers, job_overrides, strict=True):
             log.info("\t#%d : %s", number, " ".join(redact(o) for o in filter_overrides(overrides)))
-        jobs = executor.map_array(self, *zip(*[(list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
-                                                for o, n in zip(job_overrides, numbers, strict=True)]))
+        jobs = executor.map_array(
+            self,
+            *zip(
+                *[
+                    (list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
+                    for o, n in zip(job_overrides, numbers, strict=True)
+                ]
+            ),
+        )
         returns = []
         for job, overrides, number, outcome in zip(jobs, job_overrides, numbers, follow(jobs), strict=True):
             if outcome is None:
@@ -103,8 +116,11 @@ class AvrlSlurmLauncher(SlurmLauncher):
     def _close_run(self, folder: Path, outcome: BaseException) -> None:
         """The MLflow run of a job that did not finish, left RUNNING (or SCHEDULED for a requeue that never came):
         KILLED where SLURM cancelled or preempted it, FAILED otherwise."""
-        run_id = json.loads((folder / "run_info.json").read_text()).get("mlflow_run_id") \
-            if (folder / "run_info.json").exists() else None
+        run_id = (
+            json.loads((folder / "run_info.json").read_text()).get("mlflow_run_id")
+            if (folder / "run_info.json").exists()
+            else None
+        )
         if not run_id or not self.config.logger.enabled:
             return
         try:
@@ -156,8 +172,9 @@ def final_state(job_id: str) -> tuple[str, str]:
     if out.returncode == 0 and "JobState" in fields:
         reason = fields.get("Reason", "None")
         return fields["JobState"], "" if reason == "None" else reason
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Reason"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,Reason"], capture_output=True, text=True
+    )
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
     if line:
         state, _, reason = line.partition("|")

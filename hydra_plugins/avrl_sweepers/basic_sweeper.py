@@ -39,9 +39,15 @@ class AvrlBasicSweeper(BasicSweeper):
                 failed = ret.status != JobStatus.COMPLETED
                 # A SLURM job that left the queue without a result carries SLURM's state (CANCELLED, ...).
                 status = getattr(ret._return_value, "state", None) if failed else None
-                rows.append(sweep.job_row(len(rows), status or ret.status.name, ret.overrides or [],
-                                          None if failed else _number(ret.return_value),
-                                          ret._return_value if failed else None))
+                rows.append(
+                    sweep.job_row(
+                        len(rows),
+                        status or ret.status.name,
+                        ret.overrides or [],
+                        None if failed else _number(ret.return_value),
+                        ret._return_value if failed else None,
+                    )
+                )
             returns.append(results)
 
         sweep.write_summary(sweep_dir, rows, self.config.objective)
@@ -50,9 +56,11 @@ class AvrlBasicSweeper(BasicSweeper):
         if failed:  # (Hydra's on_multirun_end, which writes the report, runs only when the sweep returns)
             parent_run.write_sweep_report(self.config)
             parent_run.end_sweep_run(self.config, "FAILED")
-            raise sweep.SweepFailed(f"{len(failed)} of {len(rows)} jobs failed (jobs "
-                                    f"{', '.join(str(r['job']) for r in failed)}); "
-                                    f"see {sweep_dir / sweep.SUMMARY_FILE}")
+            raise sweep.SweepFailed(
+                f"{len(failed)} of {len(rows)} jobs failed (jobs "
+                f"{', '.join(str(r['job']) for r in failed)}); "
+                f"see {sweep_dir / sweep.SUMMARY_FILE}"
+            )
         return returns
 
 

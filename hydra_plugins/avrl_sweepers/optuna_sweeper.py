@@ -25,9 +25,18 @@ log = logging.getLogger(__name__)
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, study_name: str, storage: str, direction: str, n_trials: int, sampler: Any = None,
-                 pruner: Any = None, params: dict | None = None, enqueue_trials: list | None = None,
-                 heartbeat_interval: int | None = 60):
+    def __init__(
+        self,
+        study_name: str,
+        storage: str,
+        direction: str,
+        n_trials: int,
+        sampler: Any = None,
+        pruner: Any = None,
+        params: dict | None = None,
+        enqueue_trials: list | None = None,
+        heartbeat_interval: int | None = 60,
+    ):
         self.study_name, self.storage_url, self.direction = study_name, storage, direction
         self.n_trials, self.sampler_cfg, self.pruner_cfg = n_trials, sampler, pruner
         self.params = params or {}
@@ -37,13 +46,16 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> list[dict]:
         space, fixed = search.search_space(OmegaConf.to_container(self.params), arguments)
         if not space:
-            raise ValueError("nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
-                             "such as optim.lr='tag(log, interval(1e-6, 1e-4))'")
+            raise ValueError(
+                "nothing to search: give hydra.sweeper.params (see sweeps/search/) or sweep overrides "
+                "such as optim.lr='tag(log, interval(1e-6, 1e-4))'"
+            )
         store = search.storage(self.storage_url, self.heartbeat_interval, stale_trial_callback=self._worker_lost)
         study = search.open_study(self.study_name, store, self.direction, self.sampler_cfg, self.pruner_cfg)
         for params in self.enqueue:
@@ -52,8 +64,13 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         scrub(sweep_dir)  # the overrides as given, secrets included (the storage URL's password)
-        log.info("Optuna study %r in %s: %d of %d trials done", self.study_name, redact(self.storage_url),
-                 search.counted_trials(study), self.n_trials)
+        log.info(
+            "Optuna study %r in %s: %d of %d trials done",
+            self.study_name,
+            redact(self.storage_url),
+            search.counted_trials(study),
+            self.n_trials,
+        )
 
         rows = []
         while (trial := self._next_trial(study, space)) is not None:
@@ -82,8 +99,9 @@ class OptunaSweeper(Sweeper):
 
     def _run_trial(self, study, store, trial, fixed) -> dict:
         overrides = fixed + [search.as_override(k, v) for k, v in trial.params.items()] + [f"trial={trial.number}"]
-        trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(self.study_name),
-                                                                 trial.number)
+        trial_id = store.get_trial_id_from_study_id_trial_number(
+            store.get_study_id_from_name(self.study_name), trial.number
+        )
         value, error = None, None
         with search.Heartbeat(store, trial_id, self.heartbeat_interval):
             try:
@@ -97,8 +115,10 @@ class OptunaSweeper(Sweeper):
         state, value, reason = search.outcome(value, error)
         stored = store.get_trial(trial_id)  # the job has set its mlflow_run_id (avrl/train.py)
         if stored.state.is_finished():  # another worker failed it: its heartbeats came late
-            reason = (f"another worker marked this trial FAIL while it ran (no heartbeat for over "
-                      f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)")
+            reason = (
+                f"another worker marked this trial FAIL while it ran (no heartbeat for over "
+                f"{2 * (self.heartbeat_interval or 0)} s; raise hydra.sweeper.heartbeat_interval)"
+            )
             log.warning("trial %d: %s; its result (%s) is not recorded", trial.number, reason, state.name)
             state, value = optuna.trial.TrialState.FAIL, None
         else:

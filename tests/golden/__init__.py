@@ -18,10 +18,21 @@ from lightning.pytorch.callbacks import Callback
 FILE = Path(__file__).with_name("grpo_3_steps.json")
 KEYS = ("train/loss", "train/kl", "train/reward")
 # beta > 0 (a reference model, the KL term), two micro-batches, temperature 1.5 so that groups disagree.
-OVERRIDES = ["logger=none", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "trainer.val_check_interval=3",
-             "data.batch_size=4", "data.val_size=2", "algorithm.num_generations=4", "algorithm.max_completion_length=8",
-             "algorithm.temperature=1.5", "algorithm.beta=0.04", "algorithm.micro_batch_prompts=2",
-             "algorithm.validate_at_start=false", "seed=7"]
+OVERRIDES = [
+    "logger=none",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=3",
+    "data.batch_size=4",
+    "data.val_size=2",
+    "algorithm.num_generations=4",
+    "algorithm.max_completion_length=8",
+    "algorithm.temperature=1.5",
+    "algorithm.beta=0.04",
+    "algorithm.micro_batch_prompts=2",
+    "algorithm.validate_at_start=false",
+    "seed=7",
+]
 
 
 class RecordMetrics(Callback):

@@ -37,16 +37,28 @@ def cli_env(tmp_path: Path | None = None, pythonpath: Path | None = None, env: d
     return out
 
 
-def run_cli(*args: str, tmp_path: Path | None = None, pythonpath: Path | None = None, check: bool = True,
-            env: dict | None = None, module: str | None = None):
+def run_cli(
+    *args: str,
+    tmp_path: Path | None = None,
+    pythonpath: Path | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    module: str | None = None,
+):
     """`python run.py ARGS` (or `python -m MODULE ARGS`) in a fresh process, as a user runs it (offline; the
     environment as `cli_env` makes it); with `check` a non-zero exit fails the test with the end of its console."""
     import subprocess
     import sys
 
     command = ["-m", module] if module else ["run.py"]
-    out = subprocess.run([sys.executable, *command, *args], cwd=ROOT, env=cli_env(tmp_path, pythonpath, env),
-                         capture_output=True, text=True, timeout=HANG_GUARD)
+    out = subprocess.run(
+        [sys.executable, *command, *args],
+        cwd=ROOT,
+        env=cli_env(tmp_path, pythonpath, env),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -59,8 +71,14 @@ def start_cli(*args: str, log: Path, tmp_path: Path | None = None, env: dict | N
     import sys
 
     with open(log, "w") as console:
-        process = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=cli_env(tmp_path, env=env),
-                                   stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            env=cli_env(tmp_path, env=env),
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     process.log = Path(log)
     return process
 
@@ -124,7 +142,6 @@ def compose(overrides=(), output_dir="/tmp/avrl-test"):
         return hydra_compose("config", overrides=[f"output_dir={output_dir}", *overrides])
 
 
-
 def write_wav(path: Path, seconds: float = 1.0, freq: float = 440.0, sr: int = 16000) -> Path:
     import numpy as np
     import soundfile as sf
@@ -153,10 +170,26 @@ def mlflow_server(tmp_path: Path, *args: str, backend: str | None = None):
             port = s.getsockname()[1]
         log = tmp_path / f"mlflow-server-{attempt}.log"
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", backend or f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
-             "--artifacts-destination", str(tmp_path / "art"), "--workers", "1", *args],
-            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                backend or f"sqlite:///{tmp_path}/server.db",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(tmp_path / "art"),
+                "--workers",
+                "1",
+                *args,
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
         )
         uri = f"http://127.0.0.1:{port}"
         try:
@@ -177,5 +210,3 @@ def mlflow_server(tmp_path: Path, *args: str, backend: str | None = None):
                 server.kill()
                 server.wait()
     raise RuntimeError(f"mlflow server did not start; see {log}:\n{log.read_text()[-3000:]}")
-
-

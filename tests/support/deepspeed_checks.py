@@ -36,10 +36,20 @@ def check_skipped_update(cfg_factory, monkeypatch, tmp_path, stage: str, acceler
     finals = []
     for name, strategy in (("plain", device), (stage, [f"trainer={stage}", *device])):
         nan_on_calls(monkeypatch, {1})
-        cfg = cfg_factory("trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=2",
-                          "data.batch_size=2", "algorithm.num_generations=4", "algorithm.max_completion_length=8",
-                          "algorithm.temperature=1.5", "trainer.enable_progress_bar=false", "save_final_model=true",
-                          "logger=none", f"output_dir={tmp_path / name}", *strategy)
+        cfg = cfg_factory(
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "data.val_size=2",
+            "data.batch_size=2",
+            "algorithm.num_generations=4",
+            "algorithm.max_completion_length=8",
+            "algorithm.temperature=1.5",
+            "trainer.enable_progress_bar=false",
+            "save_final_model=true",
+            "logger=none",
+            f"output_dir={tmp_path / name}",
+            *strategy,
+        )
         train(cfg)
         finals.append(load_file(tmp_path / name / "final_model/model.safetensors"))
         monkeypatch.undo()  # the next run wraps the real loss again
@@ -49,10 +59,22 @@ def check_skipped_update(cfg_factory, monkeypatch, tmp_path, stage: str, acceler
     assert_same_trained_weights(engine, plain)
 
 
-RESUME_RUN = ["trainer.devices=1", "trainer.precision=32-true", "logger=none", "trainer.max_steps=8",
-              "trainer.val_check_interval=8", "checkpoint_every_n_steps=2", "data.val_size=4", "data.batch_size=4",
-              "data.train_size=40", "algorithm.num_generations=2", "algorithm.max_completion_length=8",
-              "algorithm.num_iterations=2", "algorithm.beta=0.04", "trainer.enable_progress_bar=false"]
+RESUME_RUN = [
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+    "logger=none",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=8",
+    "checkpoint_every_n_steps=2",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "data.train_size=40",
+    "algorithm.num_generations=2",
+    "algorithm.max_completion_length=8",
+    "algorithm.num_iterations=2",
+    "algorithm.beta=0.04",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def check_deepspeed_resume(tmp_path, stage: str, accelerator: str) -> None:
@@ -64,13 +86,22 @@ def check_deepspeed_resume(tmp_path, stage: str, accelerator: str) -> None:
     from avrl.evaluation import checkpoint_weights
 
     def launch(run_dir, *extra):
-        return start_cli(f"hydra.run.dir={run_dir}", f"trainer={stage}", f"trainer.accelerator={accelerator}",
-                         *RESUME_RUN, *extra, log=Path(f"{run_dir}.log"))
+        return start_cli(
+            f"hydra.run.dir={run_dir}",
+            f"trainer={stage}",
+            f"trainer.accelerator={accelerator}",
+            *RESUME_RUN,
+            *extra,
+            log=Path(f"{run_dir}.log"),
+        )
 
     finish(launch(tmp_path / "ref"))
     marker = tmp_path / "holding"
-    run = launch(tmp_path / "run", "+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint",
-                 f"+callbacks.hold.marker={marker}")
+    run = launch(
+        tmp_path / "run",
+        "+callbacks.hold._target_=tests.support.hold.HoldAfterCheckpoint",
+        f"+callbacks.hold.marker={marker}",
+    )
     kill_when_held(run, marker)
     assert (tmp_path / "run/checkpoints/last.ckpt").is_dir() and not (tmp_path / "run/final_model").exists()
     assert 0 < int(marker.read_text()) < 8

@@ -7,15 +7,24 @@ from avrl.data.items import QAItem
 from tests.support import compose
 
 # The short GRPO run whose final weights the equivalence tests compare across strategies (DDP, ZeRO, GPU).
-EQUIVALENCE_RUN = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_size=4",
-                   "algorithm.num_generations=4", "algorithm.max_completion_length=8", "algorithm.beta=0.04",
-                   "algorithm.temperature=1.5", "algorithm.loss_type=grpo", "trainer.enable_progress_bar=false",
-                   "logger=none"]
+EQUIVALENCE_RUN = [
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "data.val_size=4",
+    "algorithm.num_generations=4",
+    "algorithm.max_completion_length=8",
+    "algorithm.beta=0.04",
+    "algorithm.temperature=1.5",
+    "algorithm.loss_type=grpo",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
 # The same with a clipping norm that binds (DeepSpeed clips in its engine) and two updates per rollout.
 STRATEGY_RUN = [*EQUIVALENCE_RUN, "optim.max_grad_norm=0.001", "algorithm.num_iterations=2"]
 
-ITEM = QAItem(id="1", question="What is making the sound in the audio?", choices=["dog", "car horn", "rain"],
-              answer_index=1)
+ITEM = QAItem(
+    id="1", question="What is making the sound in the audio?", choices=["dog", "car horn", "rain"], answer_index=1
+)
 
 
 def spec(name):
@@ -25,9 +34,19 @@ def spec(name):
 
 
 def avqa_record(i, audio="audio/1.wav", **extra):
-    return {"id": i, "video_name": f"v{i}", "video_id": i, "question_text": "What is the man in the video playing?",
-            "multi_choice": ["guitar", "piano", "drum", "flute"], "answer": 1, "question_relation": "View",
-            "question_type": "Come From", "dataset_name": "AVQA", "audio_path": audio, **extra}
+    return {
+        "id": i,
+        "video_name": f"v{i}",
+        "video_id": i,
+        "question_text": "What is the man in the video playing?",
+        "multi_choice": ["guitar", "piano", "drum", "flute"],
+        "answer": 1,
+        "question_relation": "View",
+        "question_type": "Come From",
+        "dataset_name": "AVQA",
+        "audio_path": audio,
+        **extra,
+    }
 
 
 def write_jsonl(path, records):

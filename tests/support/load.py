@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             code = subprocess.call(command)
             runs.append({"run": i + 1, "exit_code": code, "seconds": round(time.perf_counter() - start, 1)})
-            print(f"[load: {args.workers} busy processes] run {i + 1}/{args.runs}: exit {code} "
-                  f"after {runs[-1]['seconds']:.0f} s", flush=True)
+            print(
+                f"[load: {args.workers} busy processes] run {i + 1}/{args.runs}: exit {code} "
+                f"after {runs[-1]['seconds']:.0f} s",
+                flush=True,
+            )
             if code != 0:
                 break
     finally:

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import pytest
 
-APT_PACKAGES = {"postgresql": ["postgresql"], "slurm": ["slurm-wlm", "munge"],
-                "slurm accounting": ["slurmdbd", "mariadb-server"], "chromium": ["chromium", "chromium-driver"]}
+APT_PACKAGES = {
+    "postgresql": ["postgresql"],
+    "slurm": ["slurm-wlm", "munge"],
+    "slurm accounting": ["slurmdbd", "mariadb-server"],
+    "chromium": ["chromium", "chromium-driver"],
+}
 _APT_UPDATED: list[bool] = []
 
 
@@ -52,16 +56,21 @@ def require(service: str, binaries: list[str]) -> None:
     if os.environ.get("AVRL_INSTALL_SERVICES", "1") == "0":
         pytest.skip(f"{service} is not installed and AVRL_INSTALL_SERVICES=0")
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{service} is not installed, and apt-get cannot install it here (needs root and apt-get): "
-                    f"apt-get install {' '.join(APT_PACKAGES[service])}")
+        pytest.skip(
+            f"{service} is not installed, and apt-get cannot install it here (needs root and apt-get): "
+            f"apt-get install {' '.join(APT_PACKAGES[service])}"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     steps = ([] if _APT_UPDATED else [["apt-get", "update", "-q"]]) + [
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES[service]]]
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES[service]]
+    ]
     for step in steps:
         out = subprocess.run(step, env=env, capture_output=True, text=True)
         if out.returncode != 0:
-            pytest.skip(f"{service} could not be installed ({' '.join(step)}: exit {out.returncode}): "
-                        f"{out.stderr.strip()[-500:]}")
+            pytest.skip(
+                f"{service} could not be installed ({' '.join(step)}: exit {out.returncode}): "
+                f"{out.stderr.strip()[-500:]}"
+            )
         if step[1] == "update":
             _APT_UPDATED.append(True)
     if not all(_which(b) for b in binaries):
@@ -86,16 +95,37 @@ def postgres():
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     port, log = free_port(), folder / "server.log"
-    subprocess.run([*_as("postgres"), _which("initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [*_as("postgres"), _which("initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run([*_as("postgres"), _which("pg_ctl"), "-D", str(folder / "data"), "-l", str(log), "-o", options,
-                    "-w", "-t", "300", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *_as("postgres"),
+            _which("pg_ctl"),
+            "-D",
+            str(folder / "data"),
+            "-l",
+            str(log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "300",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*_as("postgres"), _which("pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*_as("postgres"), _which("pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -188,10 +218,17 @@ def slurm(accounting: bool = False):
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 - 1024
     dbd_port = free_port()
     conf = folder / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, ctld_port=free_port(), d_port=free_port(), folder=folder,
-                                      cpus=os.cpu_count(), memory_mb=memory_mb,
-                                      accounting=ACCOUNTING.format(dbd_port=dbd_port) if accounting
-                                      else NO_ACCOUNTING))
+    conf.write_text(
+        SLURM_CONF.format(
+            host=host,
+            ctld_port=free_port(),
+            d_port=free_port(),
+            folder=folder,
+            cpus=os.cpu_count(),
+            memory_mb=memory_mb,
+            accounting=ACCOUNTING.format(dbd_port=dbd_port) if accounting else NO_ACCOUNTING,
+        )
+    )
     env = dict(os.environ, SLURM_CONF=str(conf))
 
     def idle() -> bool:
@@ -221,6 +258,7 @@ def slurm(accounting: bool = False):
 def _cancel_all(env: dict) -> None:
     """Every job left on the private cluster (a test that failed half-way), cancelled and gone from the queue: its
     slurmstepd and job processes would outlive slurmd otherwise."""
+
     def jobs() -> list[str]:
         out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True)
         return out.stdout.split() if out.returncode == 0 else []
@@ -236,18 +274,45 @@ def _start_accounting(folder: Path, env: dict, dbd_port: int) -> None:
     a slurmdbd on `dbd_port` that stores into it, and the cluster `avrltest` registered with it."""
     db, log = folder / "mariadb", folder / "mariadb.log"
     install = _which("mariadb-install-db") or _which("mysql_install_db")
-    out = subprocess.run([install, "--no-defaults", f"--datadir={db}", "--user=root", "--skip-test-db",
-                          "--auth-root-authentication-method=normal"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            install,
+            "--no-defaults",
+            f"--datadir={db}",
+            "--user=root",
+            "--skip-test-db",
+            "--auth-root-authentication-method=normal",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
-        pytest.skip(f"slurm accounting: {Path(install).name} fails here (exit {out.returncode}): "
-                    f"{(out.stdout + out.stderr).strip()[-800:]}")
+        pytest.skip(
+            f"slurm accounting: {Path(install).name} fails here (exit {out.returncode}): "
+            f"{(out.stdout + out.stderr).strip()[-800:]}"
+        )
     db_port, sock = free_port(), folder / "mariadb.sock"
     server = subprocess.Popen(
-        [_which("mariadbd"), "--no-defaults", f"--datadir={db}", "--user=root", f"--port={db_port}",
-         "--bind-address=127.0.0.1", f"--socket={sock}", f"--pid-file={folder / 'mariadb.pid'}", f"--log-error={log}",
-         "--skip-name-resolve", "--innodb-buffer-pool-size=128M", "--innodb-lock-wait-timeout=900",
-         "--innodb-flush-log-at-trx-commit=0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            _which("mariadbd"),
+            "--no-defaults",
+            f"--datadir={db}",
+            "--user=root",
+            f"--port={db_port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={sock}",
+            f"--pid-file={folder / 'mariadb.pid'}",
+            f"--log-error={log}",
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=128M",
+            "--innodb-lock-wait-timeout=900",
+            "--innodb-flush-log-at-trx-commit=0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     client = [_which("mariadb") or _which("mysql"), "--no-defaults", f"--socket={sock}", "-u", "root"]
 
     def up() -> bool:
@@ -257,16 +322,27 @@ def _start_accounting(folder: Path, env: dict, dbd_port: int) -> None:
 
     wait_for(up, "the accounting MariaDB", log)
     password = secrets.token_hex(16)
-    subprocess.run([*client, "-e", "CREATE DATABASE slurm_acct_db; "
-                    f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
-                    "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *client,
+            "-e",
+            "CREATE DATABASE slurm_acct_db; "
+            f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';",
+        ],
+        check=True,
+        capture_output=True,
+    )
     dbd_conf = folder / "slurmdbd.conf"  # slurmdbd reads it next to $SLURM_CONF; it holds a password: 600, root's
     dbd_conf.touch(mode=0o600)
     dbd_conf.write_text(SLURMDBD_CONF.format(dbd_port=dbd_port, folder=folder, db_port=db_port, password=password))
     subprocess.run(["slurmdbd"], env=env, check=True, capture_output=True)
     sacctmgr = ["sacctmgr", "-i", "-n", "-P"]
-    wait_for(lambda: subprocess.run([*sacctmgr, "show", "cluster"], env=env, capture_output=True).returncode == 0,
-             "slurmdbd", folder / "slurmdbd.log")
+    wait_for(
+        lambda: subprocess.run([*sacctmgr, "show", "cluster"], env=env, capture_output=True).returncode == 0,
+        "slurmdbd",
+        folder / "slurmdbd.log",
+    )
     subprocess.run([*sacctmgr, "add", "cluster", "avrltest"], env=env, check=True, capture_output=True)
 
 
@@ -306,10 +382,11 @@ def _start_munge() -> None:
 def job_state(folder: Path, job_id: str) -> str:
     """The final JobState of a job, from the cluster's job-completion file. submitit can see a job's result before
     slurmctld has written the job's record (the job script is still exiting): wait for the record."""
+
     def states() -> dict[str, str]:
         found = {}
         path = folder / "jobcomp.log"
-        for line in (path.read_text().splitlines() if path.exists() else []):
+        for line in path.read_text().splitlines() if path.exists() else []:
             fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
             found[fields["JobId"]] = fields["JobState"]
         return found

@@ -30,15 +30,27 @@ def build_tiny(tokenizer, hidden: int = 64):
     config = Qwen2_5OmniThinkerConfig(
         audio_config=audio_config(hidden, output_dim=hidden, n_window=50, max_source_positions=1500),
         vision_config=dict(
-            depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0],
+            depth=1,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[0],
         ),
         text_config=text_config(
             tokenizer, hidden, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
         ),
-        audio_token_id=ids("<|AUDIO|>"), image_token_id=ids("<|IMAGE|>"), video_token_id=ids("<|VIDEO|>"),
-        audio_start_token_id=ids("<|audio_bos|>"), audio_end_token_id=ids("<|audio_eos|>"),
-        vision_start_token_id=ids("<|vision_bos|>"), vision_end_token_id=ids("<|vision_eos|>"),
+        audio_token_id=ids("<|AUDIO|>"),
+        image_token_id=ids("<|IMAGE|>"),
+        video_token_id=ids("<|VIDEO|>"),
+        audio_start_token_id=ids("<|audio_bos|>"),
+        audio_end_token_id=ids("<|audio_eos|>"),
+        vision_start_token_id=ids("<|vision_bos|>"),
+        vision_end_token_id=ids("<|vision_eos|>"),
     )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return Qwen2_5OmniThinkerForConditionalGeneration(config), image_processor

@@ -10,8 +10,19 @@ from avrl.models.families.base import Family
 from avrl.models.templates import QWEN2_AUDIO
 from avrl.models.tiny_sizes import WINDOW_SECONDS, audio_config, text_config
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
-                  "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|vision_pad|>",
+)
 
 
 def audio_token_count(num_mel_frames: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,18 @@ from avrl.models.families.qwen2_5_omni import THINKER_RENAMES, encode_audio
 from avrl.models.templates import QWEN3_OMNI
 from avrl.models.tiny_sizes import audio_config, text_config
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_pad|>", "<|audio_start|>",
-                  "<|audio_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|audio_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+)
 WINDOW_FRAMES = 100  # the encoder's chunk: 2 * n_window mel frames (n_window = 50 in the published config)
 
 
@@ -49,18 +59,45 @@ def split_experts(name: str, tensor: torch.Tensor):
 def build_tiny(tokenizer, hidden: int = 64):
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen3OmniMoeThinkerConfig(
-        audio_config=audio_config(hidden, output_dim=hidden, n_window=WINDOW_FRAMES // 2, n_window_infer=400,
-                                  downsample_hidden_size=16, max_source_positions=1500),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden,
-                           patch_size=16, deepstack_visual_indexes=[0], num_position_embeddings=64),
-        text_config=text_config(
-            tokenizer, hidden, head_dim=hidden // 4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6,
-                             "mrope_interleaved": True},
+        audio_config=audio_config(
+            hidden,
+            output_dim=hidden,
+            n_window=WINDOW_FRAMES // 2,
+            n_window_infer=400,
+            downsample_hidden_size=16,
+            max_source_positions=1500,
         ),
-        audio_token_id=ids("<|audio_pad|>"), image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        audio_start_token_id=ids("<|audio_start|>"), audio_end_token_id=ids("<|audio_end|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=hidden,
+            patch_size=16,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=64,
+        ),
+        text_config=text_config(
+            tokenizer,
+            hidden,
+            head_dim=hidden // 4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1e6,
+                "mrope_interleaved": True,
+            },
+        ),
+        audio_token_id=ids("<|audio_pad|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        audio_start_token_id=ids("<|audio_start|>"),
+        audio_end_token_id=ids("<|audio_end|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
         user_token_id=ids("<|im_start|>"),
     )
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
