@@ -1,4 +1,4 @@
-"""constraints.txt: the exact package set the suite last passed with (README, Dependencies).
+"""constraints.txt: the exact package set the suite last passed with (docs/dependencies.md).
 
     python .ci/lock.py write constraints.txt FREEZE   # FREEZE: `pip freeze --exclude-editable` of that environment
     python .ci/lock.py diff constraints.txt FREEZE    # what moved since the lock
@@ -17,7 +17,7 @@ from pathlib import Path
 
 LEFT_OUT = {"torch"}
 HEADER = """# The exact set of packages avrl's test suite last passed with, on CPython {python} ({machine}), {date}.
-# Written by `bash .ci/latest` (README, Dependencies); used as `pip install -c constraints.txt ...` by the quick
+# Written by `bash .ci/latest` (docs/dependencies.md); used as `pip install -c constraints.txt ...` by the quick
 # start and CI. torch is not pinned here: the install commands name it.
 """
 

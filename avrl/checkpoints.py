@@ -9,7 +9,7 @@
   `latest` pointer replaced atomically once every rank has written, and the previous tag kept (avrl/strategies.py).
 
 Loading: Lightning's checkpoints are read with `weights_only=True` (tensors and plain values only, never arbitrary
-pickled objects); DeepSpeed's engine reads its own files with full unpickling (README, Reliability).
+pickled objects); DeepSpeed's engine reads its own files with full unpickling (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def r1_aqa_accuracy(completions: Sequence[str], items: Sequence[QAItem], prompt:
 def r1_aqa_format(completions: Sequence[str], items: Sequence[QAItem], prompt: PromptSpec) -> list[float]:
     """R1-AQA's format reward: re.fullmatch of the prompt's pattern with DOTALL, on the completion as generated
     (no strip: a leading newline fails). The released code has the answer-only pattern; prompt=think uses its
-    think pattern the same way (see the README's difference table)."""
+    think pattern the same way (see the difference table in docs/papers.md)."""
     pattern = re.compile(prompt.format_pattern, re.DOTALL)
     return [float(pattern.fullmatch(c) is not None) for c in completions]
 

@@ -1,7 +1,7 @@
 """The software a run's numbers depend on: Python, the packages that compute them, and avrl's own commit.
 
 Every MLflow run carries these as `version.<name>` tags (avrl/tracking.py) and the sweep report prints them
-(avrl/sweeps/report.py), so a figure can be re-run in the environment that produced it (README, Dependencies).
+(avrl/sweeps/report.py), so a figure can be re-run in the environment that produced it (docs/dependencies.md).
 """
 
 from __future__ import annotations

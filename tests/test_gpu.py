@@ -6,7 +6,7 @@ tests/test_benchmarks.py; its batch and processor serve the bf16 checks here.
 
 Written without a GPU to run them on (no GPU was lent to the sessions that wrote them): the first GPU run is
 their first run. Needs only torch, transformers, lightning, peft, hydra-core, omegaconf, pytest (and deepspeed for
-the ZeRO checks): README, GPU checks."""
+the ZeRO checks): docs/gpu.md."""
 
 from contextlib import nullcontext
 
