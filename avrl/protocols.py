@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 
 from avrl.data.items import LETTERS, QAItem
-from avrl.mmau import mmau_match
 from avrl.prompts import PromptSpec, predicted_text
 from avrl.rewards import R1_AQA_ANSWER, is_correct
+from avrl.rules.mmau import mmau_match
 
 PROTOCOLS = ("strict", "r1_aqa", "echoink")
 _ECHOINK_TAGGED = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.I)

@@ -16,8 +16,8 @@ import torch
 from math_verify import parse, verify
 
 from avrl.data.items import QAItem
-from avrl.mmau import mmau_match
 from avrl.prompts import PromptSpec, extract_answer, parse_letter, target_answer
+from avrl.rules.mmau import mmau_match
 
 RewardFn = Callable[[Sequence[str], Sequence[QAItem], PromptSpec], list[float]]
 

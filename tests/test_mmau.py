@@ -2,7 +2,7 @@
 
 import pytest
 
-from avrl.mmau import mmau_match
+from avrl.rules.mmau import mmau_match
 from tests.support.helpers import mmau_reference
 
 CASES = [
