@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from avrl.data.items import LETTERS, QAItem
-from avrl.prompts import PromptSpec, predicted_text
+from avrl.prompts import PromptSpec, extract_answer, predicted_text
 from avrl.rewards import R1_AQA_ANSWER, is_correct
 from avrl.rules.mmau import mmau_match
 
@@ -23,9 +23,15 @@ _ECHOINK_TAGGED = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.I)
 _ECHOINK_LOOSE = re.compile(r"\b([A-D])\b", re.I)
 
 
-def prediction(protocol: str, prompt: PromptSpec, completion: str, item: QAItem) -> tuple[str, bool]:
+def prediction(protocol: str, prompt: PromptSpec, completion: str, item: QAItem) -> tuple[str, bool | None]:
     """(model_output, correct): the prediction as MMAU's predictions file holds it (the choice's text; a letter
-    protocol's letter is mapped to its choice, or kept when it names none) and whether it is right."""
+    protocol's letter is mapped to its choice, or kept when it names none) and whether it is right (None for an
+    item without an answer index: a prediction-only file, an open question)."""
+    if item.answer_index is None:
+        unscored = QAItem(item.id, item.question, item.choices, 0) if item.choices else None
+        if unscored is None:  # an open question: the answer block's text, or the whole output
+            return (extract_answer(completion) or completion).strip(), None
+        return prediction(protocol, prompt, completion, unscored)[0], None
     if protocol == "strict":
         return predicted_text(prompt, completion, item.choices), is_correct(completion, item, prompt)
     if protocol == "r1_aqa":

@@ -120,13 +120,14 @@ class DataConfig:
     reads what (avrl/datamodule.py, avrl/train.py, avrl/evaluation.py):
 
     - format synthetic (avrl/data/synthetic.py): seed, tasks, seconds, label_mode and the split sizes;
-    - the file formats avqa, avqa_r1, mmau (avrl/data/readers.py): the split paths, root, check_audio, limit;
-      mmau also `version` (its test_path names the file; evaluation prints it);
+    - the file formats avqa, avqa_r1, mmau, mmar, mmsu, mmau_pro (avrl/data/readers.py): the split paths, root,
+      check_audio, limit; mmau also `version` (its test_path names the file; evaluation prints it); the benchmark
+      formats pick their official scoring rule in task=eval (avrl/rules/);
     - every format: name, format, prompt_mix, max_audio_seconds, on_error, the batch sizes, num_workers.
     """
 
     name: str = MISSING
-    format: str = "synthetic"  # synthetic | avqa | avqa_r1 | mmau
+    format: str = "synthetic"  # synthetic | avqa | avqa_r1 | mmau | mmar | mmsu | mmau_pro
     # synthetic: seeded audio QA that can only be answered by listening
     seed: int = 0
     # any of pitch, loudness, count, order (the tiny model learns pitch in minutes)

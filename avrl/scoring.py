@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from math import nan
 
 from avrl.policy import Policy
 from avrl.prompts import PromptSpec
@@ -39,8 +40,8 @@ def score_batch(
                 "id": item.id,
                 "category": item.category,
                 "difficulty": item.difficulty,
-                "correct": float(judged[0][1]),
-                "correct_per_sample": [float(c) for _, c in judged],
+                "correct": nan if judged[0][1] is None else float(judged[0][1]),  # nan: not scored
+                "correct_per_sample": [nan if c is None else float(c) for _, c in judged],
                 "prediction": judged[0][0],
                 "completion": completions[0],
                 "completions": completions,
@@ -51,7 +52,9 @@ def score_batch(
 
 
 def accuracy_metrics(results: list[dict], prefix: str) -> dict[str, float]:
-    """`<prefix>/accuracy` overall and per category and difficulty, plus the format rate where it was scored."""
+    """`<prefix>/accuracy` overall and per category and difficulty, plus the format rate where it was scored. Items
+    without an answer (correct is nan) are left out; none with one: nan."""
+    results = [r for r in results if r["correct"] == r["correct"]]
     if not results:
         return {f"{prefix}/accuracy": float("nan")}
     metrics = {f"{prefix}/accuracy": sum(r["correct"] for r in results) / len(results)}

@@ -16,7 +16,7 @@ class QAItem:
     id: str
     question: str
     choices: list[str]  # option texts without letters
-    answer_index: int
+    answer_index: int | None  # None: no answer to score against (a prediction-only file, e.g. MMAU test)
     audio: str | None = None  # absolute path to the audio file
     image: str | None = None  # absolute path to the image file (Omni data)
     waveform: np.ndarray | None = None  # in-memory mono audio at 16 kHz (synthetic data)
@@ -28,6 +28,8 @@ class QAItem:
 
     @property
     def answer(self) -> str:
+        if self.answer_index is None:
+            raise DataError(f"{self.source or self.id}: no answer (the item is read for prediction only)")
         return self.choices[self.answer_index]
 
     @property

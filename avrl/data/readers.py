@@ -1,4 +1,5 @@
-"""Readers for the published data formats (field names from the R1-AQA, EchoInk-R1 and MMAU releases).
+"""Readers for the published data formats (field names from the R1-AQA, EchoInk-R1, MMAU, MMAR, MMSU and MMAU-Pro
+releases). A record without its answer key (MMAU's test set) is read for prediction only (`answer_index` None).
 
 Each reader validates every record before training starts: its text must be UTF-8 (a leading byte-order mark is
 accepted), its fields well formed, each media file must exist and not be empty, and each audio file's header must
@@ -16,6 +17,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from avrl.data.items import LETTERS, DataError, QAItem
 from avrl.data.media import check_audio_header
@@ -122,6 +125,34 @@ def _records_json_list(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}[item {index}, id {key}]", record
 
 
+def _records_json_or_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """A JSON list when the file's first non-blank character is `[`, else JSONL (MMSU publishes a JSON list in
+    files it names .jsonl)."""
+    data = _read_bytes(path)
+    return _records_json_list(path) if data.lstrip()[:1] == b"[" else _records_jsonl(path)
+
+
+def _records_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    """A parquet's rows as plain Python records (pyarrow: lists stay lists), each named "file[row i, id X]"."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    for index, record in enumerate(rows):
+        yield f"{path}[row {index}, id {record.get('id', index)}]", record
+
+
+def _answer_index(record: dict, key: str, choices: list[str], source: str) -> int | None:
+    """The answer's index among the choices; None when the record has no answer key (prediction only)."""
+    if key not in record:
+        return None
+    if record[key] not in choices:
+        raise DataError(f"{source}: {key} {record[key]!r} is not among the choices {choices}")
+    return choices.index(record[key])
+
+
 def _read(path, records, parse: Callable[[dict, str], QAItem], on_error: str) -> tuple[list[QAItem], Skipped]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -209,20 +240,18 @@ def read_avqa_r1(path: str | Path, root: str | Path | None = None, on_error: str
 
 
 def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
-    """MMAU test-mini json list: {id, audio_id: "./test-mini-audios/<id>.wav", question, choices, answer: <text>,
-    task, difficulty, ...}."""
+    """MMAU json list: {id, audio_id: "./test-mini-audios/<id>.wav", question, choices, answer: <text>, task,
+    difficulty, sub-category, ...}. The test set has no `answer`: its items are read for prediction only."""
     path = Path(path)
     media_path = _Media(Path(root) if root else path.parent, check_audio)
 
     def parse(r: dict, source: str) -> QAItem:
         choices = _choices(r["choices"], source)
-        if r["answer"] not in choices:
-            raise DataError(f"{source}: answer {r['answer']!r} is not among the choices {choices}")
         return QAItem(
             id=str(r["id"]),
             question=str(r["question"]),
             choices=choices,
-            answer_index=choices.index(r["answer"]),
+            answer_index=_answer_index(r, "answer", choices, source),
             audio=media_path(r["audio_id"], source, "audio"),
             category=r.get("task"),
             difficulty=r.get("difficulty"),
@@ -233,4 +262,92 @@ def read_mmau(path: str | Path, root: str | Path | None = None, on_error: str = 
     return _read(path, _records_json_list(path), parse, on_error)
 
 
-READERS = {"avqa": read_avqa, "avqa_r1": read_avqa_r1, "mmau": read_mmau}
+def read_mmar(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
+    """MMAR's MMAR-meta.jsonl: {id, audio_path: "./audio/<id>.wav", question, choices (2-6 texts), answer: <text>,
+    modality, category, sub-category, ...}. QAItem.category: the modality."""
+    path = Path(path)
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
+
+    def parse(r: dict, source: str) -> QAItem:
+        choices = _choices(r["choices"], source)
+        return QAItem(
+            id=str(r["id"]),
+            question=str(r["question"]),
+            choices=choices,
+            answer_index=_answer_index(r, "answer", choices, source),
+            audio=media_path(r["audio_path"], source, "audio"),
+            category=r.get("modality"),
+            source=source,
+            meta=r,
+        )
+
+    return _read(path, _records_jsonl(path), parse, on_error)
+
+
+MMSU_CHOICES = ("choice_a", "choice_b", "choice_c", "choice_d")
+
+
+def read_mmsu(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
+    """MMSU's records, a JSON list or JSONL: {id, audio_path, question, choice_a..choice_d (C and D may be absent
+    or null), answer_gt: <text>, task_name, category, sub-category, ...}. QAItem.category: the task_name."""
+    path = Path(path)
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
+
+    def parse(r: dict, source: str) -> QAItem:
+        present = [r.get(k) is not None for k in MMSU_CHOICES]
+        count = present.index(False) if False in present else len(present)
+        if count < 2 or any(present[count:]):
+            raise DataError(f"{source}: choices must be choice_a, choice_b and optionally _c, _d, without gaps")
+        choices = [str(r[k]) for k in MMSU_CHOICES[:count]]
+        return QAItem(
+            id=str(r["id"]),
+            question=str(r["question"]),
+            choices=choices,
+            answer_index=_answer_index(r, "answer_gt", choices, source),
+            audio=media_path(r["audio_path"], source, "audio"),
+            category=r.get("task_name"),
+            source=source,
+            meta=r,
+        )
+
+    return _read(path, _records_json_or_jsonl(path), parse, on_error)
+
+
+def read_mmau_pro(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
+    """MMAU-Pro's parquet: {id, audio_path: [<clip>, ...], question, choices (none for `open` and `instruction
+    following`), answer: <text>, category, ...}. Every clip is checked; QAItem.audio is the first (several clips in
+    one prompt: not yet). An answer that is not among the choices (or an item without choices) leaves
+    answer_index None: such items are scored by their own rules (avrl/rules/mmau_pro.py), not by the choice."""
+    path = Path(path)
+    media_path = _Media(Path(root) if root else path.parent, check_audio)
+
+    def parse(r: dict, source: str) -> QAItem:
+        clips = r["audio_path"]
+        clips = [clips] if isinstance(clips, str) else clips
+        if not isinstance(clips, list) or not clips:
+            raise DataError(f"{source}: audio_path must be a non-empty list of clips")
+        audio = [media_path(c, source, "audio") for c in clips]
+        choices = [str(c) for c in (r.get("choices") or [])]
+        answer = r.get("answer")
+        return QAItem(
+            id=str(r["id"]) if "id" in r else source,
+            question=str(r["question"]),
+            choices=choices,
+            answer_index=choices.index(answer) if answer in choices else None,
+            audio=audio[0],
+            category=r.get("category"),
+            source=source,
+            meta=r,
+        )
+
+    return _read(path, _records_parquet(path), parse, on_error)
+
+
+READERS = {
+    "avqa": read_avqa,
+    "avqa_r1": read_avqa_r1,
+    "mmau": read_mmau,
+    "mmar": read_mmar,
+    "mmsu": read_mmsu,
+    "mmau_pro": read_mmau_pro,
+}

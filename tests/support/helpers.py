@@ -3,6 +3,9 @@
 import json
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from avrl.data.items import QAItem
 from tests.support import compose
 
@@ -71,3 +74,66 @@ def mmau_reference(prediction, answer, choices):
             if t not in a and t in p:
                 return False
     return all(t in p for t in a)
+
+
+# Stand-in benchmark records in each published format (field names from the benchmarks' own files).
+def mmar_record(i, **extra):
+    return {
+        "id": f"r{i}",
+        "audio_path": f"./audio/r{i}.wav",
+        "question": "What type of natural environment might this music originate from",
+        "choices": ["Mountain Canyon", "Dense Forest", "Open Grassland", "City Streets"],
+        "answer": "Open Grassland",
+        "modality": ["music", "speech", "mix-sound-speech"][i % 3],
+        "category": ["Cultural Layer", "Perception Layer"][i % 2],
+        "sub-category": ["Professional Knowledge and Reasoning", "Counting and Statistics"][i % 2],
+        "language": None,
+        "thinking": "...",
+        "cue": ["Throat Singing"],
+        "rubric": [],
+        **extra,
+    }
+
+
+def mmsu_record(i, **extra):
+    return {
+        "id": f"s{i}",
+        "audio_path": f"audio/s{i}.wav",
+        "question": "What emotion does the speaker express?",
+        "choice_a": "happy",
+        "choice_b": "sad",
+        "choice_c": "angry",
+        "choice_d": "neutral",
+        "answer_gt": ["sad", "happy", "neutral"][i % 3],
+        "task_name": ["emotion_recognition", "speaker_gender"][i % 2],
+        "category": ["Perception", "Reasoning"][i % 2],
+        "sub-category": ["Paralinguistics", "Linguistics"][i % 2],
+        "sub-sub-category": "Speaking style",
+        "linguistics_sub_discipline": "None",
+        **extra,
+    }
+
+
+def mmau_pro_record(i, **extra):
+    closed = {
+        "choices": ["A dog barking", "A cat meowing", "Rain falling"],
+        "answer": "A cat meowing",
+        "category": ["sound", "music", "multi"][i % 3],
+    }
+    kinds = [
+        closed,
+        {"choices": None, "answer": "A calm piano piece.", "category": "open"},
+        {"choices": None, "answer": "", "category": "instruction following"},
+    ]
+    return {
+        "id": f"p{i}",
+        "audio_path": [f"audio/p{i}.wav"] + ([f"audio/p{i}b.wav"] if i % 4 == 3 else []),
+        "question": "What is heard?",
+        **(closed if i % 5 < 3 else kinds[1 + i % 2]),
+        **extra,
+    }
+
+
+def write_parquet(path, records):
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
