@@ -11,7 +11,8 @@
 
 The end of this file holds every other strategy mechanic the algorithms need, so that they ask here instead of
 testing strategy types themselves: where fp32 master weights live, clipping, zeroing gradients, DeepSpeed's
-accumulation boundaries, the cross-rank finite check, and gathering the full weights (ZeRO-3) to save them.
+accumulation boundaries, the cross-rank finite check, sums and the std over every rank (the loss's global token
+count, scale_rewards=batch), and gathering the full weights (ZeRO-3) to save them.
 """
 
 from __future__ import annotations
@@ -335,6 +336,29 @@ def all_finite(strategy, tensors: list[torch.Tensor]) -> bool:
     checks = [t.isfinite().all() for t in tensors]
     finite = not checks or bool(torch.stack(checks).all())
     return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
+
+
+def world_size(strategy) -> int:
+    """How many processes train (1 without a strategy or on a single device)."""
+    return int(getattr(strategy, "world_size", 1)) if strategy is not None else 1
+
+
+def global_sum(strategy, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every rank (all-reduce), as a new tensor; `tensor` itself on one process."""
+    if world_size(strategy) == 1:
+        return tensor
+    return strategy.reduce(tensor.detach().clone(), reduce_op="sum")
+
+
+def global_std(strategy, values: torch.Tensor) -> torch.Tensor:
+    """The std (Bessel-corrected, as torch.std and TRL's nanstd) of every rank's `values` together: what TRL
+    computes after gathering all rewards. Two passes (count and mean, then squared deviations), so ranks may hold
+    different counts; on one process torch.std itself."""
+    if world_size(strategy) == 1:
+        return values.std()
+    count = global_sum(strategy, torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device))
+    mean = global_sum(strategy, values.sum()) / count
+    return (global_sum(strategy, ((values - mean) ** 2).sum()) / (count - 1)).sqrt()
 
 
 def clip_gradient_norm(module, optimizer, max_norm: float) -> None:

@@ -23,15 +23,19 @@ from avrl.vllm_rollout import importance_weights
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", batch_std: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rewards minus their group's mean, divided by the group's std ("group"), the batch's std ("batch") or
-    nothing ("none"). Groups are contiguous blocks of `num_generations`; std as torch.std (Bessel)."""
+    nothing ("none"). Groups are contiguous blocks of `num_generations`; std as torch.std (Bessel). `batch_std`:
+    the std of the whole optimizer step's rewards, every rank's (strategies.global_std; TRL gathers the rewards
+    before its std); default these rewards' own."""
     grouped = rewards.view(-1, num_generations)
     advantages = rewards - grouped.mean(dim=1).repeat_interleave(num_generations)
     if scale_rewards == "group":
         advantages = advantages / (grouped.std(dim=1).repeat_interleave(num_generations) + 1e-4)
     elif scale_rewards == "batch":
-        advantages = advantages / (rewards.std() + 1e-4)
+        advantages = advantages / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return advantages
@@ -56,9 +60,11 @@ def grpo_loss(
 
     ratio = exp(logps - old_logps) clipped to [1 - epsilon, 1 + epsilon_high]; with beta > 0 the k3 estimate
     exp(ref - logps) - (ref - logps) - 1 of KL(policy || ref) is added per token, weighted by beta.
-    Reduction: "grpo" mean per sequence then over sequences; "bnpo"/"dapo" sum over tokens / number of tokens;
-    "dr_grpo" sum / (batch * max_completion_length). `importance_weights` (per token) rescale the surrogate term
-    when the rollout engine's policy differs from the trained one (vLLM; TRL applies them before the KL term).
+    Reduction over these rows: "grpo" mean per sequence then over sequences; "bnpo"/"dapo" sum over tokens / number
+    of tokens; "dr_grpo" sum / (batch * max_completion_length). Across micro-batches and ranks the update weights
+    each micro-batch's loss as TRL does (`_micro_batch_weight`). `importance_weights` (per token) rescale the
+    surrogate term when the rollout engine's policy differs from the trained one (vLLM; TRL applies them before the
+    KL term).
     `kl_clamp` clamps ref - logps to [-kl_clamp, kl_clamp] before the k3 estimate (EchoInk-R1's trainer).
     """
     if loss_type not in LOSS_TYPES:
@@ -165,14 +171,22 @@ class GRPOModule(AudioLMModule):
             rollout.mask = rollout.mask * (~rollout.truncated).unsqueeze(1).long()
 
         # 2. Score: rewards and group-normalised advantages.
+        #    scale_rewards=batch divides by the std of every rank's rewards (TRL gathers them first).
         items = [item for item in batch["items"] for _ in range(G)]
         rewards, per_function = score(self.reward_functions, self.reward_weights, rollout.texts, items, self.prompt)
-        advantages = group_advantages(rewards, G, algo.scale_rewards).to(self.device)
+        rewards = rewards.to(self.device)
+        batch_std = strategies.global_std(self.strategy, rewards) if algo.scale_rewards == "batch" else None
+        advantages = group_advantages(rewards, G, algo.scale_rewards, batch_std)
 
         # 3. Update: num_iterations optimizer steps on this rollout.
         stats = self.update(batch, media, rollout, advantages)
         self._rollout[0].sync(self.model)  # the next rollout samples from the updated policy (vLLM)
         self.log_step(rollout, rewards, per_function, advantages, items, stats, time.perf_counter() - start)
+
+    @property
+    def strategy(self):
+        """The Trainer's strategy (None for a module used outside a Trainer, as the tests do)."""
+        return self._trainer.strategy if self._trainer is not None else None
 
     def update(self, batch: dict, media: dict, rollout: Rollout, advantages: torch.Tensor) -> list:
         """The log-probs the loss compares against (the rollout policy's when it differs from the trained one, and
@@ -200,6 +214,14 @@ class GRPOModule(AudioLMModule):
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         chunk = algo.micro_batch_prompts or num_prompts
+        num_micro_batches = -(-num_prompts // chunk)
+        # dapo's normaliser: the optimizer step's completion tokens over every rank, per rank (the gradients are
+        # averaged over ranks), as TRL's num_items_in_batch / num_processes.
+        tokens_per_rank = None
+        if algo.loss_type == "dapo":
+            tokens_per_rank = float(strategies.global_sum(self.strategy, mask.sum())) / strategies.world_size(
+                self.strategy
+            )
         for _ in range(algo.num_iterations):
             strategies.zero_grad(self.trainer.strategy, optimizer)
             stats = []
@@ -228,7 +250,7 @@ class GRPOModule(AudioLMModule):
                     importance_weights=weights[s] if weights is not None else None,
                     kl_clamp=algo.kl_clamp,
                 )
-                weight = _micro_batch_weight(algo.loss_type, mask, s)
+                weight = _micro_batch_weight(algo.loss_type, mask, s, num_micro_batches, tokens_per_rank)
                 self.manual_backward(loss * weight)
                 metrics["loss"] = loss.detach() * weight
                 metrics["entropy"] = (entropy * mask[s]).sum() / mask[s].sum().clamp(min=1)
@@ -278,8 +300,22 @@ class GRPOModule(AudioLMModule):
         ]
 
 
-def _micro_batch_weight(loss_type: str, mask: torch.Tensor, rows: slice) -> float:
-    """Weight of one micro-batch's loss so that the accumulated gradient equals the whole batch's."""
-    if loss_type in ("bnpo", "dapo"):
-        return float(mask[rows].sum().clamp(min=1) / mask.sum().clamp(min=1))
+def _micro_batch_weight(
+    loss_type: str, mask: torch.Tensor, rows: slice, num_micro_batches: int, tokens_per_rank: float | None
+) -> float:
+    """Weight of one micro-batch's loss (grpo_loss over its rows) in this rank's accumulated gradient, such that
+    the gradient summed over micro-batches and averaged over ranks (DDP, DeepSpeed) is TRL's GRPOTrainer's, with
+    avrl's micro-batch for TRL's per-device batch and its micro-batches for TRL's accumulation steps:
+
+    - grpo, dr_grpo: the micro-batch's share of this rank's sequences (ranks hold equal batches): the mean over
+      every sequence of the step (TRL: each micro-batch's loss / accumulation steps, averaged over ranks);
+    - bnpo: 1 / number of micro-batches: each micro-batch normalised by its own token count, then averaged over
+      micro-batches and ranks (TRL: loss / current_gradient_accumulation_steps);
+    - dapo: the micro-batch's tokens / (the step's tokens over all ranks / world size): the sum over every token of
+      the step divided by their global count (TRL: num_items_in_batch / num_processes).
+    On one process bnpo is the mean of the micro-batches' token means and dapo the token mean over the batch."""
+    if loss_type == "dapo":
+        return mask[rows].sum().clamp(min=1).item() / max(float(tokens_per_rank), 1.0)  # in float64
+    if loss_type == "bnpo":
+        return 1.0 / num_micro_batches
     return mask[rows].shape[0] / mask.shape[0]
