@@ -2,6 +2,9 @@
 
 predictions.json is a JSON list of the input records, each with `model_output` (the final answer as the choice's
 text, so MMAU's official evaluation.py scores the file unmodified) and `model_raw_output` (the whole completion).
+A benchmark's data (data.format mmau, mmar, mmsu, mmau_pro) adds the key its official script reads and the file it
+reads (MMSU: predictions.jsonl; MMAU-Pro: predictions.parquet), and is scored by its official rule (avrl/rules/):
+metrics `eval/<benchmark>/...`, its table printed. A file without answers (MMAU test): predictions only.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import statistics
 from pathlib import Path
 
 import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 from peft import PeftModel
@@ -26,6 +31,7 @@ from avrl.models.lora import apply_lora
 from avrl.policy import Policy
 from avrl.prompts import prompt_spec
 from avrl.redaction import scrub
+from avrl.rules import BENCHMARKS, mmsu
 from avrl.sampling import rollout_keys
 from avrl.scoring import accuracy_metrics, score_batch
 
@@ -105,35 +111,64 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             )
             scored = score_batch(policy, batch, prompt, settings, protocol=protocol, samples=samples, keys=keys)
             for item, result in zip(batch["items"], scored):
-                rows.append(prediction_record(item, result, samples))
+                rows.append(prediction_record(item, result, samples, cfg.data.format))
             results += scored
 
-    metrics = accuracy_metrics(results, "eval")
-    if samples > 1:
+    rule = BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None
+    answered = any(rule.ANSWER_KEY in row for row in rows) if rule else True
+    metrics = accuracy_metrics(results, "eval") if answered else {}
+    report = rule.report(rows) if rule and answered else None
+    if report is not None:
+        metrics.update({f"eval/{rule.NAME}/{k}": v for k, v in report.metrics.items()})
+    if samples > 1 and answered:
         means = [statistics.mean(r["correct_per_sample"][k] for r in results) for k in range(samples)]
         metrics["eval/accuracy_mean"] = statistics.mean(means)
         metrics["eval/accuracy_std"] = statistics.stdev(means)
     path = out / "predictions.json"
     write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False))
+    official = write_official(out, rule, rows) if rule else path
     if datamodule.skipped:
         metrics["data/skipped"] = len(datamodule.skipped)
         datamodule.write_skipped(out)
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         tracking.log_file(logger, path)
+        if official != path:
+            tracking.log_file(logger, official)
         logger.experiment.set_tag(logger.run_id, "eval_audio", audio)
         spool.finish(logger)
     if version:
         print(f"{cfg.data.name} version {version}, protocol {protocol}")
     if audio != "real":
         print(f"audio: {audio} (avrl/data/audio_controls.py)")
-    print(table(results, metrics))
-    print(f"\npredictions: {path}")
+    if not answered:
+        print(f"{cfg.data.test_path}: no answers: predictions written, no accuracy claimed")
+    elif report is not None:
+        print(f"{rule.NAME}, scored by its official rule (avrl/rules/{rule.NAME}.py) on {official.name}:")
+        print(report.text)
+        print(f"\navrl's protocol {protocol}:")
+    if answered:
+        print(table(results, metrics))
+    print(f"\npredictions: {official}")
     return metrics
 
 
-def prediction_record(item, result: dict, samples: int) -> dict:
-    """The input record (MMAU's, when the item came from a file) with the model's answer added."""
+def write_official(out: Path, rule, rows: list[dict]) -> Path:
+    """The predictions in the file its official script reads: a JSON list (predictions.json, written already),
+    JSONL (MMSU) or a parquet (MMAU-Pro)."""
+    path = out / rule.PREDICTIONS_FILE
+    if path.suffix == ".jsonl":
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def prediction_record(item, result: dict, samples: int, benchmark: str = "") -> dict:
+    """The input record (MMAU's, when the item came from a file) with the model's answer added, also under the
+    key the benchmark's official script reads: MMAR `answer_prediction` (the same text); MMSU `response`, the
+    letter of the choice the protocol predicted (MMSU's scorer reads a letter), or the prediction as is when it
+    names no choice."""
     record = (
         dict(item.meta)
         if item.meta
@@ -149,6 +184,11 @@ def prediction_record(item, result: dict, samples: int) -> dict:
     record.update(
         model_output=result["prediction"], model_prediction=result["prediction"], model_raw_output=result["completion"]
     )
+    if benchmark in BENCHMARKS:
+        text = result["prediction"]
+        if benchmark == mmsu.NAME and text in item.choices:
+            text = "ABCD"[item.choices.index(text)]
+        record[BENCHMARKS[benchmark].PREDICTION_KEY] = text
     if samples > 1:
         record["model_raw_outputs"] = result["completions"]
     return record
@@ -158,7 +198,7 @@ def table(results: list[dict], metrics: dict[str, float]) -> str:
     """Accuracy by task and by difficulty, in the shape MMAU's evaluation script prints."""
     lines = []
     for key, title in (("category", "Task-wise Accuracy:"), ("difficulty", "Difficulty-wise Accuracy:")):
-        names = sorted({r[key] for r in results if r.get(key)})
+        names = sorted({r[key] for r in results if r.get(key) and r["correct"] == r["correct"]})  # nan: unscored
         if names:
             lines += ["*" * 30, title]
             lines += [f"{n} : {metrics[f'eval/accuracy/{n}'] * 100:.2f}%" for n in names]

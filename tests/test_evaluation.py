@@ -2,12 +2,41 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from avrl.evaluation import evaluate
+from avrl.rules import BENCHMARKS
 from tests.support import SHARED, write_wav
+from tests.support.helpers import mmar_record, mmau_pro_record, mmsu_record, write_jsonl, write_parquet
 from tests.support.helpers import mmau_reference as mmau_string_match
+
+
+def mmau_record(i):
+    return {"id": f"t{i}", "audio_id": f"./test-audios/t{i}.wav", "question": "Who speaks?",
+            "choices": ["Man", "Woman"], "answer": "Man", "task": "speech", "difficulty": "easy",
+            "sub-category": "s"}  # fmt: skip
+
+
+def mmsu_reference(rows):
+    """mmsu_evaluation.py's loop, written from its text: (official accuracy, strict accuracy)."""
+    correct = total = 0
+    letter = None
+    for r in rows:
+        p = r["response"].strip().replace("\n", "")
+        if p != "None" and p:
+            if p[0] in "ABCD":
+                letter = p[0]
+            elif len(p) > 1 and p[-2] in "ABCD":
+                letter = p[-2]
+            else:
+                continue
+        choices = {"A": r.get("choice_a", ""), "B": r.get("choice_b", ""), "C": r.get("choice_c", ""),
+                   "D": r.get("choice_d", "")}  # fmt: skip
+        correct += bool(letter) and choices[letter] == r["answer_gt"]
+        total += 1
+    return correct / total if total else 0.0, correct / len(rows)
 
 
 def mmau_subset(tmp_path, n=12):
@@ -148,3 +177,63 @@ def test_eval_of_lora_adapters(cfg_factory, tmp_path):
     assert len(adapters) == 3
     assert [p["model_raw_output"] for p in adapters] == [p["model_raw_output"] for p in merged_predictions]
     assert metrics["eval/accuracy"] == pytest.approx(official_score(adapters))
+
+
+def stand_in(tmp_path, name, n=6):
+    """Stand-in data in the benchmark's published format, with generated audio; (data file, records)."""
+    folder = tmp_path / name
+    make = {"mmar": mmar_record, "mmsu": mmsu_record, "mmau_pro": mmau_pro_record}[name]
+    records = [make(i) for i in range(n)]
+    for i, r in enumerate(records):
+        for clip in [r["audio_path"]] if isinstance(r["audio_path"], str) else r["audio_path"]:
+            write_wav(folder / clip, seconds=0.5 + 0.1 * i, freq=200 + 50 * i)
+    if name == "mmar":
+        return write_jsonl(folder / "MMAR-meta.jsonl", records), records
+    if name == "mmsu":
+        (folder / "mmsu.jsonl").write_text(json.dumps(records))  # a JSON list, as MMSU's own scripts read it
+        return folder / "mmsu.jsonl", records
+    return write_parquet(folder / "test.parquet", records), records
+
+
+@pytest.mark.parametrize("name", ["mmar", "mmsu", "mmau_pro"])
+def test_eval_on_a_benchmark_writes_the_official_key_and_scores_by_its_rule(cfg_factory, tmp_path, name, capsys):
+    path, records = stand_in(tmp_path, name)
+    cfg = cfg_factory("task=eval", f"data={name}", f"data.test_path={path}", "data.eval_batch_size=4",
+                      "eval.max_new_tokens=8", "logger=none")  # fmt: skip
+    metrics = evaluate(cfg)
+    rule = BENCHMARKS[name]
+    official = tmp_path / "out" / rule.PREDICTIONS_FILE
+    if official.suffix == ".jsonl":  # read as the official script reads it: one JSON object per line
+        rows = [json.loads(line.strip()) for line in official.read_text().splitlines()]
+    elif official.suffix == ".parquet":
+        rows = pq.read_table(official).to_pylist()
+    else:
+        rows = json.loads(official.read_text())
+    assert len(rows) == len(records) and all(rule.PREDICTION_KEY in r for r in rows)
+    assert all({k: r[k] for k in rec} == rec for r, rec in zip(rows, records))  # the input record, unchanged
+    printed = capsys.readouterr().out
+    if name == "mmsu":  # an independent reading of mmsu_evaluation.py over the file
+        reference = mmsu_reference(rows)
+        assert metrics["eval/mmsu/accuracy"] == pytest.approx(reference[0]) and "Overall Accuracy" in printed
+        assert metrics["eval/mmsu/accuracy_strict"] == pytest.approx(reference[1])
+    elif name == "mmar":
+        expected = sum(mmau_string_match(r["answer_prediction"], r["answer"], r["choices"]) for r in rows) / len(rows)
+        assert metrics["eval/mmar/accuracy"] == pytest.approx(expected) and "Modality-wise Accuracy:" in printed
+        assert {f"eval/mmar/modality/{r['modality']}" for r in rows} <= set(metrics)
+    else:
+        assert "NOT the official figure" in printed and "eval/mmau_pro/string_rule/accuracy" in metrics
+        assert metrics["eval/mmau_pro/unscored/open"] == sum(r["category"] == "open" for r in rows)
+
+
+def test_eval_on_answerless_mmau_test_claims_no_accuracy(cfg_factory, tmp_path, capsys):
+    records = [{k: v for k, v in mmau_record(i).items() if k != "answer"} for i in range(3)]
+    for r in records:
+        write_wav(tmp_path / "mmau" / r["audio_id"], seconds=0.5)
+    (tmp_path / "mmau").mkdir(exist_ok=True)
+    (tmp_path / "mmau/mmau-test.json").write_text(json.dumps(records))
+    metrics = evaluate(cfg_factory("task=eval", "data=mmau_test", f"data.test_path={tmp_path}/mmau/mmau-test.json",
+                                   "eval.max_new_tokens=6", "logger=none"))  # fmt: skip
+    assert not any("accuracy" in k for k in metrics)
+    rows = json.loads((tmp_path / "out/predictions.json").read_text())
+    assert len(rows) == 3 and all("model_output" in r for r in rows)
+    assert "no accuracy claimed" in capsys.readouterr().out
