@@ -78,7 +78,8 @@ class AlgorithmConfig:
       has no completions to log), lora;
     - GRPO alone (avrl/algorithms/grpo.py, the rollout backends): num_generations, beta, kl_clamp, epsilon,
       epsilon_high, loss_type, scale_rewards, mask_truncated_completions, micro_batch_prompts,
-      log_completions_rows.
+      log_completions_rows;
+    - avrl/train.py, before the data is built: prompts_per_step (sets data.batch_size; SFT reads it too).
     """
 
     name: str = MISSING
@@ -102,6 +103,10 @@ class AlgorithmConfig:
     # copies, as TRL): same tokens, log-probs and gradients.
     shared_prefix: bool = True
     micro_batch_prompts: Optional[int] = None  # prompts per forward/backward in the update; null = all
+    # Prompts per optimizer step over every device (a paper's global batch): data.batch_size is then set to its share
+    # per device from trainer.devices x trainer.num_nodes (strategies.per_device_prompts), so 1 GPU and 8 run the
+    # same optimizer steps. null = data.batch_size prompts per device.
+    prompts_per_step: Optional[int] = None
     validate_at_start: bool = True  # log val/accuracy at step 0
     log_completions_every_n_steps: int = 25  # 0 = never
     log_completions_rows: int = 16

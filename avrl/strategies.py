@@ -29,6 +29,7 @@ from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -122,6 +123,39 @@ def requested_devices(trainer_cfg) -> int:
         devices = torch.cuda.device_count() if trainer_cfg.accelerator in ("gpu", "cuda", "auto") else 1
     count = len(devices) if not isinstance(devices, int) else devices
     return count * int(trainer_cfg.num_nodes)
+
+
+def per_device_prompts(prompts_per_step: int, devices: int) -> int:
+    """Prompts per device so that `devices` devices hold `prompts_per_step` prompts per optimizer step: the quotient,
+    rounded up when it does not divide (every device gets at least one, and a step never holds fewer prompts than
+    asked)."""
+    if prompts_per_step < 1 or devices < 1:
+        raise ValueError(f"prompts per step and devices must be >= 1, got {prompts_per_step} and {devices}")
+    return -(-prompts_per_step // devices)
+
+
+def apply_global_batch(cfg) -> None:
+    """With algorithm.prompts_per_step set, data.batch_size (prompts per device per step) becomes its share on this
+    run's devices (trainer.devices x trainer.num_nodes); avrl's micro-batches (algorithm.micro_batch_prompts) are the
+    gradient accumulation. A warning, once (rank 0), when the devices cannot divide the prompts exactly."""
+    total = cfg.algorithm.prompts_per_step
+    if total is None:
+        return
+    devices = requested_devices(cfg.trainer)
+    per_device = per_device_prompts(total, devices)
+    if per_device * devices != total:
+        rank_zero_warn(
+            f"algorithm.prompts_per_step={total} does not divide over {devices} device(s): each takes {per_device} "
+            f"prompts, {per_device * devices} per optimizer step instead of {total} (the preset's global batch is "
+            "not reproduced exactly; choose a device count that divides it)"
+        )
+    log.info(
+        "algorithm.prompts_per_step=%d on %d device(s): data.batch_size=%d prompts per device per step",
+        total,
+        devices,
+        per_device,
+    )
+    cfg.data.batch_size = per_device
 
 
 def check(cfg) -> None:

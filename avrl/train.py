@@ -95,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the last validation's val/* metrics. Any failure after the MLflow run exists
     marks it FAILED with the traceback as an artifact, then propagates (a non-zero exit, a FAILED sweep job)."""
     strategies.check(cfg)  # before any folder, MLflow run or model exists
+    strategies.apply_global_batch(cfg)  # algorithm.prompts_per_step -> data.batch_size on this run's devices
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)

@@ -202,7 +202,8 @@ R1_AQA = {  # key: value (source in xiaomi-research/r1-aqa)
     "algorithm.scale_rewards": "group",
     "algorithm.num_iterations": 1,
     "algorithm.micro_batch_prompts": 1,
-    "data.batch_size": 2,  # 1 x accum 2
+    "algorithm.prompts_per_step": 16,  # src/train.py:52-53, 1 x accum 2, on 8 GPUs
+    "data.batch_size": 2,  # its share on 8 GPUs
     "optim.scheduler": "linear",
     "optim.warmup_ratio": 0.0,
     "optim.weight_decay": 0.0,  # HF defaults
@@ -237,6 +238,7 @@ ECHOINK = {  # key: value (source in HarryHsing/EchoInk)
     "algorithm.loss_type": "grpo",
     "algorithm.scale_rewards": "group",
     "algorithm.num_iterations": 1,
+    "algorithm.prompts_per_step": 8,  # script:8,20,21: 8 GPUs x 1 x accum 1
     "data.batch_size": 1,
     "optim.lr": 1e-6,
     "optim.scheduler": "cosine",
