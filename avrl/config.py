@@ -38,8 +38,14 @@ def conf_path(name: str) -> str:
     return str(path)
 
 
-# MMAU test-mini versions (../shared/data/README.md): scores on one are not comparable with the other.
-MMAU_FILES = {"original": "mmau-test-mini-original.json", "v05.15.25": "mmau-test-mini.json"}
+# MMAU test-mini versions (../shared/data/README.md), by the date the Sakshi113/MMAU repository held the file:
+# 2025-01-28 (in the repository when R1-AQA was published), original (the original set's last revision,
+# 2025-03-25: one answer differs from 2025-01-28) and v05.15.25 (revised; scores not comparable with the others).
+MMAU_FILES = {
+    "2025-01-28": "mmau-test-mini-2025-01-28.json",
+    "original": "mmau-test-mini-original.json",
+    "v05.15.25": "mmau-test-mini.json",
+}
 
 
 def mmau_file(version: str) -> str:

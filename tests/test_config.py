@@ -1,13 +1,16 @@
 """Every option of every config group composes and resolves; run.py --cfg job prints it."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.support import CONF, HANG_GUARD, ROOT, compose
+from avrl.config import MMAU_FILES
+from tests.support import CONF, HANG_GUARD, ROOT, SHARED, compose
 
 
 def options(group):
@@ -164,3 +167,23 @@ def test_typed_schemas_refuse_misspelt_keys_and_wrong_types(tmp_path):
         with pytest.raises(ConfigCompositionException) as e:
             hydra_compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "model=my_model"])
     assert "freeze_audio_encodr" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("version", sorted(MMAU_FILES))
+def test_each_mmau_version_names_a_shared_file(version):
+    """data.version picks one of the three MMAU test-mini files of ../shared/data (its README dates them)."""
+    path = compose(["data=mmau", f"data.version={version}"]).data.test_path
+    assert Path(path).name == MMAU_FILES[version]
+    assert (SHARED / "data" / MMAU_FILES[version]).exists()
+
+
+def test_the_2025_01_28_file_differs_from_the_original_revision_in_one_answer():
+    """../shared/data/README.md: the 2025-03-25 revision changed the answer of one item only."""
+    old, new = (
+        {r["id"]: r for r in json.loads((SHARED / "data" / MMAU_FILES[v]).read_text())}
+        for v in ("2025-01-28", "original")
+    )
+    assert set(old) == set(new)
+    changed = [i for i in old if old[i] != new[i]]
+    assert changed == ["1a5dd76a-7905-4a83-bd88-7ae26730656d"]
+    assert (old[changed[0]]["answer"], new[changed[0]]["answer"]) == ("A bird chirping", "A cat meowing")
