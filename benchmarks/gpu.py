@@ -8,7 +8,8 @@ audio-visual questions). 2 prompts x G = 8 completions, 256 completion tokens (t
 cannot emit, so every completion has the full length and the figure is stable). Reported: seconds per step by phase
 (at num_iterations 1 avrl computes no separate old log-probs, so neither does this step; benchmarks/audio_step.py),
 peak GPU memory, completion tokens per second, and GPU-hours per 1,000 steps on 8 GPUs (each GPU runs its own
-per-device batch; communication not counted) next to R1-AQA's 4-5 h on 8 H800 (32-40 GPU-hours), for the
+per-device batch; communication not counted) next to 32-40 GPU-hours ("4-5 h on 8 H800", an unsourced figure: see
+PAPER_GPU_HOURS), for the
 shared-prefix and the repeated path. Full fine-tuning: DeepSpeed's own estimate of the model states' memory for
 ZeRO-2/3 with and without offload, on 1 GPU and on 8 GPUs per node, against this machine's GPU and host memory
 (the 8.4B model fits no ZeRO configuration of one 141 GB GPU with 128 GiB of host memory). `--smoke` runs the
@@ -36,7 +37,10 @@ from avrl.models import families
 from avrl.models.lora import apply_lora
 from benchmarks.audio_step import build, machine, measure_step, media_batch
 
-PAPER_GPU_HOURS = (32, 40)  # R1-AQA: 4-5 h on 8 H800 for its 1,000 steps (README of xiaomi-research/r1-aqa)
+# "4-5 h on 8 H800" for R1-AQA's 1,000 steps: NOT in xiaomi-research/r1-aqa. No version of its README (git log -S
+# H800: none) nor its code states a training time or GPU type; README.md:103 only recommends "a GPU with 80 GB
+# of memory". An unverified scale for comparison, not the paper's measurement.
+PAPER_GPU_HOURS = (32, 40)
 LORA = {
     "r": 8,
     "alpha": 16,
