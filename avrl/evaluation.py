@@ -9,21 +9,17 @@ metrics `eval/<benchmark>/...`, its table printed. A file without answers (MMAU 
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
 
 import lightning as L
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 from tqdm import tqdm
 
 from avrl import spool, tracking
-from avrl.atomic import write_atomic
 from avrl.checkpoints import is_deepspeed_folder
 from avrl.datamodule import AudioQADataModule
 from avrl.models import families, load_model, load_processor
@@ -31,9 +27,18 @@ from avrl.models.lora import apply_lora
 from avrl.policy import Policy
 from avrl.prompts import prompt_spec
 from avrl.redaction import scrub
-from avrl.rules import BENCHMARKS, mmsu
+from avrl.rules import BENCHMARKS
 from avrl.sampling import rollout_keys
-from avrl.scoring import accuracy_metrics, score_batch
+from avrl.scoring import (
+    BenchmarkScore,
+    accuracy_metrics,
+    benchmark_config,
+    benchmark_score,
+    benchmark_table,
+    prediction_record,
+    score_batch,
+    write_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +77,48 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """task=eval on `data` (one benchmark: files and metrics as the module docstring says) or, with
+    `eval.benchmarks=[mmau,mmar,...]`, on each of those data options in turn with the model loaded once: each
+    one's files in <output_dir>/<benchmark>/, metrics `eval/<benchmark>/...` in one MLflow run, and one table
+    benchmark x category printed at the end."""
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scrub(out / ".hydra")  # the overrides Hydra saved there, secrets included
-    processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
-    audio = cfg.eval.audio
-    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)
-    datamodule.setup()
-    datamodule.write_skipped(out)
+    names = list(cfg.eval.benchmarks) if "benchmarks" in cfg.eval else []
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval.benchmarks={names}: a benchmark named twice")
+    runs = [(name, benchmark_config(cfg, name)) for name in names] or [(None, cfg)]  # every config before the model
+    processor = load_processor(cfg.model)
     logger = tracking.make_logger(cfg)
     spool.attach(logger, out, cfg.logger.tracking_uri or "")  # a server gone mid-run: logging waits on disk
     policy = load_for_eval(cfg, processor)
+    metrics: dict[str, float] = {}
+    scores = []
+    for name, run_cfg in runs:
+        score = evaluate_one(run_cfg, policy, processor, out / name if name else out, logger, name)
+        metrics.update(score.metrics)
+        scores.append(score)
+    if logger is not None:
+        logger.log_metrics(metrics, step=0)
+        logger.experiment.set_tag(logger.run_id, "eval_audio", cfg.eval.audio)
+        if names:
+            logger.experiment.set_tag(logger.run_id, "eval_benchmarks", ",".join(names))
+        spool.finish(logger)
+    if names:
+        print(f"\nbenchmark x category (%), protocol {cfg.eval.protocol}; each benchmark's official figure:")
+        print(benchmark_table(scores))
+    return metrics
 
+
+def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, name: str | None) -> BenchmarkScore:
+    """One data option: its predictions written to `out`, scored, its table printed, its files logged. `name`
+    (a benchmark of eval.benchmarks): metrics under eval/<name>/ and artifacts under <name>/; None (task=eval on
+    `data`): avrl's protocol as eval/accuracy and the official rule as eval/<rule>/..."""
+    prompt, audio = prompt_spec(cfg), cfg.eval.audio
+    datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)
+    datamodule.setup()
+    datamodule.write_skipped(out)
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
     settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
     seed = cfg.algorithm.sampling_seed
@@ -100,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     rows, results = [], []
     with torch.no_grad():
-        for batch in tqdm(datamodule.test_dataloader(), desc="evaluating", unit="batch"):
+        for batch in tqdm(datamodule.test_dataloader(), desc=f"evaluating {cfg.data.name}", unit="batch"):
             datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
             if not batch["items"]:
                 continue
@@ -115,92 +149,57 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             results += scored
 
     rule = BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None
-    answered = any(rule.ANSWER_KEY in row for row in rows) if rule else True
-    metrics = accuracy_metrics(results, "eval") if answered else {}
-    report = rule.report(rows) if rule and answered else None
-    if report is not None:
-        metrics.update({f"eval/{rule.NAME}/{k}": v for k, v in report.metrics.items()})
-    if samples > 1 and answered:
+    if name is None:  # one benchmark: avrl's protocol as eval/accuracy, the official rule beside it
+        score = benchmark_score(
+            cfg.data.format, cfg.data.format, rows, results, f"eval/{rule.NAME}" if rule else "eval"
+        )
+        if score.answered:
+            score.metrics.update(accuracy_metrics(results, "eval"))
+            score.metrics = {
+                k: v for k, v in score.metrics.items() if not k.startswith(f"eval/{cfg.data.format}/protocol")
+            }
+        protocol_prefix = "eval"
+    else:
+        score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}")
+        protocol_prefix = f"eval/{name}/protocol" if rule else f"eval/{name}"
+    metrics = score.metrics
+    if samples > 1 and score.answered:
         means = [statistics.mean(r["correct_per_sample"][k] for r in results) for k in range(samples)]
-        metrics["eval/accuracy_mean"] = statistics.mean(means)
-        metrics["eval/accuracy_std"] = statistics.stdev(means)
-    path = out / "predictions.json"
-    write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False))
-    official = write_official(out, rule, rows) if rule else path
+        metrics[f"{protocol_prefix}/accuracy_mean"] = statistics.mean(means)
+        metrics[f"{protocol_prefix}/accuracy_std"] = statistics.stdev(means)
+    path, official = write_predictions(out, rule, rows)
     if datamodule.skipped:
-        metrics["data/skipped"] = len(datamodule.skipped)
+        metrics["data/skipped" if name is None else f"data/{name}/skipped"] = len(datamodule.skipped)
         datamodule.write_skipped(out)
     if logger is not None:
-        logger.log_metrics(metrics, step=0)
-        tracking.log_file(logger, path)
+        tracking.log_file(logger, path, name)
         if official != path:
-            tracking.log_file(logger, official)
-        logger.experiment.set_tag(logger.run_id, "eval_audio", audio)
-        spool.finish(logger)
+            tracking.log_file(logger, official, name)
+    if name is not None:
+        print(f"\n=== {name} ({cfg.data.test_path})")
     if version:
         print(f"{cfg.data.name} version {version}, protocol {protocol}")
     if audio != "real":
         print(f"audio: {audio} (avrl/data/audio_controls.py)")
-    if not answered:
+    if not score.answered:
         print(f"{cfg.data.test_path}: no answers: predictions written, no accuracy claimed")
-    elif report is not None:
+    elif rule is not None:
         print(f"{rule.NAME}, scored by its official rule (avrl/rules/{rule.NAME}.py) on {official.name}:")
-        print(report.text)
+        print(score.text)
         print(f"\navrl's protocol {protocol}:")
-    if answered:
-        print(table(results, metrics))
+    if score.answered:
+        print(table(results, metrics, protocol_prefix))
     print(f"\npredictions: {official}")
-    return metrics
+    return score
 
 
-def write_official(out: Path, rule, rows: list[dict]) -> Path:
-    """The predictions in the file its official script reads: a JSON list (predictions.json, written already),
-    JSONL (MMSU) or a parquet (MMAU-Pro)."""
-    path = out / rule.PREDICTIONS_FILE
-    if path.suffix == ".jsonl":
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    elif path.suffix == ".parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def prediction_record(item, result: dict, samples: int, benchmark: str = "") -> dict:
-    """The input record (MMAU's, when the item came from a file) with the model's answer added, also under the
-    key the benchmark's official script reads: MMAR `answer_prediction` (the same text); MMSU `response`, the
-    letter of the choice the protocol predicted (MMSU's scorer reads a letter), or the prediction as is when it
-    names no choice."""
-    record = (
-        dict(item.meta)
-        if item.meta
-        else {
-            "id": item.id,
-            "question": item.question,
-            "choices": item.choices,
-            "answer": item.answer,
-            "task": item.category,
-        }
-    )
-    # model_prediction: the key R1-AQA's test script writes; the same value.
-    record.update(
-        model_output=result["prediction"], model_prediction=result["prediction"], model_raw_output=result["completion"]
-    )
-    if benchmark in BENCHMARKS:
-        text = result["prediction"]
-        if benchmark == mmsu.NAME and text in item.choices:
-            text = "ABCD"[item.choices.index(text)]
-        record[BENCHMARKS[benchmark].PREDICTION_KEY] = text
-    if samples > 1:
-        record["model_raw_outputs"] = result["completions"]
-    return record
-
-
-def table(results: list[dict], metrics: dict[str, float]) -> str:
+def table(results: list[dict], metrics: dict[str, float], prefix: str = "eval") -> str:
     """Accuracy by task and by difficulty, in the shape MMAU's evaluation script prints."""
     lines = []
     for key, title in (("category", "Task-wise Accuracy:"), ("difficulty", "Difficulty-wise Accuracy:")):
         names = sorted({r[key] for r in results if r.get(key) and r["correct"] == r["correct"]})  # nan: unscored
         if names:
             lines += ["*" * 30, title]
-            lines += [f"{n} : {metrics[f'eval/accuracy/{n}'] * 100:.2f}%" for n in names]
-    lines += ["*" * 30, f"Total Accuracy: {metrics['eval/accuracy'] * 100:.2f}%", "*" * 30]
+            lines += [f"{n} : {metrics[f'{prefix}/accuracy/{n}'] * 100:.2f}%" for n in names]
+    lines += ["*" * 30, f"Total Accuracy: {metrics[f'{prefix}/accuracy'] * 100:.2f}%", "*" * 30]
     return "\n".join(lines)

@@ -1,15 +1,29 @@
 """Scoring completions against the answers: the one path that validation (during training) and task=eval share,
-and the one metrics function both report with."""
+and the one metrics function both report with; the benchmarks' predictions files and official scores, which
+task=eval and the final evaluation after training share (a benchmark's data option composed inside a run, its
+records written under the key its official script reads, scored by its rule, the benchmark x category table)."""
 
 from __future__ import annotations
 
+import copy
+import json
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from math import nan
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from avrl.atomic import write_atomic
+from avrl.config import CONF
 from avrl.policy import Policy
 from avrl.prompts import PromptSpec
 from avrl.protocols import prediction
+from avrl.rules import BENCHMARKS, mmsu
+from avrl.schemas import DataConfig
 
 
 def score_batch(
@@ -69,3 +83,127 @@ def accuracy_metrics(results: list[dict], prefix: str) -> dict[str, float]:
         for name, values in groups.items():
             metrics[f"{prefix}/accuracy/{name}"] = sum(values) / len(values)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+
+def benchmark_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The run's config with `data` replaced by the data option `name` (conf/data/<name>.yaml over its schema,
+    then `eval.data.<name>`'s overrides, e.g. `+eval.data.mmar.root=/data/mmar`): what `data=<name>` composes on
+    the command line, for one benchmark of `eval.benchmarks` or `final_eval.benchmarks`. Its paths come from the
+    option's environment variable (MMAU_DIR, MMAR_DIR, MMSU_DIR, MMAU_PRO_DIR) unless overridden."""
+    path = CONF / "data" / f"{name}.yaml"
+    if name.startswith("_") or not path.exists():
+        options = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if not p.stem.startswith("_"))
+        raise ValueError(f"benchmark {name!r}: no data option conf/data/{name}.yaml; the options: {options}")
+    option = OmegaConf.load(path)
+    with open_dict(option):
+        option.pop("defaults", None)  # _schema, _self_: the schema is merged below
+    overrides = cfg.eval.data[name] if "data" in cfg.eval and name in cfg.eval.data else {}
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), option, overrides)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.data = data
+    OmegaConf.to_container(out.data, resolve=True)  # a bad path or version fails here, before any model is loaded
+    return out
+
+
+def prediction_record(item, result: dict, samples: int, benchmark: str = "") -> dict:
+    """The input record (MMAU's, when the item came from a file) with the model's answer added, also under the
+    key the benchmark's official script reads: MMAR `answer_prediction` (the same text); MMSU `response`, the
+    letter of the choice the protocol predicted (MMSU's scorer reads a letter), or the prediction as is when it
+    names no choice."""
+    record = (
+        dict(item.meta)
+        if item.meta
+        else {
+            "id": item.id,
+            "question": item.question,
+            "choices": item.choices,
+            "answer": item.answer,
+            "task": item.category,
+        }
+    )
+    # model_prediction: the key R1-AQA's test script writes; the same value.
+    record.update(
+        model_output=result["prediction"], model_prediction=result["prediction"], model_raw_output=result["completion"]
+    )
+    if benchmark in BENCHMARKS:
+        text = result["prediction"]
+        if benchmark == mmsu.NAME and text in item.choices:
+            text = "ABCD"[item.choices.index(text)]
+        record[BENCHMARKS[benchmark].PREDICTION_KEY] = text
+    if samples > 1:
+        record["model_raw_outputs"] = result["completions"]
+    return record
+
+
+def write_predictions(out: Path, rule, rows: list[dict]) -> tuple[Path, Path]:
+    """predictions.json (every benchmark) and the file its official script reads: the same JSON list, JSONL (MMSU)
+    or a parquet (MMAU-Pro). Returns (predictions.json, the official file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predictions.json"
+    write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False))
+    official = out / rule.PREDICTIONS_FILE if rule else path
+    if official.suffix == ".jsonl":
+        write_atomic(official, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif official.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), official)
+    return path, official
+
+
+@dataclass
+class BenchmarkScore:
+    """One benchmark's scores, for the benchmark x category table: `metrics` (named under the caller's prefix),
+    the headline accuracy and its categories (None, {} when the file has no answers), how many items it counts,
+    the rule's printout (None: no official rule) and whether the headline is the official figure."""
+
+    name: str
+    metrics: dict[str, float]
+    accuracy: float | None
+    categories: dict[str, float] = field(default_factory=dict)
+    scored: int = 0
+    text: str | None = None
+    official: bool = True
+    answered: bool = True
+
+
+def benchmark_score(name: str, data_format: str, rows: list[dict], results: list[dict], prefix: str) -> BenchmarkScore:
+    """Score a benchmark's predictions records: by its official rule when its format has one (metrics
+    `<prefix>/...` as the rule names them, avrl's protocol under `<prefix>/protocol/...`), else by the protocol
+    (`<prefix>/accuracy`, per category). A file without answers: no accuracy."""
+    rule = BENCHMARKS[data_format] if data_format in BENCHMARKS else None
+    answered = any(rule.ANSWER_KEY in row for row in rows) if rule else True
+    if not answered:
+        return BenchmarkScore(name, {}, None, answered=False)
+    if rule is None:
+        metrics = accuracy_metrics(results, prefix)
+        cats = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith(f"{prefix}/accuracy/")}
+        scored = sum(r["correct"] == r["correct"] for r in results)
+        return BenchmarkScore(name, metrics, metrics[f"{prefix}/accuracy"], cats, scored)
+    report = rule.report(rows)
+    metrics = {f"{prefix}/{k}": v for k, v in report.metrics.items()}
+    metrics.update(accuracy_metrics(results, f"{prefix}/protocol"))
+    cats = {k.removeprefix(f"{report.by}/"): v for k, v in report.metrics.items() if k.startswith(f"{report.by}/")}
+    return BenchmarkScore(
+        name, metrics, report.metrics[report.headline], cats, report.scored, report.text, report.official
+    )
+
+
+def benchmark_table(scores: list[BenchmarkScore]) -> str:
+    """Benchmark x category, in %: one row per benchmark (its headline accuracy, the items it counts, its
+    categories: the first field its official script breaks accuracy down by), the columns every category any
+    benchmark has, in order of first appearance; blank where a benchmark has no such category."""
+    columns = list(dict.fromkeys(c for s in scores for c in s.categories))
+    header = ["benchmark", "accuracy", "items", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in scores:
+        if not s.answered:
+            cells = [s.name, "no answers: predictions only", "", *("" for _ in columns)]
+        else:
+            mark = "" if s.official else " (not official)"
+            cells = [s.name + mark, f"{s.accuracy * 100:.2f}", str(s.scored)]
+            cells += [f"{s.categories[c] * 100:.2f}" if c in s.categories else "" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import torch
 
 from avrl.evaluation import evaluate
 from avrl.rules import BENCHMARKS
-from tests.support import SHARED, write_wav
+from tests.support import SHARED, mlflow_runs, write_wav
 from tests.support.helpers import mmar_record, mmau_pro_record, mmsu_record, write_jsonl, write_parquet
 from tests.support.helpers import mmau_reference as mmau_string_match
 
@@ -237,3 +237,45 @@ def test_eval_on_answerless_mmau_test_claims_no_accuracy(cfg_factory, tmp_path, 
     rows = json.loads((tmp_path / "out/predictions.json").read_text())
     assert len(rows) == 3 and all("model_output" in r for r in rows)
     assert "no accuracy claimed" in capsys.readouterr().out
+
+
+def test_eval_on_several_benchmarks_in_one_call(cfg_factory, tmp_path, capsys, monkeypatch):
+    """eval.benchmarks: each data option's files in its own folder, scored by its rule as a one-benchmark call
+    scores it (the same model, greedy), metrics eval/<benchmark>/..., one table benchmark x category."""
+    paths = {name: stand_in(tmp_path, name)[0] for name in ("mmar", "mmsu", "mmau_pro")}
+    monkeypatch.setenv("MMSU_DIR", str(paths["mmsu"].parent))  # the option's own env key: mmsu.jsonl there
+    common = ["task=eval", "eval.max_new_tokens=8", "logger=none"]
+    cfg = cfg_factory(*common[:2], "eval.benchmarks=[mmar,mmsu,mmau_pro]",
+                      f"+eval.data.mmar.test_path={paths['mmar']}", "+eval.data.mmar.eval_batch_size=4",
+                      f"+eval.data.mmau_pro.test_path={paths['mmau_pro']}")  # fmt: skip
+    metrics = evaluate(cfg)
+    printed = capsys.readouterr().out
+    for name in ("mmar", "mmsu", "mmau_pro"):
+        rule = BENCHMARKS[name]
+        assert (tmp_path / "out" / name / rule.PREDICTIONS_FILE).exists()
+        alone = evaluate(cfg_factory(*common, f"data={name}", f"data.test_path={paths[name]}",
+                                     f"output_dir={tmp_path}/alone_{name}"))  # fmt: skip
+        together = json.loads((tmp_path / "out" / name / "predictions.json").read_text())
+        single = json.loads((tmp_path / f"alone_{name}" / "predictions.json").read_text())
+        assert together == single  # one model, loaded once, answers each benchmark as a call of its own
+        official = {k: v for k, v in alone.items() if k.startswith(f"eval/{name}/")}
+        assert official and all(metrics[k] == v for k, v in official.items())
+        assert metrics[f"eval/{name}/protocol/accuracy"] == alone["eval/accuracy"]
+    rows = json.loads((tmp_path / "out/mmar/predictions.json").read_text())
+    expected = sum(mmau_string_match(r["answer_prediction"], r["answer"], r["choices"]) for r in rows) / len(rows)
+    assert metrics["eval/mmar/accuracy"] == pytest.approx(expected)
+    table = printed[printed.index("benchmark x category") :].splitlines()
+    mmar_row = next(line for line in table if line.startswith("| mmar "))
+    assert f"| {expected * 100:.2f} | {len(rows)} |" in mmar_row
+    assert next(line for line in table if line.startswith("| mmau_pro (not official) "))
+    assert not (tmp_path / "out/predictions.json").exists()
+    client, (run,) = mlflow_runs(tmp_path)  # one run holds every benchmark's metrics and files
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")} == pytest.approx(metrics)
+    for name in ("mmar", "mmsu", "mmau_pro"):
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, name)}
+        assert f"{name}/{BENCHMARKS[name].PREDICTIONS_FILE}" in logged
+
+
+def test_eval_benchmarks_names_an_unknown_option(cfg_factory):
+    with pytest.raises(ValueError, match="no data option conf/data/nope.yaml"):
+        evaluate(cfg_factory("task=eval", "eval.benchmarks=[nope]", "logger=none"))

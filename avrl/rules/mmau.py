@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from avrl.rules.tally import Report, accuracies, percent, table
+from avrl.rules.tally import Report, accuracies, metric_name, percent, table
 
 NAME = "mmau"
 PREDICTION_KEY = "model_output"
@@ -61,7 +61,7 @@ def token_rule_report(records: list[dict], breakdown, key: str) -> Report:
     scored = [o for o in results if o is not None]
     lines += ["*" * 30, f"Total Accuracy: {percent(sum(scored), len(scored)):.2f}% over {len(scored)} samples"]
     lines.append("*" * 30)
-    return Report(metrics, "\n".join(lines), len(scored))
+    return Report(metrics, "\n".join(lines), len(scored), by=metric_name(breakdown[0][0]))
 
 
 def report(records: list[dict]) -> Report:

@@ -80,4 +80,11 @@ def report(records: list[dict], match: ChoiceMatcher = string_choice, label: str
             metrics[f"unscored/{metric_name(kind)}"] = float(count)
             lines.append(f"{kind.upper()}: {count} items not scored (the official script uses {model})")
     lines.append("=" * 60)
-    return Report(metrics, "\n".join(lines), len(scored))
+    return Report(
+        metrics,
+        "\n".join(lines),
+        len(scored),
+        headline=f"{label}/accuracy",
+        by=f"{label}/category",
+        official=match is not string_choice and label == "official",
+    )

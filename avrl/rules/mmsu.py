@@ -92,4 +92,4 @@ def report(records: list[dict]) -> Report:
     )
     for task, (c, n) in per_field["task_name"].items():
         lines.append(f"Task: {task}, Accuracy: {c / n if n else 0:.4f} over {n}")
-    return Report(metrics, "\n".join(lines), len(scored))
+    return Report(metrics, "\n".join(lines), len(scored), by="category")

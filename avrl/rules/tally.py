@@ -13,11 +13,17 @@ _NOT_METRIC = re.compile(r"[^A-Za-z0-9_\-. /:]")
 @dataclass
 class Report:
     """A benchmark's scores: `metrics` (names relative to the caller's prefix: `accuracy`, `<field>/<value>`, ...),
-    `text` (the table its official script prints) and `scored` (how many records entered the official figure)."""
+    `text` (the table its official script prints), `scored` (how many records entered the official figure), and
+    for the benchmark x category table: `headline` (the metric of its overall figure), `by` (the prefix of its
+    category metrics: the first field the official script breaks accuracy down by) and `official` (whether the
+    headline is the official script's figure)."""
 
     metrics: dict[str, float]
     text: str
     scored: int
+    headline: str = "accuracy"
+    by: str = ""
+    official: bool = True
 
 
 def metric_name(value: str) -> str:
