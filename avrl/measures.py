@@ -1,7 +1,8 @@
 """What training costs, measured: pure functions over samples, log-probs, state dicts and metric histories.
 
-- `pass_at_k`, `pass_at_k_curve`, `mean_pass_at_k`: the unbiased pass@k of Chen et al. 2021 from n samples with c
-  correct, for k = 1..n (does training widen what the model can do at large k, or only sharpen it at k = 1?).
+- `pass_at_k`, `pass_at_k_curve`, `mean_pass_at_k`, `pass_at_k_metrics`: the unbiased pass@k of Chen et al. 2021
+  from n samples with c correct, for k = 1..n (does training widen what the model can do at large k, or only
+  sharpen it at k = 1?).
 - `forward_kl`: KL(base || tuned) per token on held-out prompts, from the per-token log-probs of completions
   sampled from the base (Shenfeld et al. 2025: forgetting tracks this KL), with its standard error over sequences.
 - `parameter_change`: the share of parameters changed by more than a stated threshold between two fp32 state
@@ -55,6 +56,19 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]] | np.ndarray, ks: Sequence[
     n = table.shape[1]
     counts = table.sum(axis=1)
     return {k: float(np.mean([pass_at_k(n, int(c), k) for c in counts])) for k in ks}
+
+
+def pass_at_k_metrics(results: Sequence[Mapping], ks: Sequence[int], prefix: str = "final") -> dict[str, float]:
+    """`<prefix>/pass@<k>` from scored results that carry every sample's correctness under "correct_per_sample"
+    (avrl/scoring.py's score_batch with samples=n): the mean over items of the unbiased pass@k. Items with any
+    unscored sample (NaN: no gold answer) are left out; k larger than the samples is refused."""
+    table = [r["correct_per_sample"] for r in results if not any(np.isnan(c) for c in r["correct_per_sample"])]
+    if not table:
+        return {}
+    n = min(len(row) for row in table)
+    if n != max(len(row) for row in table) or max(ks) > n:
+        raise ValueError(f"pass@k needs the same n >= k samples per item; got n in {sorted({len(r) for r in table})}")
+    return {f"{prefix}/pass@{k}": v for k, v in mean_pass_at_k(np.array(table) > 0.5, ks).items()}
 
 
 # ------------------------------------------------------------------------------------------- KL(base || tuned)
