@@ -36,6 +36,7 @@ from avrl.scoring import (
     benchmark_score,
     benchmark_table,
     prediction_record,
+    rule_options,
     score_batch,
     write_predictions,
 )
@@ -160,7 +161,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
             }
         protocol_prefix = "eval"
     else:
-        score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}")
+        score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}", rule_options(cfg))
         protocol_prefix = f"eval/{name}/protocol" if rule else f"eval/{name}"
     metrics = score.metrics
     if samples > 1 and score.answered:

@@ -30,6 +30,7 @@ from avrl.scoring import (
     benchmark_score,
     benchmark_table,
     prediction_record,
+    rule_options,
     write_predictions,
 )
 
@@ -87,7 +88,7 @@ def score_benchmark(cfg: DictConfig, name: str, module, out: Path, write: bool) 
             scored = module.score_greedy(module.transfer_batch_to_device(batch, module.device, 0))
             rows += [prediction_record(item, r, 1, cfg.data.format) for item, r in zip(batch["items"], scored)]
             results += scored
-    score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}")
+    score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}", rule_options(cfg))
     if write:
         write_predictions(out, BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None, rows)
         datamodule.write_skipped(out)

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from avrl.atomic import write_atomic
 from avrl.config import CONF
 from avrl.policy import Policy
 from avrl.prompts import PromptSpec
 from avrl.protocols import prediction
-from avrl.rules import BENCHMARKS, mmsu
+from avrl.rules import BENCHMARKS, mmau_pro, mmsu
 from avrl.schemas import DataConfig
 
 
@@ -169,10 +172,13 @@ class BenchmarkScore:
     answered: bool = True
 
 
-def benchmark_score(name: str, data_format: str, rows: list[dict], results: list[dict], prefix: str) -> BenchmarkScore:
+def benchmark_score(
+    name: str, data_format: str, rows: list[dict], results: list[dict], prefix: str, options: dict | None = None
+) -> BenchmarkScore:
     """Score a benchmark's predictions records: by its official rule when its format has one (metrics
     `<prefix>/...` as the rule names them, avrl's protocol under `<prefix>/protocol/...`), else by the protocol
-    (`<prefix>/accuracy`, per category). A file without answers: no accuracy."""
+    (`<prefix>/accuracy`, per category). A file without answers: no accuracy. `options`: the rule's report
+    arguments (MMAU-Pro's scorers: `rule_options`)."""
     rule = BENCHMARKS[data_format] if data_format in BENCHMARKS else None
     answered = any(rule.ANSWER_KEY in row for row in rows) if rule else True
     if not answered:
@@ -182,7 +188,7 @@ def benchmark_score(name: str, data_format: str, rows: list[dict], results: list
         cats = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith(f"{prefix}/accuracy/")}
         scored = sum(r["correct"] == r["correct"] for r in results)
         return BenchmarkScore(name, metrics, metrics[f"{prefix}/accuracy"], cats, scored)
-    report = rule.report(rows)
+    report = rule.report(rows, **(options or {}))
     metrics = {f"{prefix}/{k}": v for k, v in report.metrics.items()}
     metrics.update(accuracy_metrics(results, f"{prefix}/protocol"))
     cats = {k.removeprefix(f"{report.by}/"): v for k, v in report.metrics.items() if k.startswith(f"{report.by}/")}
@@ -207,3 +213,91 @@ def benchmark_table(scores: list[BenchmarkScore]) -> str:
             cells += [f"{s.categories[c] * 100:.2f}" if c in s.categories else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ MMAU-Pro's model-based scorers
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class EmbeddingMatcher:
+    """MMAU-Pro's closed-ended matching: the choice whose embedding is nearest (cosine) to the response's. A model
+    with NV-Embed-v2's `encode(texts, instruction, max_length)` (the official one; trust_remote_code) is called as
+    the official script calls it (empty instruction, max_length 4096); any other transformers encoder is
+    mean-pooled over its last hidden states (a stand-in: a different figure from NV-Embed-v2's)."""
+
+    def __init__(self, path: str, trust_remote_code: bool = False):
+        self.device = _device()
+        self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).eval().to(self.device)
+        self.native = callable(getattr(self.model, "encode", None))  # NV-Embed-v2's own encode
+        self.tokenizer = None if self.native else AutoTokenizer.from_pretrained(path)
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        if self.native:
+            vectors = self.model.encode(texts, instruction="", max_length=4096)
+        else:
+            vectors = torch.stack([self._mean_pooled(t or self.tokenizer.eos_token) for t in texts])  # "": one token
+        return F.normalize(vectors.float(), p=2, dim=1)
+
+    def _mean_pooled(self, text: str) -> torch.Tensor:
+        """One text alone (no padding, which would shift a left-padded text's positions)."""
+        ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+        return self.model(ids).last_hidden_state[0].mean(0)
+
+    def __call__(self, response: str, choices: list[str]) -> int:
+        return int(torch.argmax(self.embed([response]) @ self.embed(choices).T).item())
+
+
+class TextJudge:
+    """MMAU-Pro's judge of open answers: a chat model given the official system message and prompt, sampled as
+    the official script samples it (do_sample, temperature 0.1, up to 512 new tokens; seeded here), one prompt at
+    a time; returns each reply's text."""
+
+    def __init__(
+        self, path: str, max_new_tokens: int = 512, temperature: float = 0.1, seed: int = 0, trust_remote_code=False
+    ):
+        self.device = _device()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = self.model.eval().to(self.device)
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> list[str]:
+        torch.manual_seed(self.seed)  # the judge's draws: the same replies on every call
+        replies = []
+        for prompt in prompts:
+            messages = [{"role": "system", "content": mmau_pro.JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer([text], return_tensors="pt").to(self.device).input_ids
+            out = self.model.generate(
+                ids,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+            replies.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return replies
+
+
+def rule_options(cfg: DictConfig) -> dict:
+    """The official rule's report arguments for the run's data: MMAU-Pro's embedding matcher and judge when
+    `eval.mmau_pro` names them (loaded here, once per call), else none (the string rule, open items unscored)."""
+    if cfg.data.format != mmau_pro.NAME or "mmau_pro" not in cfg.eval:
+        return {}
+    settings, options = cfg.eval.mmau_pro, {}
+    if settings.embedding_model:
+        options.update(match=EmbeddingMatcher(settings.embedding_model, settings.trust_remote_code), label="official")
+    if settings.judge_model:
+        options["judge"] = TextJudge(
+            settings.judge_model,
+            settings.judge_max_new_tokens,
+            settings.judge_temperature,
+            cfg.seed,
+            settings.trust_remote_code,
+        )
+    return options

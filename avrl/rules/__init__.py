@@ -6,8 +6,9 @@ own evaluation script (named in its docstring), quirks included.
 - `mmsu`: MMSU (dingdongwang/MMSU_Bench, mmsu_evaluation.py): a letter read from `response`; the official accuracy
   drops unreadable responses from its denominator, the strict one counts them wrong.
 - `mmau_pro`: MMAU-Pro (sonalkum/MMAUPro, evaluate_mmau_pro_comprehensive.py): key `model_output`; its official
-  closed-ended matching embeds the answer (NV-Embed-v2), open answers go to an LLM judge: avrl scores the
-  closed-ended subset by a string rule, labelled as not the official figure.
+  closed-ended matching embeds the answer (NV-Embed-v2), open answers go to an LLM judge, instruction following to
+  regex checks: the models plug in as callables (avrl/scoring.py builds them from `eval.mmau_pro`); without an
+  embedding model the closed-ended subset is scored by a string rule, labelled as not the official figure.
 
 Every module exposes `NAME`, `PREDICTION_KEY` (the key the official script reads the prediction from),
 `ANSWER_KEY`, `PREDICTIONS_FILE` (the file the official script reads: a JSON list, JSONL or parquet), `BREAKDOWN`

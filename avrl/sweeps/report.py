@@ -60,7 +60,7 @@ COLUMNS = (
 )
 BOOTSTRAP_SAMPLES = 10_000
 # A benchmark the final evaluation scored (avrl/final_eval.py): its official figure, or MMAU-Pro's string rule.
-BENCHMARK_COLUMN = re.compile(r"^eval/([^/]+)/(string_rule/)?accuracy$")
+BENCHMARK_COLUMN = re.compile(r"^eval/([^/]+)/(string_rule/|official/)?accuracy$")
 
 
 def child_runs(client, parent_id: str):
@@ -129,7 +129,8 @@ def mean_interval(values: list[float]) -> tuple[float, float | None]:
 def arm_columns(runs) -> list[tuple[str, str]]:
     """The arm table's columns, (metric, header): the conditions, val/accuracy per category, then one per
     benchmark the final evaluation ran (`final_eval.benchmarks`): its official figure `eval/<benchmark>/accuracy`,
-    or MMAU-Pro's string rule (`eval/mmau_pro/string_rule/accuracy`, headed "not official")."""
+    or MMAU-Pro's closed-ended accuracy (`eval/mmau_pro/official/accuracy` by its embedding matcher, or
+    `eval/mmau_pro/string_rule/accuracy`, headed "not official")."""
     keys = {k for r in runs for k in r.data.metrics}
     categories = sorted({k.split("/")[-1] for k in keys if k.startswith("val/accuracy/")})
     benchmarks = sorted(k for k in keys if BENCHMARK_COLUMN.match(k))
@@ -142,7 +143,7 @@ def arm_columns(runs) -> list[tuple[str, str]]:
 
 def benchmark_header(key: str) -> str:
     name, rule = BENCHMARK_COLUMN.match(key).groups()
-    return f"{name} (string rule, not official)" if rule else name
+    return f"{name} (string rule, not official)" if rule == "string_rule/" else name
 
 
 def arm_statistics(groups: dict[str, list]) -> dict[str, dict[str, dict]]:
