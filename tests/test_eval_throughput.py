@@ -1,0 +1,15 @@
+"""benchmarks/eval_throughput.py's code path in a `--smoke` run (its timings mean nothing): every batch size
+evaluates every item once, and the file says it is a smoke run (docs/measurements.md refuses those)."""
+
+import json
+
+from tests.support import run_cli
+
+
+def test_the_eval_throughput_smoke_writes_its_figures(tmp_path):
+    run_cli("--smoke", "--out", str(tmp_path / "throughput.json"), module="benchmarks.eval_throughput")
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert report["smoke"] is True and [r["batch_size"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["items"] == report["items"] == 4
+        assert row["items_per_s"] == row["items"] / row["seconds"]
