@@ -18,8 +18,10 @@ import logging
 from pathlib import Path
 
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig
 
+from avrl import tracking
 from avrl.atomic import write_atomic
 from avrl.datamodule import AudioQADataModule
 from avrl.rules import BENCHMARKS
@@ -90,8 +92,12 @@ def score_benchmark(cfg: DictConfig, name: str, module, out: Path, write: bool) 
             results += scored
     score = benchmark_score(name, cfg.data.format, rows, results, f"eval/{name}", rule_options(cfg))
     if write:
-        write_predictions(out, BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None, rows)
+        rule = BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None
+        paths = set(write_predictions(out, rule, rows))
         datamodule.write_skipped(out)
+        for logger in [x for x in module.loggers if isinstance(x, MLFlowLogger)]:  # the run's artifacts
+            for path in sorted(paths):
+                tracking.log_file(logger, path, f"final_eval/{name}")
     return score, results
 
 

@@ -27,8 +27,10 @@ def test_final_eval_scores_the_trained_model_on_benchmarks_by_their_official_rul
     assert len(mmar) == 6 and metrics["eval/mmar/accuracy"] == pytest.approx(official)
     lines = (tmp_path / "out/final_eval/mmsu/predictions.jsonl").read_text().splitlines()
     assert metrics["eval/mmsu/accuracy"] == pytest.approx(mmsu_reference([json.loads(x) for x in lines])[0])
-    _, (run,) = mlflow_runs(tmp_path)
+    client, (run,) = mlflow_runs(tmp_path)
     assert run.data.metrics["eval/mmar/accuracy"] == pytest.approx(official)  # what the sweep report reads
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "final_eval/mmsu")}
+    assert logged == {"final_eval/mmsu/predictions.json", "final_eval/mmsu/predictions.jsonl"}
     per_item = json.loads((tmp_path / "out/final_eval.json").read_text())
     assert sorted(per_item["eval/mmar"]) == sorted(r["id"] for r in mmar)
 
