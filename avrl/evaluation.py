@@ -27,11 +27,12 @@ from avrl.models.lora import apply_lora
 from avrl.policy import Policy
 from avrl.prompts import prompt_spec
 from avrl.redaction import scrub
-from avrl.rules import BENCHMARKS
+from avrl.rules import BENCHMARKS, mmau_pro
 from avrl.sampling import rollout_keys
 from avrl.scoring import (
     BenchmarkScore,
     accuracy_metrics,
+    audio_coverage,
     benchmark_config,
     benchmark_score,
     benchmark_table,
@@ -133,7 +134,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
         settings["max_new_tokens"],
         "" if audio == "real" else f", audio {audio}",
     )
-    rows, results = [], []
+    rows, results, items = [], [], []
     with torch.no_grad():
         for batch in tqdm(datamodule.test_dataloader(), desc=f"evaluating {cfg.data.name}", unit="batch"):
             datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
@@ -148,6 +149,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
             for item, result in zip(batch["items"], scored):
                 rows.append(prediction_record(item, result, samples, cfg.data.format))
             results += scored
+            items += batch["items"]
 
     rule = BENCHMARKS[cfg.data.format] if cfg.data.format in BENCHMARKS else None
     if name is None:  # one benchmark: avrl's protocol as eval/accuracy, the official rule beside it
@@ -168,6 +170,15 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
         means = [statistics.mean(r["correct_per_sample"][k] for r in results) for k in range(samples)]
         metrics[f"{protocol_prefix}/accuracy_mean"] = statistics.mean(means)
         metrics[f"{protocol_prefix}/accuracy_std"] = statistics.stdev(means)
+    if cfg.data.format == mmau_pro.NAME:  # clips past the first and past max_audio_seconds: not heard, counted
+        coverage = audio_coverage(items, cfg.data.max_audio_seconds)
+        metrics.update({f"eval/{name or mmau_pro.NAME}/audio/{k}": float(v) for k, v in coverage.items()})
+        print(
+            f"audio not heard: {coverage['items_with_unheard_clips']} items with clips past the first (one clip per "
+            f"prompt for now), {coverage['truncated_items']} items cut at data.max_audio_seconds="
+            f"{cfg.data.max_audio_seconds:g}"
+            + (f", {coverage['unknown_length']} clips of unknown length" if coverage["unknown_length"] else "")
+        )
     path, official = write_predictions(out, rule, rows)
     if datamodule.skipped:
         metrics["data/skipped" if name is None else f"data/{name}/skipped"] = len(datamodule.skipped)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import soundfile
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -213,6 +214,22 @@ def benchmark_table(scores: list[BenchmarkScore]) -> str:
             cells += [f"{s.categories[c] * 100:.2f}" if c in s.categories else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def audio_coverage(items, max_seconds: float) -> dict[str, float]:
+    """What the model did not hear of a benchmark with several or long clips (MMAU-Pro): `items_with_unheard_clips`
+    (items whose clips after the first were left out: one clip per prompt for now) and `truncated_items` (items
+    whose heard clip is longer than data.max_audio_seconds, cut there); `unknown_length` counts clips whose
+    header soundfile cannot read."""
+    unheard = truncated = unknown = 0
+    for item in items:
+        clips = item.meta.get("audio_path") if item.meta else None
+        unheard += isinstance(clips, list | tuple) and len(clips) > 1
+        try:
+            truncated += item.audio is not None and soundfile.info(item.audio).duration > max_seconds
+        except (RuntimeError, soundfile.LibsndfileError):
+            unknown += 1
+    return {"items_with_unheard_clips": unheard, "truncated_items": truncated, "unknown_length": unknown}
 
 
 # ------------------------------------------------------------------ MMAU-Pro's model-based scorers
