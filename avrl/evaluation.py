@@ -69,7 +69,7 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained model's weights in a Lightning checkpoint (the module's `model.*` entries, prefix removed). From
     a DeepSpeed folder: the fp32 master weights, gathered from the ZeRO partitions by DeepSpeed's zero_to_fp32."""
     if is_deepspeed_folder(ckpt):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional extra
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # its tag from `latest`
     else:

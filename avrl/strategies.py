@@ -285,7 +285,7 @@ class DeepSpeed(DeepSpeedStrategy):
         table's weight without calling that module, so the table is registered with the encoder as an external
         parameter. The frozen reference model gets an inference engine of its own (as TRL does), which shards it.
         The saved model's weight names are set right."""
-        import deepspeed
+        import deepspeed  # the deepspeed extra: only a DeepSpeed run gets here
 
         # transformers' ZeRO-3 load path records extra key renamings whose reverse, on save, writes the language
         # model as language_model.model.model.*; with none recorded it reverts the default mapping, which is what
@@ -319,7 +319,7 @@ class DeepSpeed(DeepSpeedStrategy):
         if not self.zero_stage_3:
             yield
             return
-        import deepspeed
+        import deepspeed  # the deepspeed extra: only a DeepSpeed run gets here
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             yield

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import optuna
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -114,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logger = open_run(cfg, out, ckpt_path)
     try:
         return _train(cfg, out, logger, ckpt_path)
-    except _trial_pruned():
+    except optuna.TrialPruned:
         raise  # not a failure: the run finished cleanly and the sweeper records the trial as pruned
     except preemption.Stopped as stop:  # not a failure: preempted or out of time, its checkpoint saved
         preemption.hand_over(stop, logger)  # marks the MLflow run, then requeues or exits
@@ -141,15 +142,6 @@ def open_run(cfg: DictConfig, out: Path, ckpt_path: str | None):
         count = int(logger.experiment.get_run(run_id).data.tags.get("resume_count", "0")) + 1
         logger.experiment.set_tag(run_id, "resume_count", str(count))
     return logger
-
-
-def _trial_pruned() -> type[BaseException] | tuple:
-    """optuna.TrialPruned, or nothing to catch where optuna is not installed (a run outside a study needs none)."""
-    try:
-        import optuna
-    except ImportError:
-        return ()
-    return optuna.TrialPruned
 
 
 def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[str, float]:
@@ -187,7 +179,7 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     # weights_only: a checkpoint is read as tensors and plain values, never as arbitrary pickled objects.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if pruning and pruning[0].pruned_at is not None:
-        raise _trial_pruned()(f"pruned at step {pruning[0].pruned_at}")
+        raise optuna.TrialPruned(f"pruned at step {pruning[0].pruned_at}")
     if module.last_validated_step != trainer.global_step and trainer.limit_val_batches != 0:
         # The last step was not a validation step (max_steps not a multiple of val_check_interval): validate the
         # trained model once more, so that val/* (the run's result, a sweep's objective) is the final model's.

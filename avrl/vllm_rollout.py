@@ -101,7 +101,7 @@ class VLLMRollout:
         return Rollout(ids, mask, policy.decode(ids, mask), ~policy.stopped(ids), logps)
 
     def _sample(self, prompts: list[str], audios: list, images: list, keys: list[int], G: int, sampling_rate: int):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # the vllm extra (GPU only): checked when the engine starts
 
         requests, params = [], []
         for i, prompt in enumerate(prompts):

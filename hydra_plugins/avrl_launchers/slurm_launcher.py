@@ -71,7 +71,7 @@ class AvrlSlurmLauncher(SlurmLauncher):
         return returns
 
     def _submit_and_collect(self, job_overrides, numbers) -> list[JobReturn]:
-        import submitit
+        import submitit  # the slurm extra: only hydra/launcher=slurm gets here
 
         executor = submitit.AutoExecutor(
             cluster="slurm",
@@ -198,6 +198,6 @@ def _finished(overrides, folder: Path, value: Any) -> JobReturn:
 
 def _executor_key(key: str) -> str:
     """submitit's name of a launcher option (Hydra's launcher does the same mapping)."""
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf  # the slurm extra, as above
 
     return key if key in OmegaConf.structured(BaseQueueConf).keys() else f"slurm_{key}"
