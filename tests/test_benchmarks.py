@@ -80,6 +80,7 @@ def test_full_fine_tuning_of_the_7b_fits_no_zero_setup_of_one_141_gb_gpu_with_12
     assert not big_host["setups"]["zero2"]["fits_this_machine"]  # 16 bytes/parameter on the GPU: > 125 GiB
 
 
+@pytest.mark.slow  # a CLI run in a subprocess: the full suite's
 def test_the_gpu_benchmark_code_path_runs_on_cpu_with_smoke_and_refuses_without_a_gpu(tmp_path):
     """`python -m benchmarks.gpu --smoke` runs the same step on the tiny sizes (here on CPU): every phase is timed and
     the projection is written; without --smoke and without CUDA it refuses, saying why."""

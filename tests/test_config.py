@@ -79,6 +79,7 @@ def test_experiment_presets(experiment):
         assert cfg.prompt.answer_style == "letter"
 
 
+@pytest.mark.slow  # a CLI run in a subprocess: the full suite's
 @pytest.mark.parametrize(
     "args",
     [
@@ -97,6 +98,7 @@ def test_cli_prints_composed_config(args):
     assert {"model", "algorithm", "prompt", "data", "trainer", "logger", "task", "seed", "ckpt_path"} <= set(printed)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess: the full suite's
 @pytest.mark.parametrize(
     "sweep,params",
     [

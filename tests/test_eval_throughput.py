@@ -3,9 +3,12 @@ evaluates every item once, and the file says it is a smoke run (docs/measurement
 
 import json
 
+import pytest
+
 from tests.support import run_cli
 
 
+@pytest.mark.slow  # a CLI run in a subprocess: the full suite's
 def test_the_eval_throughput_smoke_writes_its_figures(tmp_path):
     run_cli("--smoke", "--out", str(tmp_path / "throughput.json"), module="benchmarks.eval_throughput")
     report = json.loads((tmp_path / "throughput.json").read_text())

@@ -112,6 +112,7 @@ def test_qwen2_5_omni_7b_thinker_shape_has_the_published_sizes():
     ]
 
 
+@pytest.mark.slow  # a CLI run in a subprocess: the full suite's
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("trainer", ["gpu", "deepspeed_zero2", "deepspeed_zero3"])
 def test_each_presets_bf16_moves_the_master_weights_at_the_papers_lr(tmp_path, trainer, accelerator):
