@@ -7,17 +7,21 @@ reports with its figures: the machine and the peak memory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import resource
 import statistics
 import time
+import warnings
 from importlib import metadata
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from avrl.algorithms.grpo import grpo_loss
+from avrl.console import LIBRARY_WARNINGS
 from avrl.models.loading import enable_checkpointing
 from avrl.models.multimodal import audio_encoder, vision_encoder
 from avrl.policy import Policy
@@ -175,3 +179,19 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def start_report(command: str, smoke: bool) -> dict:
+    """What every benchmark does before it measures: the libraries' notices about their own internals dropped (as
+    run.py drops them) and every core used; the report's header (machine, smoke, date, command)."""
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"machine": machine(), "smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command}
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """The figures as JSON at `out` (nowhere when None: a smoke run without --out)."""
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {out}")

@@ -20,11 +20,8 @@ timings mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,10 +29,9 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig
 
 from avrl.config import ASSETS
-from avrl.console import LIBRARY_WARNINGS
 from avrl.models import families
 from avrl.models.lora import apply_lora
-from benchmarks.audio_step import build, machine, measure_step, media_batch
+from benchmarks.audio_step import build, measure_step, media_batch, start_report, write_report
 
 # "4-5 h on 8 H800" for R1-AQA's 1,000 steps: NOT in xiaomi-research/r1-aqa. No version of its README (git log -S
 # H800: none) nor its code states a training time or GPU type; README.md:103 only recommends "a GPU with 80 GB
@@ -227,19 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     out = args.out or (None if args.smoke else str(Path(__file__).with_suffix(".json")))
-    for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
-        warnings.filterwarnings("ignore", message=pattern)
-    torch.set_num_threads(os.cpu_count() or 1)
-    report = {
-        "machine": machine(),
-        "smoke": args.smoke,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python -m benchmarks.gpu", *argv]),
-        **run(args.smoke),
-    }
-    if out:
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"written to {out}")
+    report = {**start_report(" ".join(["python -m benchmarks.gpu", *argv]), args.smoke), **run(args.smoke)}
+    write_report(report, out)
     return report
 
 

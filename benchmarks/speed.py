@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -47,12 +46,19 @@ from transformers import (
 
 from avrl.algorithms.grpo import GRPOModule
 from avrl.config import asset_path
-from avrl.console import LIBRARY_WARNINGS
 from avrl.data.items import QAItem
 from avrl.models import families
 from avrl.prompts import PromptSpec
 from avrl.schemas import AlgorithmConfig, ModelConfig, OptimConfig
-from benchmarks.audio_step import FullLengthProcessor, build, machine, measure_step, media_batch, peak_memory_mb
+from benchmarks.audio_step import (
+    FullLengthProcessor,
+    build,
+    measure_step,
+    media_batch,
+    peak_memory_mb,
+    start_report,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -573,24 +579,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     out = args.out or (None if args.smoke else str(Path(__file__).with_suffix(".json")))
-    for pattern in LIBRARY_WARNINGS:  # the libraries' notices about their own internals (as run.py drops them)
-        warnings.filterwarnings("ignore", message=pattern)
-    torch.set_num_threads(os.cpu_count() or 1)
-    report = {
-        "machine": machine(),
-        "smoke": args.smoke,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python -m benchmarks.speed", *argv]),
-    }
+    report = start_report(" ".join(["python -m benchmarks.speed", *argv]), args.smoke)
     for name, fn in (("trl", bench_trl), ("audio", bench_audio), ("prefix", bench_prefix), ("scaling", bench_scaling)):
         if args.which in ("all", name):
             print(f"{name}:", flush=True)
             report[name] = fn(args.smoke)
     report["summary"] = summary(report)
     print(report["summary"])
-    if out:
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"written to {out}")
+    write_report(report, out)
     return report
 
 
