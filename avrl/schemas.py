@@ -88,6 +88,8 @@ class AlgorithmConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off; the papers' trainers sample with transformers' default 50
+    repetition_penalty: float = 1.0  # transformers' (CTRL's) penalty on tokens already in the sequence; 1.0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     # Completions are drawn from streams keyed by (seed, step, item, index): avrl/sampling.py.
     sampling_seed: int = "${seed}"  # type: ignore[assignment]  (an interpolation, resolved to an int)
     max_completion_length: int = 16  # completion tokens (SFT: validation's greedy generation)
@@ -159,6 +161,15 @@ class DataConfig:
     limit: Optional[int] = None  # use only the first N items of each split
     # every format
     max_audio_seconds: float = 30
+    # which channel of a multi-channel file: null = the mean of the channels (librosa's mono); 0 = the first
+    # (R1-AQA's loader keeps channel 0)
+    audio_channel: Optional[int] = None
+    # images resized (aspect kept) to multiples of image_factor px per side with image_min_pixels <= h*w <=
+    # image_max_pixels before the processor sees them (EchoInk's qwen_omni_utils: 28, 3,136, 200,704); null = the
+    # processor's own limits
+    image_min_pixels: Optional[int] = None
+    image_max_pixels: Optional[int] = None
+    image_factor: int = 28
     on_error: str = "raise"  # raise | skip (skipped items listed in skipped_items.json and counted)
     batch_size: int = 32  # prompts per device per optimizer step
     eval_batch_size: int = 32
