@@ -87,8 +87,10 @@ class PromptCollator:
         keep_media: bool = False,
         for_eval: bool = False,
         audio: str = "real",
+        audio_channel: int | None = None,
     ):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
+        self.audio_channel = audio_channel  # data.audio_channel: null = the mean of the channels
         self.on_error, self.keep_media = on_error, keep_media
         self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
         self.audio = audio_controls.check(audio)  # muted / noise replace the loaded signal (audio_controls.py)
@@ -102,7 +104,7 @@ class PromptCollator:
         loaded, skipped = [], []
         for it in items:
             try:
-                loaded.append(with_media(it, self.processor.sampling_rate, self.max_audio_seconds))
+                loaded.append(with_media(it, self.processor.sampling_rate, self.max_audio_seconds, self.audio_channel))
             except DataError as e:
                 if self.on_error != "skip":
                     raise
@@ -149,7 +151,14 @@ class AudioQADataModule(L.LightningDataModule):
         self.cfg = cfg
         # task=eval's audio-contribution control for the test split (avrl/data/audio_controls.py)
         self.audio = audio_controls.check(audio)
-        self.collate = PromptCollator(processor, prompt, cfg.max_audio_seconds, cfg.on_error, keep_media)
+        self.collate = PromptCollator(
+            processor,
+            prompt,
+            cfg.max_audio_seconds,
+            cfg.on_error,
+            keep_media,
+            audio_channel=cfg.get("audio_channel"),
+        )
         self.splits = splits
         self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)
         self.datasets: dict[str, Dataset] = {}

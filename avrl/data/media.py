@@ -1,4 +1,5 @@
-"""Loading audio (librosa, 16 kHz mono, truncated) and images for one item, with errors that name the item."""
+"""Loading audio (librosa, 16 kHz, one channel or the mean of them, truncated) and images for one item, with errors
+that name the item."""
 
 from __future__ import annotations
 
@@ -14,17 +15,34 @@ from PIL import Image
 from avrl.data.items import DataError, QAItem
 
 
-def load_audio(path: str, sampling_rate: int, max_seconds: float, source: str) -> np.ndarray:
+def load_audio(
+    path: str, sampling_rate: int, max_seconds: float, source: str, channel: int | None = None
+) -> np.ndarray:
+    """A clip at `sampling_rate`, cut at `max_seconds`: the mean of its channels (librosa's mono) when `channel` is
+    None, else that channel (counted from 0; a mono file's only channel is 0). R1-AQA's loader keeps channel 0."""
     try:
-        audio, _ = librosa.load(path, sr=sampling_rate, mono=True, duration=max_seconds)
+        audio, _ = librosa.load(path, sr=sampling_rate, mono=channel is None, duration=max_seconds)
     except Exception as e:  # librosa raises many types for unreadable files
         raise DataError(f"{source}: cannot read audio file {path}: {type(e).__name__}: {e}") from None
+    if channel is not None:
+        audio = _channel(audio, channel, path, source)
     if audio.size == 0:
         raise DataError(f"{source}: audio file {path} holds no samples")
     truncated = wav_truncation(path)
     if truncated:
         raise DataError(f"{source}: audio file {path} {truncated}")
-    return audio.astype(np.float32)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _channel(audio: np.ndarray, channel: int, path: str, source: str) -> np.ndarray:
+    """One channel of librosa's (channels, samples) array; a mono file comes back 1-D."""
+    channels = audio[None] if audio.ndim == 1 else audio
+    if not 0 <= channel < channels.shape[0]:
+        raise DataError(
+            f"{source}: data.audio_channel={channel}, but audio file {path} has {channels.shape[0]} channel(s) "
+            f"(channels count from 0; null = the mean of the channels)"
+        )
+    return channels[channel]
 
 
 # Formats libsndfile reads (soundfile.available_formats(), by file extension and by leading bytes). A file of one
@@ -109,11 +127,14 @@ def load_image(path: str, source: str):
         raise DataError(f"{source}: cannot read image file {path}: {type(e).__name__}: {e}") from None
 
 
-def with_media(item: QAItem, sampling_rate: int, max_seconds: float) -> tuple[QAItem, object]:
-    """The item with its waveform loaded (truncated to max_seconds), and its image (or None)."""
+def with_media(
+    item: QAItem, sampling_rate: int, max_seconds: float, channel: int | None = None
+) -> tuple[QAItem, object]:
+    """The item with its waveform loaded (truncated to max_seconds; `channel`: see load_audio), and its image (or
+    None)."""
     waveform = item.waveform
     if waveform is None and item.audio is not None:
-        waveform = load_audio(item.audio, sampling_rate, max_seconds, item.source)
+        waveform = load_audio(item.audio, sampling_rate, max_seconds, item.source, channel)
     elif waveform is not None:
         waveform = waveform[: int(max_seconds * sampling_rate)]
     image = load_image(item.image, item.source) if item.image else None
