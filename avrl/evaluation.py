@@ -10,7 +10,7 @@ metrics `eval/<benchmark>/...`, its table printed. A file without answers (MMAU 
 from __future__ import annotations
 
 import logging
-import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 from avrl import spool, tracking
 from avrl.checkpoints import is_deepspeed_folder
@@ -38,6 +39,7 @@ from avrl.scoring import (
     benchmark_table,
     prediction_record,
     rule_options,
+    sample_metrics,
     score_batch,
     write_predictions,
 )
@@ -95,10 +97,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     logger = tracking.make_logger(cfg)
     spool.attach(logger, out, cfg.logger.tracking_uri or "")  # a server gone mid-run: logging waits on disk
     policy = load_for_eval(cfg, processor)
+    decoding = eval_decoding(cfg)
+    if logger is not None:
+        for key, value in decoding.values.items():
+            logger.experiment.log_param(logger.run_id, f"eval_decoding.{key}", value)
     metrics: dict[str, float] = {}
     scores = []
     for name, run_cfg in runs:
-        score = evaluate_one(run_cfg, policy, processor, out / name if name else out, logger, name)
+        score = evaluate_one(run_cfg, policy, processor, out / name if name else out, logger, name, decoding=decoding)
         metrics.update(score.metrics)
         scores.append(score)
     if logger is not None:
@@ -113,24 +119,32 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, name: str | None) -> BenchmarkScore:
+def evaluate_one(
+    cfg: DictConfig, policy: Policy, processor, out: Path, logger, name: str | None, *, decoding: Decoding | None = None
+) -> BenchmarkScore:
     """One data option: its predictions written to `out`, scored, its table printed, its files logged. `name`
     (a benchmark of eval.benchmarks): metrics under eval/<name>/ and artifacts under <name>/; None (task=eval on
-    `data`): avrl's protocol as eval/accuracy and the official rule as eval/<rule>/..."""
+    `data`): avrl's protocol as eval/accuracy and the official rule as eval/<rule>/... `decoding`: the
+    generation settings (`eval_decoding`; None: resolved here from cfg, and printed)."""
     prompt, audio = prompt_spec(cfg), cfg.eval.audio
     datamodule = AudioQADataModule(cfg.data, processor, prompt, splits=("test",), shuffle_seed=cfg.seed, audio=audio)
     datamodule.setup()
     datamodule.write_skipped(out)
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
-    settings = {k: cfg.eval[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    decoding = decoding or eval_decoding(cfg)
+    settings, do_sample = decoding.settings(cfg.eval.max_new_tokens), decoding.values["do_sample"]
+    if logger is not None:  # tags (params are written once): a sweep over checkpoints calls this per checkpoint
+        logger.experiment.set_tag(logger.run_id, "eval_decoding", decoding.source)
+        for key, value in decoding.values.items():
+            logger.experiment.set_tag(logger.run_id, f"eval_decoding.{key}", value)
     seed = cfg.algorithm.sampling_seed
     version = cfg.data.version
     log.info(
-        "evaluating %s%s with protocol %s, %s decoding, up to %d new tokens%s",
+        "evaluating %s%s with protocol %s, %s, up to %d new tokens%s",
         cfg.data.name,
         f" (version {version})" if version else "",
         protocol,
-        "sampled" if cfg.eval.do_sample else "greedy",
+        decoding.describe(),
         settings["max_new_tokens"],
         "" if audio == "real" else f", audio {audio}",
     )
@@ -140,11 +154,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
             datamodule.skipped += batch["skipped"]  # unreadable media with data.on_error=skip
             if not batch["items"]:
                 continue
-            keys = (
-                (lambda k, items=batch["items"]: rollout_keys(seed, 0, items, 1, draw=k))
-                if cfg.eval.do_sample
-                else None
-            )
+            keys = (lambda k, items=batch["items"]: rollout_keys(seed, 0, items, 1, draw=k)) if do_sample else None
             scored = score_batch(policy, batch, prompt, settings, protocol=protocol, samples=samples, keys=keys)
             for item, result in zip(batch["items"], scored):
                 rows.append(prediction_record(item, result, samples, cfg.data.format))
@@ -167,9 +177,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
         protocol_prefix = f"eval/{name}/protocol" if rule else f"eval/{name}"
     metrics = score.metrics
     if samples > 1 and score.answered:
-        means = [statistics.mean(r["correct_per_sample"][k] for r in results) for k in range(samples)]
-        metrics[f"{protocol_prefix}/accuracy_mean"] = statistics.mean(means)
-        metrics[f"{protocol_prefix}/accuracy_std"] = statistics.stdev(means)
+        metrics.update(sample_metrics(results, protocol_prefix))
     if cfg.data.format == mmau_pro.NAME:  # clips past the first and past max_audio_seconds: not heard, counted
         coverage = audio_coverage(items, cfg.data.max_audio_seconds)
         metrics.update({f"eval/{name or mmau_pro.NAME}/audio/{k}": float(v) for k, v in coverage.items()})
@@ -193,6 +201,7 @@ def evaluate_one(cfg: DictConfig, policy: Policy, processor, out: Path, logger, 
         print(f"{cfg.data.name} version {version}, protocol {protocol}")
     if audio != "real":
         print(f"audio: {audio} (avrl/data/audio_controls.py)")
+    print(f"{decoding.describe()}, up to {settings['max_new_tokens']} new tokens, {samples} sample(s) per item")
     if not score.answered:
         print(f"{cfg.data.test_path}: no answers: predictions written, no accuracy claimed")
     elif rule is not None:
@@ -214,4 +223,91 @@ def table(results: list[dict], metrics: dict[str, float], prefix: str = "eval") 
             lines += ["*" * 30, title]
             lines += [f"{n} : {metrics[f'{prefix}/accuracy/{n}'] * 100:.2f}%" for n in names]
     lines += ["*" * 30, f"Total Accuracy: {metrics[f'{prefix}/accuracy'] * 100:.2f}%", "*" * 30]
+    if f"{prefix}/accuracy_mean" in metrics:  # eval.num_samples > 1 (Total: the first sample's)
+        lines += [
+            f"Accuracy over samples: {metrics[f'{prefix}/accuracy_mean'] * 100:.2f}% "
+            f"± {metrics[f'{prefix}/accuracy_std'] * 100:.2f} (sd)",
+            f"Majority vote: {metrics[f'{prefix}/majority_accuracy'] * 100:.2f}%",
+        ]
+        passes = sorted((int(k.rsplit("@", 1)[1]), v) for k, v in metrics.items() if k.startswith(f"{prefix}/pass@"))
+        lines += [f"pass@{k}: {v * 100:.2f}%" for k, v in passes] + ["*" * 30]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+OFF = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "min_p": 0.0}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How task=eval generates: `values` (do_sample and the five sampling settings) and where they come from
+    (`source`: the eval config, or the generation_config.json read)."""
+
+    values: dict
+    source: str
+
+    def settings(self, max_new_tokens: int) -> dict:
+        """Policy.generate's settings (max_new_tokens is always eval.max_new_tokens)."""
+        return {"max_new_tokens": max_new_tokens} | {k: v for k, v in self.values.items() if k != "do_sample"}
+
+    def describe(self) -> str:
+        v = self.values
+        if not v["do_sample"]:
+            penalty = f", repetition penalty {v['repetition_penalty']:g}" if v["repetition_penalty"] != 1.0 else ""
+            return f"greedy{penalty} decoding ({self.source})"
+        shown = ", ".join(f"{k} {v[k]:g}" for k in SAMPLING_KEYS[1:])
+        return f"sampled decoding ({shown}; {self.source})"
+
+
+def eval_decoding(cfg: DictConfig) -> Decoding:
+    """task=eval's decoding: eval.decoding=config, eval's own keys; eval.decoding=checkpoint, the evaluated model's
+    generation_config.json (`checkpoint_decoding`), printed with the file it came from."""
+    if cfg.eval.decoding == "config":
+        values = {k: cfg.eval[k] for k in SAMPLING_KEYS}
+        return Decoding(_typed(values), "eval config")
+    if cfg.eval.decoding != "checkpoint":
+        raise ValueError(f"eval.decoding must be config or checkpoint, got {cfg.eval.decoding!r}")
+    decoding = checkpoint_decoding(generation_config_source(cfg))
+    print(f"eval.decoding=checkpoint: {decoding.describe()}")
+    return decoding
+
+
+def generation_config_source(cfg: DictConfig) -> str:
+    """Whose generation_config.json the checkpoint decoding reads: the evaluated folder's (ckpt_path a transformers
+    or adapters folder that has one), else the base model's (model.name_or_path: a folder or a hub name)."""
+    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path not in (None, "auto") else None
+    if ckpt is not None and ckpt.is_dir() and (ckpt / "generation_config.json").exists():
+        return str(ckpt)
+    return str(cfg.model.name_or_path)
+
+
+def checkpoint_decoding(source: str) -> Decoding:
+    """The decoding a model's generation_config.json asks for, read by transformers.GenerationConfig: a value the
+    file leaves unset takes what generate() would use, transformers' global default (e.g. top_k 50), and min_p
+    unset is off. The source names the file and which values were defaults."""
+    try:
+        config = GenerationConfig.from_pretrained(source)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"eval.decoding=checkpoint: no generation_config.json in {source} (the ckpt_path folder's, else "
+            f"model.name_or_path's)"
+        ) from e
+    defaults = GenerationConfig._get_default_generation_params()  # what generate() fills unset values with
+    unset = [key for key in SAMPLING_KEYS if getattr(config, key, None) is None]
+    values = {key: defaults.get(key, OFF[key]) if key in unset else getattr(config, key) for key in SAMPLING_KEYS}
+    where = Path(source) / "generation_config.json" if Path(source).is_dir() else f"{source}: generation_config.json"
+    note = f"; transformers' defaults for {', '.join(unset)}" if unset else ""
+    return Decoding(_typed(values), f"{where}{note}")
+
+
+def _typed(values: dict) -> dict:
+    """The decoding values as the sampler takes them (a top_k of None: off)."""
+    return {
+        "do_sample": bool(values["do_sample"]),
+        "temperature": float(values["temperature"]),
+        "top_p": float(values["top_p"]),
+        "top_k": int(values["top_k"] or 0),
+        "repetition_penalty": float(values["repetition_penalty"]),
+        "min_p": float(values["min_p"] or 0.0),
+    }

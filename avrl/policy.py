@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from avrl.models import multimodal as mm
 from avrl.models import shared_prefix
 from avrl.models.families import Family
-from avrl.sampling import KeyedSampler
+from avrl.sampling import KeyedSampler, padding_lengths
 
 MEDIA_KEYS = ("input_features", "pixel_values")
 
@@ -41,15 +41,28 @@ class Policy:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`num_generations` completions per prompt, grouped contiguously; greedy when `keys` is None, else each
         row sampled from its own keyed stream (avrl/sampling.py) under `settings` (max_new_tokens, temperature,
-        top_p, top_k). Returns (ids, mask); the mask covers each completion up to and including its first stop."""
+        top_p, top_k; repetition_penalty and min_p, off when absent). Greedy decoding applies the repetition
+        penalty too (transformers' own processor). Returns (ids, mask); the mask covers each completion up to and
+        including its first stop."""
         model = mm.unwrap(self.model)
         was_training = model.training
         model.eval()
-        sampler = None
+        penalty = float(settings.get("repetition_penalty", 1.0))
+        rows_mask = batch["attention_mask"].repeat_interleave(num_generations, dim=0)
+        processor = None
         if keys is not None:
-            sampler = KeyedSampler(
-                keys, batch["input_ids"].shape[1], settings["temperature"], settings["top_p"], settings.get("top_k", 0)
+            processor = KeyedSampler(
+                keys,
+                batch["input_ids"].shape[1],
+                settings["temperature"],
+                settings["top_p"],
+                settings.get("top_k", 0),
+                penalty,
+                float(settings.get("min_p", 0.0)),
+                prompt_padding=padding_lengths(rows_mask),
             )
+        elif penalty != 1.0:
+            processor = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding_lengths(rows_mask))
         if self.shared_prefix:
             ids = shared_prefix.generate(
                 model,
@@ -60,7 +73,7 @@ class Policy:
                 settings["max_new_tokens"],
                 self.processor.stop_token_ids,
                 self.processor.tokenizer.pad_token_id,
-                choose=sampler.draw if sampler is not None else None,
+                choose=_chooser(processor, batch["input_ids"].repeat_interleave(num_generations, dim=0)),
             )
             model.train(was_training)
             return ids, completion_mask(ids, self.processor.stop_token_ids)
@@ -75,7 +88,7 @@ class Policy:
             pad_token_id=self.processor.tokenizer.pad_token_id,
             use_cache=True,
             do_sample=False,  # greedy, or greedy over the keyed sampler's one-hot scores
-            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
+            logits_processor=LogitsProcessorList([processor] if processor is not None else []),
             **self.family.rope_inputs(rep),
         )
         model.train(was_training)
@@ -155,6 +168,23 @@ def _logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_ent
         probs = torch.softmax(logits, dim=-1)
         entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
     return logps, entropy
+
+
+def _chooser(processor, prompt_ids: torch.Tensor):
+    """`choose(scores, position) -> tokens` for the shared-prefix decoding loop: the logits processor (keyed
+    sampler or repetition penalty; None: plain argmax) sees the rows' sequences so far, prompt included, as in
+    transformers' generate. A finished row's later tokens differ (generate appends pad) but are never used."""
+    if processor is None:
+        return None
+    sequences = prompt_ids
+
+    def choose(scores: torch.Tensor, position: int) -> torch.Tensor:
+        nonlocal sequences
+        tokens = processor(sequences, scores).argmax(dim=-1)
+        sequences = torch.cat([sequences, tokens[:, None].to(sequences.device)], dim=1)
+        return tokens
+
+    return choose
 
 
 def completion_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

@@ -27,6 +27,8 @@ def sampling_settings(algo: DictConfig) -> dict:
         "temperature": algo.temperature,
         "top_p": algo.top_p,
         "top_k": algo.top_k,
+        "repetition_penalty": algo.repetition_penalty,
+        "min_p": algo.min_p,
     }
 
 

@@ -9,7 +9,7 @@ import copy
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import nan
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from avrl.atomic import write_atomic
 from avrl.config import CONF
+from avrl.measures import majority_vote, pass_at_k_metrics, sample_accuracy
 from avrl.policy import Policy
 from avrl.prompts import PromptSpec
 from avrl.protocols import prediction
@@ -43,30 +44,77 @@ def score_batch(
 ) -> list[dict]:
     """Complete each prompt `samples` times (greedy when `keys` is None, else sample k drawn from the streams
     `keys(k)`) and judge every completion by `protocol` (avrl/protocols.py). One result per item; its "correct",
-    "prediction", "completion" and "format" are the first sample's, "correct_per_sample" holds them all."""
+    "prediction", "completion" and "format" are the first sample's, "correct_per_sample" and "predictions" hold
+    them all, "majority_correct" the majority vote's (`majority_correct`).
+
+    The k samples are one generate call with k completions per prompt, through the shared-prefix decoding (each
+    prompt prefilled once, its cache copied to the k rows); sample k of an item is drawn from the same stream
+    `keys(k)` names as a call per sample would draw it."""
     media = policy.encode(batch)  # once for all samples
-    texts = []
-    for k in range(samples):
-        ids, mask = policy.generate(batch, media, 1, settings, keys=keys(k) if keys is not None else None)
-        texts.append(policy.decode(ids, mask))
+    if samples > 1:
+        rows = None
+        if keys is not None:
+            per_sample = [keys(k) for k in range(samples)]
+            rows = [per_sample[k][i] for i in range(len(batch["items"])) for k in range(samples)]
+        ids, mask = replace(policy, shared_prefix=True).generate(batch, media, samples, settings, keys=rows)
+        flat = policy.decode(ids, mask)
+        texts = [flat[k::samples] for k in range(samples)]  # texts[k][i]: sample k of item i
+    else:
+        ids, mask = policy.generate(batch, media, 1, settings, keys=keys(0) if keys is not None else None)
+        texts = [policy.decode(ids, mask)]
     results = []
     for i, item in enumerate(batch["items"]):
         completions = [t[i] for t in texts]
         judged = [prediction(protocol, prompt, c, item) for c in completions]  # each completion parsed once
+        correct = [nan if c is None else float(c) for _, c in judged]
         results.append(
             {
                 "id": item.id,
                 "category": item.category,
                 "difficulty": item.difficulty,
-                "correct": nan if judged[0][1] is None else float(judged[0][1]),  # nan: not scored
-                "correct_per_sample": [nan if c is None else float(c) for _, c in judged],
+                "correct": correct[0],  # nan: not scored
+                "correct_per_sample": correct,
                 "prediction": judged[0][0],
+                "predictions": [p for p, _ in judged],
+                "majority_correct": majority_correct([p for p, _ in judged], correct),
                 "completion": completions[0],
                 "completions": completions,
                 "format": format_reward([completions[0]], [item], prompt)[0] if format_reward else float("nan"),
             }
         )
     return results
+
+
+def majority_correct(predictions: list, correct: list[float]) -> float:
+    """Whether the answer most samples give is right, judged as the protocol judged the samples that gave it (a
+    protocol may accept more than one spelling of the answer, so the vote is not compared with the gold text):
+    the correctness of the first sample with the majority answer (measures.majority_vote: ties to the first, None
+    never wins unless no sample answered; then 0). nan when the item is not scored."""
+    if any(c != c for c in correct):
+        return nan
+    vote = majority_vote(predictions)
+    return 0.0 if vote is None else correct[predictions.index(vote)]
+
+
+def sample_metrics(results: list[dict], prefix: str) -> dict[str, float]:
+    """Over k > 1 samples per item, on the items with every sample scored: `<prefix>/accuracy_mean` and
+    `accuracy_std` (over the k samples' accuracies, sd with ddof=1), `<prefix>/majority_accuracy` and
+    `<prefix>/pass@k` (the unbiased estimator) for k = 1, 2, 4, ... and k = samples."""
+    scored = [r for r in results if all(c == c for c in r["correct_per_sample"])]
+    if not scored:
+        return {}
+    samples = len(scored[0]["correct_per_sample"])
+    mean, sd = sample_accuracy([r["correct_per_sample"] for r in scored])
+    metrics = {f"{prefix}/accuracy_mean": mean, f"{prefix}/accuracy_std": sd}
+    metrics[f"{prefix}/majority_accuracy"] = sum(r["majority_correct"] for r in scored) / len(scored)
+    metrics.update(pass_at_k_metrics(scored, pass_at_k_sizes(samples), prefix))
+    return metrics
+
+
+def pass_at_k_sizes(samples: int) -> list[int]:
+    """k = 1, 2, 4, ... up to `samples`, and `samples` itself."""
+    sizes = [2**i for i in range(samples.bit_length()) if 2**i <= samples]
+    return sizes + ([samples] if sizes[-1] != samples else [])
 
 
 def accuracy_metrics(results: list[dict], prefix: str) -> dict[str, float]:
@@ -138,8 +186,9 @@ def prediction_record(item, result: dict, samples: int, benchmark: str = "") -> 
         if benchmark == mmsu.NAME and text in item.choices:
             text = "ABCD"[item.choices.index(text)]
         record[BENCHMARKS[benchmark].PREDICTION_KEY] = text
-    if samples > 1:
+    if samples > 1:  # every sample's raw output and answer (model_output: the first sample's)
         record["model_raw_outputs"] = result["completions"]
+        record["model_outputs"] = result["predictions"]
     return record
 
 

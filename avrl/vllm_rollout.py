@@ -115,6 +115,8 @@ class VLLMRollout:
                         temperature=self.algo.temperature,
                         top_p=self.algo.top_p,
                         top_k=self.algo.top_k or -1,
+                        repetition_penalty=self.algo.repetition_penalty,  # over prompt and output, as transformers
+                        min_p=self.algo.min_p,
                         max_tokens=self.algo.max_completion_length,
                         seed=keys[i * G + g],
                         logprobs=0,
