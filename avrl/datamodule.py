@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from avrl.data import audio_controls
 from avrl.data.items import DataError, QAItem
-from avrl.data.media import with_media
+from avrl.data.media import ImageResize, with_media
 from avrl.data.readers import READERS
 from avrl.data.synthetic import SyntheticAudioQA
 from avrl.models.processing import AudioTextProcessor
@@ -88,9 +88,11 @@ class PromptCollator:
         for_eval: bool = False,
         audio: str = "real",
         audio_channel: int | None = None,
+        image_resize: ImageResize | None = None,
     ):
         self.processor, self.prompt, self.max_audio_seconds = processor, prompt, max_audio_seconds
         self.audio_channel = audio_channel  # data.audio_channel: null = the mean of the channels
+        self.image_resize = image_resize  # data.image_min_pixels/max_pixels/factor: null = the processor's limits
         self.on_error, self.keep_media = on_error, keep_media
         self.for_eval = for_eval  # task=eval: the prompt's eval_template, where the paper evaluates with another
         self.audio = audio_controls.check(audio)  # muted / noise replace the loaded signal (audio_controls.py)
@@ -100,11 +102,16 @@ class PromptCollator:
         """The item's prompt: the run's, or with a mix one of the mix's, fixed per item (a hash of its id)."""
         return self.mix[zlib.crc32(item.id.encode()) % len(self.mix)] if self.mix else self.prompt
 
+    def load(self, item: QAItem) -> tuple[QAItem, object]:
+        """The item with its audio loaded under the data settings, and its image (or None)."""
+        rate, seconds = self.processor.sampling_rate, self.max_audio_seconds
+        return with_media(item, rate, seconds, self.audio_channel, self.image_resize)
+
     def __call__(self, items: list[QAItem]) -> dict:
         loaded, skipped = [], []
         for it in items:
             try:
-                loaded.append(with_media(it, self.processor.sampling_rate, self.max_audio_seconds, self.audio_channel))
+                loaded.append(self.load(it))
             except DataError as e:
                 if self.on_error != "skip":
                     raise
@@ -158,6 +165,7 @@ class AudioQADataModule(L.LightningDataModule):
             cfg.on_error,
             keep_media,
             audio_channel=cfg.get("audio_channel"),
+            image_resize=ImageResize.from_config(cfg),
         )
         self.splits = splits
         self.prompt_mix = prompt_mix or []  # the train split's prompt formats (validation keeps the run's prompt)

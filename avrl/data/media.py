@@ -4,6 +4,7 @@ that name the item."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -119,23 +120,78 @@ def wav_truncation(path: str) -> str | None:
     return None
 
 
-def load_image(path: str, source: str):
+@dataclasses.dataclass(frozen=True)
+class ImageResize:
+    """EchoInk's image sizes (`smart_resize` of Qwen's vision utils, qwen_omni_utils / qwen-vl-utils, which EchoInk
+    calls with 28, 3,136, 200,704): height and width rounded to the nearest multiples of `factor` (at least one),
+    then, if the area leaves [min_pixels, max_pixels], both scaled by the same factor (aspect ratio kept) and
+    rounded down (too large) or up (too small) to multiples of `factor`. A side over 200 times the other is
+    refused, as upstream does. The image is resized with Pillow's `Image.resize` default filter, as upstream
+    calls it (bicubic for RGB)."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int = 28
+    max_ratio = 200  # qwen-vl-utils' MAX_RATIO
+
+    @classmethod
+    def from_config(cls, cfg) -> ImageResize | None:
+        """From data.image_min_pixels / image_max_pixels / image_factor; None (no resizing) when both pixel limits
+        are null. One left null takes qwen-vl-utils' default: 4 and 16,384 times factor^2."""
+        low, high, factor = cfg.get("image_min_pixels"), cfg.get("image_max_pixels"), cfg.get("image_factor", 28)
+        if low is None and high is None:
+            return None
+        low = 4 * factor**2 if low is None else low
+        high = 16384 * factor**2 if high is None else high
+        if not 0 < low <= high:
+            raise ValueError(f"data.image_min_pixels ({low}) must be > 0 and <= data.image_max_pixels ({high})")
+        return cls(int(low), int(high), int(factor))
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after resizing."""
+        f = self.factor
+        h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
+        if h * w > self.max_pixels:
+            scale = math.sqrt(height * width / self.max_pixels)
+            h, w = math.floor(height / scale / f) * f, math.floor(width / scale / f) * f
+        elif h * w < self.min_pixels:
+            scale = math.sqrt(self.min_pixels / (height * width))
+            h, w = math.ceil(height * scale / f) * f, math.ceil(width * scale / f) * f
+        return h, w
+
+    def __call__(self, image: Image.Image, path: str, source: str) -> Image.Image:
+        width, height = image.size
+        if max(height, width) / min(height, width) > self.max_ratio:
+            raise DataError(
+                f"{source}: image file {path} is {width}x{height}: an aspect ratio over {self.max_ratio}, which "
+                f"Qwen's smart_resize refuses (data.image_min_pixels/image_max_pixels are set)"
+            )
+        height, width = self.size(height, width)
+        return image.resize((width, height))  # Pillow's default filter, as upstream
+
+
+def load_image(path: str, source: str, resize: ImageResize | None = None):
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            image = im.convert("RGB")
     except Exception as e:
         raise DataError(f"{source}: cannot read image file {path}: {type(e).__name__}: {e}") from None
+    return resize(image, path, source) if resize is not None else image
 
 
 def with_media(
-    item: QAItem, sampling_rate: int, max_seconds: float, channel: int | None = None
+    item: QAItem,
+    sampling_rate: int,
+    max_seconds: float,
+    channel: int | None = None,
+    image_resize: ImageResize | None = None,
 ) -> tuple[QAItem, object]:
     """The item with its waveform loaded (truncated to max_seconds; `channel`: see load_audio), and its image (or
-    None)."""
+    None; resized by `image_resize` when given)."""
     waveform = item.waveform
     if waveform is None and item.audio is not None:
         waveform = load_audio(item.audio, sampling_rate, max_seconds, item.source, channel)
     elif waveform is not None:
         waveform = waveform[: int(max_seconds * sampling_rate)]
-    image = load_image(item.image, item.source) if item.image else None
+    image = load_image(item.image, item.source, image_resize) if item.image else None
     return dataclasses.replace(item, waveform=waveform), image
