@@ -54,9 +54,11 @@ def test_pass_at_k_metrics_from_scored_results():
     rows = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]]
     results = [{"correct_per_sample": r} for r in rows] + [{"correct_per_sample": [math.nan] * 4}]
     got = measures.pass_at_k_metrics(results, [1, 2, 4], prefix="final")
-    assert set(got) == {"final/pass@1", "final/pass@2", "final/pass@4"}
+    assert set(got) == {"final/pass_at_1", "final/pass_at_2", "final/pass_at_4"}
     for k in (1, 2, 4):
-        assert got[f"final/pass@{k}"] == pytest.approx(np.mean([brute_pass_at_k([c > 0 for c in r], k) for r in rows]))
+        assert got[f"final/pass_at_{k}"] == pytest.approx(
+            np.mean([brute_pass_at_k([c > 0 for c in r], k) for r in rows])
+        )
     with pytest.raises(ValueError):
         measures.pass_at_k_metrics(results, [5])
     assert measures.pass_at_k_metrics(results[3:], [1]) == {}
