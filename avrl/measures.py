@@ -61,7 +61,8 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]] | np.ndarray, ks: Sequence[
 def pass_at_k_metrics(results: Sequence[Mapping], ks: Sequence[int], prefix: str = "final") -> dict[str, float]:
     """`<prefix>/pass_at_<k>` (MLflow takes no "@" in a metric's name) from scored results that carry every
     sample's correctness under "correct_per_sample" (avrl/scoring.py's score_batch with samples=n): the mean over
-    items of the unbiased pass@k. Items with any unscored sample (NaN: no gold answer) are left out; k larger than the samples is refused."""
+    items of the unbiased pass@k. Items with any unscored sample (NaN: no gold answer) are left out; k larger than
+    the samples is refused."""
     table = [r["correct_per_sample"] for r in results if not any(np.isnan(c) for c in r["correct_per_sample"])]
     if not table:
         return {}
