@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 import avrl.config  # noqa: F401  (registers the ${avrl_asset:...} resolver before Hydra composes)
+from avrl.checkpoint_sweep_eval import evaluate_sweep, is_run_folder
 from avrl.console import quiet, quiet_launcher
 from avrl.evaluation import evaluate
 from avrl.train import train
@@ -21,6 +22,8 @@ def main(cfg: DictConfig) -> float | None:
     quiet()
     if cfg.task == "train":
         metrics = train(cfg)
+    elif cfg.task == "eval" and is_run_folder(cfg.ckpt_path):  # a training run's folder: each kept checkpoint
+        metrics = evaluate_sweep(cfg)
     elif cfg.task == "eval":
         metrics = evaluate(cfg)
     else:

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from avrl import console, final_eval, preemption, resume, spool, strategies, tracking
+from avrl.checkpoint_sweep import KeepCheckpoints
 from avrl.checkpoints import SafeCheckpointIO
 from avrl.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
@@ -68,6 +69,7 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
             enable_version_counter=False,
         ),
         resume.ResumeState(),
+        *keep_checkpoints(cfg, out),
         tracking.completions_callback(cfg.algorithm.log_completions_every_n_steps),
         *extra_callbacks,
         *(instantiate(c) for c in cfg.callbacks.values()),  # the user's own (config key `callbacks`)
@@ -90,6 +92,12 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
     if not isinstance(trainer.strategy, strategies.DeepSpeedStrategy):  # DeepSpeed writes its own (strategies.py)
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
     return trainer
+
+
+def keep_checkpoints(cfg: DictConfig, out: Path) -> list[KeepCheckpoints]:
+    """The weights every `keep_checkpoints_every_n_steps` steps, all kept (avrl/checkpoint_sweep.py); none if null."""
+    every = cfg.get("keep_checkpoints_every_n_steps")
+    return [KeepCheckpoints(every, out, cfg.model)] if every is not None else []
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -188,6 +196,8 @@ def _train(cfg: DictConfig, out: Path, logger, ckpt_path: str | None) -> dict[st
     # The final model's val/* from its scored items (exact; the callback metrics are float32 copies).
     metrics = accuracy_metrics(module.last_val_results, "val") if module.last_val_results else {}
     metrics.update(final_eval.run(cfg, trainer, module, datamodule, out, metrics.get("val/accuracy")))
+    for keeper in (c for c in trainer.callbacks if isinstance(c, KeepCheckpoints)):
+        keeper.record_final(trainer, trainer.global_step, metrics.get("val/accuracy"))
     if cfg.save_final_model:
         save_model(trainer, module, processor, out / "final_model")
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

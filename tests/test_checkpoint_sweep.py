@@ -1,0 +1,133 @@
+"""Checkpoint sweeps: the weights kept every N steps (avrl/checkpoint_sweep.py) and task=eval over a run folder
+(avrl/checkpoint_sweep_eval.py)."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from transformers import GenerationConfig
+
+from avrl.checkpoint_sweep import KeepCheckpoints, write_folder
+from avrl.checkpoint_sweep_eval import TEST_SELECTION, evaluate_sweep, is_run_folder
+from avrl.evaluation import evaluate
+from avrl.models import load_model, load_processor
+from avrl.train import train
+from tests.support import assert_same_trained_weights, mlflow_runs
+
+
+class CrashAfter(Callback):
+    """Raises after the batch that reaches optimizer step `step`: a run that dies mid-training."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crashed at step {trainer.global_step}")
+
+
+COMMON = [
+    "data.val_size=4",
+    "data.test_size=4",
+    "data.batch_size=2",
+    "algorithm.num_generations=2",
+    "algorithm.max_completion_length=8",
+    "eval.max_new_tokens=8",
+    "optim.warmup_ratio=0",
+    "trainer.val_check_interval=2",
+    "checkpoint_every_n_steps=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_config(cfg_factory, tmp_path):
+    cfg = cfg_factory("model.dtype=bfloat16")
+    model = load_model(cfg_factory().model)  # float32, as the fp32 master weights of a bf16 run
+    target = tmp_path / "steps/step-000007"
+    write_folder(model, load_processor(cfg.model), target, torch.bfloat16, cfg.model)
+    assert [p.name for p in target.parent.iterdir()] == ["step-000007"]  # no partial folder left beside it
+    loaded = load_model(cfg.model, path=str(target)).state_dict()
+    want = model.state_dict()
+    assert loaded.keys() == want.keys()
+    for name, value in want.items():
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], value.to(torch.bfloat16)), name
+    # The base checkpoint's own generation config, not the special-tokens-only one avrl's loaded model holds.
+    base = GenerationConfig.from_pretrained(str(cfg.model.name_or_path)).to_diff_dict()
+    assert GenerationConfig.from_pretrained(str(target)).to_diff_dict() == base
+    assert load_processor(cfg.model, path=str(target)) is not None
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, "2"])
+def test_keep_every_n_steps_must_be_a_positive_integer(every, tmp_path):
+    with pytest.raises(ValueError, match="keep_checkpoints_every_n_steps"):
+        KeepCheckpoints(every, tmp_path, None)
+
+
+def test_only_a_folder_with_kept_checkpoints_is_a_run_to_sweep(tmp_path):
+    assert not is_run_folder(None) and not is_run_folder("auto") and not is_run_folder(tmp_path)
+    (tmp_path / "checkpoints/steps").mkdir(parents=True)
+    assert is_run_folder(tmp_path) and is_run_folder(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_kept_checkpoints_survive_a_resume_and_the_sweep_scores_each_as_a_plain_eval(cfg_factory, tmp_path, capsys):
+    """Kept every 2 steps of a 4-step run that crashes at step 3 and resumes: step 2's folder holds the weights of
+    a separate 2-step run and is not rewritten by the resume, step 4's the final model's. task=eval on the run
+    folder: one row per checkpoint, each scoring as `task=eval ckpt_path=<its folder>`, one MLflow run with the
+    accuracy by step, the three selections, best-on-test labelled as chosen on the test set."""
+    train(cfg_factory(*COMMON, "trainer.max_steps=2", "logger=none", f"output_dir={tmp_path}/ref"))
+    run = tmp_path / "run"
+    keep = [*COMMON, "trainer.max_steps=4", "keep_checkpoints_every_n_steps=2", "logger=none", f"output_dir={run}"]
+    crash = ["+callbacks.crash._target_=tests.test_checkpoint_sweep.CrashAfter", "+callbacks.crash.step=3"]
+    with pytest.raises(RuntimeError, match="crashed at step 3"):
+        train(cfg_factory(*keep, *crash))
+    steps = run / "checkpoints/steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["index.json", "step-000002"]
+    step2 = steps / "step-000002/model.safetensors"
+    assert_same_trained_weights(load_file(step2), load_file(tmp_path / "ref/final_model/model.safetensors"))
+    written = (step2.stat().st_ino, step2.stat().st_mtime_ns, step2.read_bytes())
+
+    train(cfg_factory(*keep))  # ckpt_path=auto: resumes from last.ckpt at step 2
+    assert (step2.stat().st_ino, step2.stat().st_mtime_ns, step2.read_bytes()) == written
+    assert sorted(p.name for p in steps.iterdir()) == ["index.json", "step-000002", "step-000004"]
+    assert_same_trained_weights(
+        load_file(steps / "step-000004/model.safetensors"), load_file(run / "final_model/model.safetensors")
+    )
+    index = json.loads((steps / "index.json").read_text())
+    assert index["kept"] == {"2": "step-000002", "4": "step-000004"} and index["final_step"] == 4
+    assert set(index["val_accuracy"]) == {"2", "4"}
+
+    capsys.readouterr()
+    sweep = evaluate_sweep(cfg_factory(*COMMON, "task=eval", f"ckpt_path={run}", f"output_dir={tmp_path}/sweep"))
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "sweep/checkpoints.json").read_text())["checkpoints"]
+    assert [(r["checkpoint"], r["step"]) for r in rows] == [("step-000002", 2), ("step-000004", 4), ("final", 4)]
+    assert rows[2]["same_as"] == "step-000004"
+    folders = [steps / "step-000002", steps / "step-000004", run / "final_model"]
+    for row, folder in zip(rows, folders):
+        plain = evaluate(
+            cfg_factory(*COMMON, "task=eval", f"ckpt_path={folder}", f"output_dir={tmp_path}/plain", "logger=none")
+        )
+        assert row["metrics"] == plain, row["checkpoint"]
+        assert row["accuracy"] == {"synthetic": plain["eval/accuracy"]}
+        assert row["val_accuracy"] == index["val_accuracy"][str(row["step"])]
+
+    client, (mlflow_run,) = mlflow_runs(tmp_path)  # the sweep's one run (training logged nothing)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "eval/accuracy"))
+    assert history == [(r["step"], pytest.approx(r["metrics"]["eval/accuracy"])) for r in rows[:2]]
+
+    # The selections, from the rows: ties go to the earliest step.
+    def best(key):
+        return min(rows, key=lambda r: (-key(r), r["step"]))
+
+    summary = json.loads((tmp_path / "sweep/checkpoints.json").read_text())["summary"]
+    assert summary["final"]["synthetic"]["accuracy"] == rows[2]["accuracy"]["synthetic"]
+    val_pick = best(lambda r: r["val_accuracy"])
+    assert summary["best_on_validation"]["synthetic"]["checkpoint"] == val_pick["checkpoint"]
+    test_pick = best(lambda r: r["accuracy"]["synthetic"])
+    assert summary["best_on_test"]["synthetic"]["checkpoint"] == test_pick["checkpoint"]
+    assert sweep["sweep/best_on_test/synthetic/accuracy"] == test_pick["accuracy"]["synthetic"]
+    assert f"best on test: {TEST_SELECTION}" in printed
+    assert "| final model |" in printed and "| best on validation (highest val/accuracy) |" in printed
