@@ -163,6 +163,78 @@ def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_pat
     assert render_question(spec("echoink"), item, for_eval=True) == evaluation + MULTIPLE_CHOICE
 
 
+BASE_QUESTION_TEMPLATE = (  # omniInstruct-v1_eval_valid.py:37-40, BASE_MODEL=True
+    "{Question}\nPlease answer the following question based on the given image and audio."
+)
+
+
+def test_echoink_base_prompt_is_the_eval_scripts_text_and_conversation(tmp_path):
+    """prompt=echoink_base: the string omniInstruct-v1_eval_valid.py builds for the base model (:120-121), and the
+    conversation it renders (:124-131, :142: an explicit system turn, image, audio, text) through Qwen2.5-Omni's
+    chat template equals what avrl renders, with the system turn and without it (the template's default)."""
+    from avrl.models import load_processor, templates
+    from avrl.prompts import render_question
+
+    record = {
+        "problem_id": 3,
+        "problem": "What is the source of the sound?",
+        "data_type": "image_audio",
+        "problem_type": "multiple choice",
+        "options": ["A. Piano", "B.  Violin", "C. Drum", "D. Flute"],
+        "solution": "<answer>B</answer>",
+        "path": {"image": "i.jpg", "audio": "a.wav"},
+    }
+    for name in ("i.jpg", "a.wav"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "omni_rl_format_valid.json").write_text(json.dumps([record]))
+    (item,), _ = read_avqa_r1(tmp_path / "omni_rl_format_valid.json", check_audio=False)
+    question_text = record["problem"] + "\n" + "\n".join(record["options"])
+    upstream = BASE_QUESTION_TEMPLATE.format(Question=question_text) + MULTIPLE_CHOICE
+    base = spec("echoink_base")
+    assert render_question(base, item) == render_question(base, item, for_eval=True) == upstream
+    assert base.system == "You are a helpful assistant."
+
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "i.jpg"},
+                {"type": "audio", "audio": "a.wav"},
+                {"type": "text", "text": upstream},
+            ],
+        },
+    ]
+    tokenizer = load_processor(compose().model).tokenizer
+
+    def render(messages):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=templates.QWEN2_5_OMNI, tokenize=False, add_generation_prompt=True
+        )
+
+    expected = render(conversation)
+    assert expected.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert render(templates.chat_messages(upstream, True, True, base.system)) == expected
+    assert render(templates.chat_messages(upstream, True, True)) == expected  # the default system turn is the same
+
+
+def test_echoink_base_eval_preset_is_the_base_rows_protocol():
+    """experiment=echoink_base_eval: echoink_r1's inputs and parser, the base model, prompt=echoink_base and the
+    base's decoding (:152-160 thinker_do_sample=False, repetition_penalty=1.0, the thinker's 1024-token default)."""
+    base, trained = flat(compose(["experiment=echoink_base_eval"])), flat(compose(["experiment=echoink_r1"]))
+    changed = {key for key in base.keys() | trained.keys() if base.get(key) != trained.get(key)}
+    assert {key for key in changed if not key.startswith("prompt.")} == {
+        "run_name",
+        "task",
+        "ckpt_path",
+        "eval.do_sample",
+    }
+    assert (base["task"], base["ckpt_path"], base["prompt.name"]) == ("eval", None, "echoink_base")
+    assert (base["eval.do_sample"], base["eval.repetition_penalty"], base["eval.decoding"]) == (False, 1.0, "config")
+    assert (base["eval.max_new_tokens"], base["eval.protocol"]) == (1024, "echoink")
+    assert (base["data.max_audio_seconds"], base["data.image_max_pixels"]) == (10, 200704)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 @pytest.mark.parametrize(
     "protocol, completion, output, correct",
@@ -220,7 +292,11 @@ R1_AQA = {  # key: value (source in xiaomi-research/r1-aqa)
     "eval.protocol": "r1_aqa",
     "eval.max_new_tokens": 256,
     "eval.do_sample": False,
+    "eval.decoding": "checkpoint",  # test_mmau.py:104: generate() with the checkpoint's generation config
     "data.eval_batch_size": 32,
+    "data.version": "2025-01-28",
+    "data.audio_channel": 0,  # dataset.py:17, test_mmau.py:40 waveform[0]
+    "keep_checkpoints_every_n_steps": 100,  # train.py:61 save_steps=100, no save_total_limit
 }
 ECHOINK = {  # key: value (source in HarryHsing/EchoInk)
     "model.name_or_path": "Qwen/Qwen2.5-Omni-7B",
@@ -260,7 +336,23 @@ ECHOINK = {  # key: value (source in HarryHsing/EchoInk)
     "eval.top_p": 0.95,
     "eval.temperature": 1.0,
     "eval.max_new_tokens": 1024,
+    # qwen_omni_utils: vision_process.py:25-27, audio_process.py:9
+    "data.image_factor": 28,
+    "data.image_min_pixels": 4 * 28 * 28,
+    "data.image_max_pixels": 256 * 28 * 28,
+    "data.max_audio_seconds": 10,
+    "data.audio_channel": None,  # librosa.load's mono: the mean of the channels
 }
+
+
+def flat(cfg, prefix=""):
+    """Every leaf of a config as {"a.b.c": value}, interpolations unresolved."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    if isinstance(node, dict):
+        return {k: v for key, inner in node.items() for k, v in flat(inner, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
 
 
 def value(cfg, key):
@@ -290,21 +382,16 @@ def test_presets_carry_the_papers_deepspeed_configs():
 def test_mmau_version_selects_the_metadata_file():
     assert compose(["data=mmau"]).data.test_path.endswith("/mmau-test-mini.json")
     assert compose(["data=mmau", "data.version=original"]).data.test_path.endswith("/mmau-test-mini-original.json")
-    # R1-AQA's evaluation is on the original file (64.5% was scored there)
-    assert compose(["experiment=r1_aqa", "data=mmau"]).data.test_path.endswith("/mmau-test-mini-original.json")
+    assert compose(["data=mmau", "data.version=2025-01-28"]).data.test_path.endswith("/mmau-test-mini-2025-01-28.json")
+    # R1-AQA's evaluation: the file in the MMAU repository when its paper and code came out (../shared/data/README.md)
+    for experiment in ("r1_aqa", "r1_aqa_paper"):
+        path = compose([f"experiment={experiment}", "data=mmau"]).data.test_path
+        assert path.endswith("/mmau-test-mini-2025-01-28.json")
 
 
 def test_r1_aqa_paper_variant_differs_from_the_code_only_in_the_tables_values():
     """experiment=r1_aqa_paper: the paper's Table 1 (500 steps, 512 response tokens) where the released code has
     1000 steps (src/train.py:59) and 256 tokens (TRL 0.15.2's default); every other key is the code's."""
-    from omegaconf import OmegaConf
-
-    def flat(cfg, prefix=""):
-        node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
-        if isinstance(node, dict):
-            return {k: v for key, inner in node.items() for k, v in flat(inner, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): node}
-
     code, paper = flat(compose(["experiment=r1_aqa"])), flat(compose(["experiment=r1_aqa_paper"]))
     changed = {
         key: (code.get(key), paper.get(key)) for key in code.keys() | paper.keys() if code.get(key) != paper.get(key)
