@@ -10,12 +10,13 @@ import mlflow
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from avrl import db
 from avrl.atomic import write_atomic
 from avrl.redaction import redact
 from avrl.sweeps import optuna_search
+from avrl.sweeps.base_row import evaluate_base
 from avrl.sweeps.report import write_report
 from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE, check_reachable, parent_run_id, training_experiment
 from avrl.versions import version_tags
@@ -66,6 +67,7 @@ class SweepParentRun(Callback):
         write_atomic(folder / TRACKING_URI_FILE, redact(absolute_sqlite(config.logger.tracking_uri)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        write_base_row(config)
         write_sweep_report(config)
         if study_tags(config) and _trials_running(config):
             return  # other workers are still in the study: the last one to end closes its parent
@@ -118,6 +120,25 @@ def sweep_name(overrides: list[str]) -> str:
         if key == "sweep" or override.is_sweep_override() or (key == "seeds" and override.value() != 1):
             parts.append(override.value() if key == "sweep" else override.input_line)
     return ("sweep " + " · ".join(parts)).strip()
+
+
+def write_base_row(config: DictConfig) -> None:
+    """The sweep's base row (avrl/sweeps/base_row.py: the base model evaluated once, a child run tagged arm=base),
+    before the report that measures retention from it; not for an Optuna study (no arms to compare), nor with
+    final_eval.base_row=false. One that cannot be evaluated is a warning, not a failed sweep."""
+    parent = parent_run_id(config.hydra.sweep.dir)
+    wanted = OmegaConf.select(config, "final_eval.base_row", default=False)
+    if not config.logger.enabled or not parent or not wanted or study_tags(config):
+        return
+    try:
+        evaluate_base(config, config.hydra.sweep.dir, config.logger.tracking_uri)
+    except Exception as error:  # noqa: BLE001 - the sweep's jobs are done; say why and go on
+        logging.getLogger(__name__).warning(
+            "the base row was not evaluated (%s: %s); rerun: python -m avrl.sweeps.base_row %s",
+            type(error).__name__,
+            redact(str(error)),
+            config.hydra.sweep.dir,
+        )
 
 
 def write_sweep_report(config: DictConfig) -> None:
