@@ -3,6 +3,7 @@ import json
 import pytest
 
 from avrl.prompts import PromptSpec, extract_answer, parse_letter, predicted_text, render_question, target_answer
+from tests.support import compose
 from tests.support.helpers import ITEM, spec
 
 
@@ -195,3 +196,20 @@ def test_prompt_spec_system_and_reply_format():
         PromptSpec(name="x", template="{question}", reply_format="json")
     with pytest.raises(ValueError, match="bare_letter"):
         PromptSpec(name="x", template="{question}", reply_format="bare_letter")  # a text answer has no letter
+
+
+@pytest.mark.parametrize("has_audio, has_image", [(True, False), (True, True), (False, True)])
+def test_chat_messages_render_as_the_processor_renders(has_audio, has_image):
+    """templates.chat_messages (the messages with PromptSpec.system's turn) is the processor's user turn: without a
+    system turn both render the same prompt, so wiring it into AudioTextProcessor.render changes no other prompt."""
+    from avrl.models import load_processor, templates
+
+    processor = load_processor(compose().model)
+    text = render_question(spec("no_think"), ITEM)
+    messages = templates.chat_messages(text, has_audio, has_image)
+    assert processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.family.chat_template, tokenize=False, add_generation_prompt=True
+    ) == processor.render(text, has_audio, has_image)
+    with_system = templates.chat_messages(text, has_audio, has_image, system="Be brief.")
+    assert with_system[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert with_system[1:] == messages
