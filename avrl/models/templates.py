@@ -6,15 +6,14 @@ in torchvision) for audio and image questions.
 """
 
 
-def chat_messages(text: str, has_audio: bool = True, has_image: bool = False, system: str | None = None) -> list:
-    """One user turn (image, then audio, then the text: the papers' order), after a system turn when `system` is
-    given (PromptSpec.system; EchoInk's base-model evaluation writes one, omniInstruct-v1_eval_valid.py:124-125, as
-    a text part). Without one, the chat template writes its default."""
+def chat_messages(text: str, audios: int = 1, has_image: bool = False, system: str | None = None) -> list:
+    """One user turn (the image, then `audios` audio parts (a bool counts as 0 or 1), then the text: the papers'
+    order), after a system turn when `system` is given (PromptSpec.system; EchoInk's base-model evaluation writes
+    one as a text part, omniInstruct-v1_eval_valid.py:124-125). Without one, the chat template writes its default."""
     content = []
     if has_image:
         content.append({"type": "image", "image": "<image>"})
-    if has_audio:
-        content.append({"type": "audio", "audio_url": "<audio>"})
+    content += [{"type": "audio", "audio_url": "<audio>"} for _ in range(int(audios))]
     content.append({"type": "text", "text": text})
     turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
     return [*turns, {"role": "user", "content": content}]
