@@ -229,7 +229,8 @@ def table(results: list[dict], metrics: dict[str, float], prefix: str = "eval") 
             f"± {metrics[f'{prefix}/accuracy_std'] * 100:.2f} (sd)",
             f"Majority vote: {metrics[f'{prefix}/majority_accuracy'] * 100:.2f}%",
         ]
-        passes = sorted((int(k.rsplit("@", 1)[1]), v) for k, v in metrics.items() if k.startswith(f"{prefix}/pass@"))
+        at = f"{prefix}/pass_at_"
+        passes = sorted((int(k.removeprefix(at)), v) for k, v in metrics.items() if k.startswith(at))
         lines += [f"pass@{k}: {v * 100:.2f}%" for k, v in passes] + ["*" * 30]
     return "\n".join(lines)
 

@@ -99,7 +99,8 @@ def majority_correct(predictions: list, correct: list[float]) -> float:
 def sample_metrics(results: list[dict], prefix: str) -> dict[str, float]:
     """Over k > 1 samples per item, on the items with every sample scored: `<prefix>/accuracy_mean` and
     `accuracy_std` (over the k samples' accuracies, sd with ddof=1), `<prefix>/majority_accuracy` and
-    `<prefix>/pass@k` (the unbiased estimator) for k = 1, 2, 4, ... and k = samples."""
+    `<prefix>/pass_at_<k>` (pass@k, the unbiased estimator; MLflow takes no "@" in a name) for k = 1, 2, 4, ...
+    and k = samples."""
     scored = [r for r in results if all(c == c for c in r["correct_per_sample"])]
     if not scored:
         return {}

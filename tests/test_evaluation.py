@@ -1,6 +1,11 @@
 """task=eval: MMAU-format predictions, scored as MMAU's script scores them, deterministic."""
 
+import collections
+import itertools
 import json
+import shutil
+import statistics
+from math import nan
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,23 +84,122 @@ def test_eval_on_mmau_writes_scorable_predictions_deterministically(cfg_factory,
     assert {f"eval/accuracy/{t}" for t in tasks} <= set(metrics[0])
 
 
-def test_eval_of_trained_folder_and_sampling_spread(cfg_factory, tmp_path):
-    from avrl.models.tiny import build
+def test_eval_of_a_model_folder_and_sampled_metrics(cfg_factory, tmp_path, capsys):
+    from avrl.config import ASSETS
 
-    folder = build(tmp_path / "tiny", "qwen2_audio")
     cfg = cfg_factory(
         "task=eval",
-        f"ckpt_path={folder}",
+        f"ckpt_path={ASSETS / 'tiny_qwen2_audio'}",  # a transformers folder (the tiny model, warmed up)
         "data.test_size=6",
         "eval.do_sample=true",
-        "eval.num_samples=3",
+        "eval.temperature=1.5",
+        "eval.num_samples=4",
         "eval.max_new_tokens=8",
         "logger=none",
     )
     metrics = evaluate(cfg)
-    assert {"eval/accuracy", "eval/accuracy_mean", "eval/accuracy_std"} <= set(metrics)
+    want = {"eval/accuracy", "eval/accuracy_mean", "eval/accuracy_std", "eval/majority_accuracy"}
+    assert want | {"eval/pass_at_1", "eval/pass_at_2", "eval/pass_at_4"} <= set(metrics)
+    assert metrics["eval/pass_at_1"] == pytest.approx(metrics["eval/accuracy_mean"])  # pass@1 is the mean accuracy
+    assert 0 < metrics["eval/pass_at_1"] < metrics["eval/pass_at_2"] < metrics["eval/pass_at_4"] <= 1
     predictions = json.loads((tmp_path / "out/predictions.json").read_text())
-    assert len(predictions) == 6 and all(len(p["model_raw_outputs"]) == 3 for p in predictions)
+    assert len(predictions) == 6 and all(len(p["model_raw_outputs"]) == 4 for p in predictions)
+    assert all(p["model_outputs"][0] == p["model_output"] for p in predictions)
+    assert len({o for p in predictions for o in p["model_raw_outputs"]}) > 6  # the samples differ
+    printed = capsys.readouterr().out
+    assert f"pass@4: {metrics['eval/pass_at_4'] * 100:.2f}%" in printed
+    assert f"Majority vote: {metrics['eval/majority_accuracy'] * 100:.2f}%" in printed
+
+
+def enumerated_pass_at_k(correct: list[float], k: int) -> float:
+    """pass@k by its definition: the share of the k-subsets of the n samples that hold a correct one."""
+    subsets = list(itertools.combinations(correct, k))
+    return sum(any(c == 1.0 for c in subset) for subset in subsets) / len(subsets)
+
+
+def test_sample_metrics_against_enumerated_subsets_and_a_counted_vote():
+    import random
+
+    from avrl.scoring import majority_correct, sample_metrics
+
+    rng = random.Random(0)
+    n, results = 5, []
+    for i in range(30):
+        predictions = [rng.choice(["Man", "Woman", "man", None]) for _ in range(n)]
+        # as a protocol judges: here "man" is accepted too (another spelling), None is wrong
+        correct = [float(p in ("Man", "man")) for p in predictions]
+        results.append({"correct_per_sample": correct, "predictions": predictions,
+                        "majority_correct": majority_correct(predictions, correct)})  # fmt: skip
+    results.append(
+        {"correct_per_sample": [1.0, nan, 0.0, 0.0, 1.0], "predictions": ["Man"] * 5, "majority_correct": nan}
+    )  # fmt: skip  an unscored sample: the item is left out
+    metrics = sample_metrics(results, "eval")
+    scored = results[:-1]
+    assert sorted(k for k in metrics if "pass_at" in k) == [f"eval/pass_at_{k}" for k in (1, 2, 4, 5)]
+    for k in (1, 2, 4, 5):
+        want = statistics.mean(enumerated_pass_at_k(r["correct_per_sample"], k) for r in scored)
+        assert metrics[f"eval/pass_at_{k}"] == pytest.approx(want, abs=1e-12)
+    per_sample = [statistics.mean(r["correct_per_sample"][j] for r in scored) for j in range(n)]
+    assert metrics["eval/accuracy_mean"] == pytest.approx(statistics.mean(per_sample))
+    assert metrics["eval/accuracy_std"] == pytest.approx(statistics.stdev(per_sample))
+    votes = []
+    for r in scored:  # the most frequent answer, ties to the first given, never None while another was given
+        given = [p for p in r["predictions"] if p is not None]
+        counts = collections.Counter(given)
+        top = [p for p in given if counts[p] == max(counts.values())][0] if given else None
+        votes.append(0.0 if top is None else r["correct_per_sample"][r["predictions"].index(top)])
+    assert metrics["eval/majority_accuracy"] == pytest.approx(statistics.mean(votes))
+
+
+def write_generation_config(folder, values: dict):
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(config | values))
+
+
+def test_checkpoint_decoding_reads_the_models_generation_config(cfg_factory, tmp_path):
+    from avrl.config import ASSETS
+    from avrl.evaluation import checkpoint_decoding
+
+    own = checkpoint_decoding(str(ASSETS / "tiny_qwen2_audio"))
+    # The tiny model's file sets no sampling value: generate() then uses transformers' global defaults
+    # (GenerationConfig._get_default_generation_params: greedy, temperature 1.0, top_k 50, top_p 1.0, no penalty).
+    assert own.values == dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, min_p=0.0)
+    assert str(ASSETS / "tiny_qwen2_audio" / "generation_config.json") in own.source
+    assert "transformers' defaults for do_sample, temperature, top_p, top_k, repetition_penalty, min_p" in own.source
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ASSETS / "tiny_qwen2_audio", folder)
+    written = dict(do_sample=True, temperature=0.7, top_p=0.5, top_k=20, repetition_penalty=1.1)
+    write_generation_config(folder, written)
+    decoding = checkpoint_decoding(str(folder))
+    assert decoding.values == written | dict(min_p=0.0)
+    assert decoding.source.endswith(f"{folder}/generation_config.json; transformers' defaults for min_p")
+    with pytest.raises(FileNotFoundError, match="eval.decoding=checkpoint: no generation_config.json"):
+        checkpoint_decoding(str(tmp_path))
+
+
+@pytest.mark.slow  # 11 s: two evaluations
+def test_eval_with_checkpoint_decoding_is_eval_with_those_values(cfg_factory, tmp_path, capsys):
+    from avrl.models.tiny import build
+
+    folder = build(tmp_path / "tiny", "qwen2_audio")
+    written = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.3, min_p=0.05)
+    write_generation_config(folder, written)
+    common = ["task=eval", f"ckpt_path={folder}", "data.test_size=4", "eval.max_new_tokens=8"]
+    evaluate(cfg_factory(*common, "eval.decoding=checkpoint", f"output_dir={tmp_path}/checkpoint"))
+    printed = capsys.readouterr().out
+    assert "eval.decoding=checkpoint: sampled decoding (temperature 0.7, top_p 0.9, top_k 20, " in printed
+    assert f"repetition_penalty 1.3, min_p 0.05; {folder}/generation_config.json)" in printed
+    evaluate(
+        cfg_factory(*common, *(f"eval.{k}={v}" for k, v in written.items()), "logger=none", f"output_dir={tmp_path}/c")
+    )
+    by_checkpoint = json.loads((tmp_path / "checkpoint/predictions.json").read_text())
+    by_config = json.loads((tmp_path / "c/predictions.json").read_text())
+    assert [p["model_raw_output"] for p in by_checkpoint] == [p["model_raw_output"] for p in by_config]
+    _, (run,) = mlflow_runs(tmp_path)
+    assert run.data.params["eval_decoding.repetition_penalty"] == "1.3"
+    assert run.data.params["eval_decoding.do_sample"] == "True"
+    assert run.data.tags["eval_decoding"] == f"{folder}/generation_config.json"
 
 
 def test_eval_rejects_missing_checkpoint(cfg_factory, tmp_path):
