@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from avrl.config import conf_path
-from avrl.data.items import LETTERS, QAItem
+from avrl.data.items import LETTERS, DataError, QAItem
 from avrl.rules import mmsu
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -54,11 +54,21 @@ class PromptSpec:
 
 def render_question(spec: PromptSpec, item: QAItem, for_eval: bool = False) -> str:
     """The user turn's text. {options} are the data file's own lettered options when it has them (EchoInk's
-    "A. ..."), else "A. <choice>" lines; {choices} is the Python list's repr, as R1-AQA's f-string writes it."""
+    "A. ..."), else "A. <choice>" lines; {choices} is the Python list's repr, as R1-AQA's f-string writes it;
+    {options_abcd} the four lines A-D that MMSU's script always writes."""
     options = "\n".join(item.options_text or [f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices)])
-    abcd = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate([*item.choices[:4], *[None] * 4][:4]))
     template = spec.eval_template if for_eval and spec.eval_template else spec.template
+    abcd = _options_abcd(spec, item) if "{options_abcd}" in template else ""
     return template.format(question=item.question, choices=str(list(item.choices)), options=options, options_abcd=abcd)
+
+
+def _options_abcd(spec: PromptSpec, item: QAItem) -> str:
+    """ "A. <choice_a>" .. "D. <choice_d>", an absent choice written None (mmsu_inference.py:37-41's f-string)."""
+    if len(item.choices) > 4:
+        raise DataError(
+            f"{item.source or item.id}: {len(item.choices)} choices, but prompt {spec.name!r} shows options A-D only"
+        )
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate([*item.choices, *[None] * 4][:4]))
 
 
 def target_answer(spec: PromptSpec, item: QAItem) -> str:

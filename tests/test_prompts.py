@@ -213,3 +213,11 @@ def test_chat_messages_render_as_the_processor_renders(has_audio, has_image):
     with_system = templates.chat_messages(text, has_audio, has_image, system="Be brief.")
     assert with_system[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
     assert with_system[1:] == messages
+
+
+def test_mmsu_prompt_refuses_more_than_four_choices():
+    from avrl.data.items import DataError
+
+    five = ITEM.__class__(id="5", question="q", choices=list("vwxyz"), answer_index=0, source="mmar.jsonl:3")
+    with pytest.raises(DataError, match=r"mmar.jsonl:3: 5 choices, but prompt 'mmsu' shows options A-D only"):
+        render_question(spec("mmsu"), five)
