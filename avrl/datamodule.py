@@ -120,21 +120,20 @@ class PromptCollator:
             return {"items": [], "skipped": skipped}
         items = [it for it, _ in loaded]
         for it in items:
-            if it.waveform is not None:
-                it.waveform = audio_controls.replace_signal(it.waveform, self.audio, it.id)
+            audio_controls.replace_clips(it, self.audio)
         images = [im for _, im in loaded]
         specs = [self.spec(it) for it in items]
-        prompts = [
-            self.processor.render(render_question(spec, it, self.for_eval), it.has_audio, im is not None)
+        prompts = [  # one audio placeholder per clip, in order (MMAU-Pro's items may have several)
+            self.processor.render(render_question(spec, it, self.for_eval), len(it.waveforms), im is not None)
             for spec, it, im in zip(specs, items, images)
         ]
-        batch = self.processor(prompts, [it.waveform for it in items], images if any(images) else None)
+        batch = self.processor(prompts, [it.waveforms for it in items], images if any(images) else None)
         batch["prompts"] = prompts  # rendered, placeholders not yet expanded (what vLLM takes)
         if self.keep_media:  # for vLLM, which encodes the raw audio and images itself
             batch["images"] = images
         else:
-            for it in items:  # the waveform is not needed after feature extraction; keep batches light
-                it.waveform = None
+            for it in items:  # the waveforms are not needed after feature extraction; keep batches light
+                it.waveform, it.more_waveforms = None, ()
         batch["items"], batch["skipped"] = items, skipped
         if self.mix:
             batch["prompt_specs"] = specs  # SFT writes each item's target in its own prompt's format

@@ -158,6 +158,8 @@ def test_mmau_pro_parquet_with_clip_lists_and_open_items(tmp_path):
     assert not skipped and len(items) == 5
     assert items[3].audio == str(tmp_path / "audio/p3.wav")
     assert items[3].meta["audio_path"] == ["audio/p3.wav", "audio/p3b.wav"]
+    assert items[3].audio_paths == [str(tmp_path / "audio/p3.wav"), str(tmp_path / "audio/p3b.wav")]  # every clip
+    assert items[0].more_audio == ()
     assert items[0].answer == "A cat meowing" and items[0].category == "sound"
     assert {it.category for it in items if it.answer_index is None} == {"open", "instruction following"}
     (tmp_path / "audio/p3b.wav").unlink()  # the second clip of a multi-clip item missing: that item, named

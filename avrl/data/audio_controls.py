@@ -37,8 +37,20 @@ def replace_signal(waveform: np.ndarray, mode: str, item_id: str) -> np.ndarray:
     return waveform
 
 
+def replace_clips(item, mode: str) -> None:
+    """Every loaded clip of the item muted or replaced by noise (in place); the first clip's noise is seeded by the
+    item id, clip k's (k >= 1) by "<id>/clip<k>"."""
+    if item.waveform is None or mode in ("real", "shuffled"):
+        return
+    first, *more = (
+        replace_signal(w, mode, item.id if k == 0 else f"{item.id}/clip{k}") for k, w in enumerate(item.waveforms)
+    )
+    item.waveform, item.more_waveforms = first, tuple(more)
+
+
 class ShuffledAudio(Dataset):
-    """A split whose item i carries the audio (file or waveform) of item perm[i], perm a derangement."""
+    """A split whose item i carries the audio (files or waveforms, every clip) of item perm[i], perm a
+    derangement."""
 
     def __init__(self, dataset: Dataset, seed: int = 0):
         if len(dataset) < 2:
@@ -56,4 +68,5 @@ class ShuffledAudio(Dataset):
         item = copy.copy(self.dataset[index])
         other = self.dataset[int(self.source[index])]
         item.audio, item.waveform = other.audio, other.waveform
+        item.more_audio, item.more_waveforms = other.more_audio, other.more_waveforms  # all of its clips
         return item

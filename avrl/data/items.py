@@ -17,9 +17,13 @@ class QAItem:
     question: str
     choices: list[str]  # option texts without letters
     answer_index: int | None  # None: no answer to score against (a prediction-only file, e.g. MMAU test)
-    audio: str | None = None  # absolute path to the audio file
+    audio: str | None = None  # absolute path to the audio file (the first, for an item with several clips)
     image: str | None = None  # absolute path to the image file (Omni data)
-    waveform: np.ndarray | None = None  # in-memory mono audio at 16 kHz (synthetic data)
+    waveform: np.ndarray | None = None  # in-memory mono audio at 16 kHz (synthetic data); the loaded `audio`
+    # MMAU-Pro's items with several clips: the clips after `audio`, in the record's order, and once loaded their
+    # waveforms; every clip is put in the prompt, in order (avrl/models/processing.py)
+    more_audio: tuple[str, ...] = ()
+    more_waveforms: tuple[np.ndarray, ...] = ()
     category: str | None = None  # MMAU task (sound/music/speech) or synthetic task name
     difficulty: str | None = None
     source: str = ""  # "file:line" or "file[item]", for error messages
@@ -35,6 +39,16 @@ class QAItem:
     @property
     def has_audio(self) -> bool:
         return self.audio is not None or self.waveform is not None
+
+    @property
+    def audio_paths(self) -> list[str]:
+        """Every clip's file, in order (none for in-memory audio)."""
+        return [self.audio, *self.more_audio] if self.audio is not None else []
+
+    @property
+    def waveforms(self) -> list[np.ndarray]:
+        """Every loaded clip, in order: what the prompt holds."""
+        return [self.waveform, *self.more_waveforms] if self.waveform is not None else []
 
 
 class DataError(ValueError):

@@ -186,12 +186,12 @@ def with_media(
     channel: int | None = None,
     image_resize: ImageResize | None = None,
 ) -> tuple[QAItem, object]:
-    """The item with its waveform loaded (truncated to max_seconds; `channel`: see load_audio), and its image (or
-    None; resized by `image_resize` when given)."""
-    waveform = item.waveform
+    """The item with its waveforms loaded, every clip (truncated to max_seconds; `channel`: see load_audio), and
+    its image (or None; resized by `image_resize` when given)."""
+    waveform, more = item.waveform, item.more_waveforms
     if waveform is None and item.audio is not None:
-        waveform = load_audio(item.audio, sampling_rate, max_seconds, item.source, channel)
+        waveform, *more = (load_audio(p, sampling_rate, max_seconds, item.source, channel) for p in item.audio_paths)
     elif waveform is not None:
-        waveform = waveform[: int(max_seconds * sampling_rate)]
+        waveform, *more = (w[: int(max_seconds * sampling_rate)] for w in item.waveforms)
     image = load_image(item.image, item.source, image_resize) if item.image else None
-    return dataclasses.replace(item, waveform=waveform), image
+    return dataclasses.replace(item, waveform=waveform, more_waveforms=tuple(more)), image

@@ -315,9 +315,10 @@ def read_mmsu(path: str | Path, root: str | Path | None = None, on_error: str = 
 
 def read_mmau_pro(path: str | Path, root: str | Path | None = None, on_error: str = "raise", check_audio: bool = True):
     """MMAU-Pro's parquet: {id, audio_path: [<clip>, ...], question, choices (none for `open` and `instruction
-    following`), answer: <text>, category, ...}. Every clip is checked; QAItem.audio is the first (several clips in
-    one prompt: not yet). An answer that is not among the choices (or an item without choices) leaves
-    answer_index None: such items are scored by their own rules (avrl/rules/mmau_pro.py), not by the choice."""
+    following`), answer: <text>, category, ...}. Every clip is checked; QAItem.audio is the first, the others are
+    QAItem.more_audio, in the record's order (all of them go in the prompt). An answer that is not among the
+    choices (or an item without choices) leaves answer_index None: such items are scored by their own rules
+    (avrl/rules/mmau_pro.py), not by the choice."""
     path = Path(path)
     media_path = _Media(Path(root) if root else path.parent, check_audio)
 
@@ -335,6 +336,7 @@ def read_mmau_pro(path: str | Path, root: str | Path | None = None, on_error: st
             choices=choices,
             answer_index=choices.index(answer) if answer in choices else None,
             audio=audio[0],
+            more_audio=tuple(audio[1:]),
             category=r.get("category"),
             source=source,
             meta=r,

@@ -78,5 +78,18 @@ def forward_logits(model, family: Family, input_ids, attention_mask, inputs_embe
 
 
 def repeat_prompts(batch: dict, repeats: int) -> dict:
-    """Each per-prompt tensor repeated `repeats` times, grouped contiguously (prompt 0 x G, prompt 1 x G, ...)."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items() if k in PER_PROMPT_KEYS}
+    """Each per-prompt tensor repeated `repeats` times, grouped contiguously (prompt 0 x G, prompt 1 x G, ...).
+    Audio masks are per clip: a batch whose prompts hold other than one clip each says how many (`audio_clips`),
+    and each prompt's clips are repeated together, in order (the 3-D rope reads them in placeholder order)."""
+    out = {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items() if k in PER_PROMPT_KEYS}
+    if "audio_clips" in batch and "feature_attention_mask" in batch:
+        out["feature_attention_mask"] = batch["feature_attention_mask"][clip_rows(batch["audio_clips"], repeats)]
+        out["audio_clips"] = batch["audio_clips"].repeat_interleave(repeats)
+    return out
+
+
+def clip_rows(clips: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Row indices of the per-clip tensors with each prompt's clips (`clips[p]` of them) repeated `repeats` times."""
+    starts = (clips.cumsum(0) - clips).tolist()
+    rows = [start + c for start, n in zip(starts, clips.tolist()) for _ in range(repeats) for c in range(n)]
+    return torch.tensor(rows, dtype=torch.long, device=clips.device)

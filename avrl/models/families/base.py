@@ -25,6 +25,9 @@ class Family:
     checkpoint_tensors: Callable | None = None
     rope_from_media: bool = False  # the model computes its 3-D rope positions from input_ids and media sizes
     forward_takes_input_ids: bool = True  # the base model accepts input_ids next to inputs_embeds
+    # The audio encoder encodes a clip of any length (in windows): clips go in whole, up to data.max_audio_seconds.
+    # False: the feature extractor cuts each clip at its window (30 s), as the family's processor does.
+    long_audio: bool = False
 
     def transformers_class(self):
         return getattr(transformers, self.model_class)

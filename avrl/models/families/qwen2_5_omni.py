@@ -68,4 +68,7 @@ FAMILY = Family(
     checkpoint_renames=THINKER_RENAMES,
     build_tiny=build_tiny,
     rope_from_media=True,
+    # Its encoder runs in 100-frame windows (attention within each, positions restarting in each), so any length
+    # encodes; transformers' Qwen2_5OmniProcessor cuts at 30 s (max_length padding), avrl does not (docs/models.md).
+    long_audio=True,
 )

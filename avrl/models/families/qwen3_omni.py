@@ -125,4 +125,7 @@ FAMILY = Family(
     build_tiny=build_tiny,
     checkpoint_tensors=split_experts,
     rope_from_media=True,
+    # Chunked encoder (100-frame windows, attention over n_window_infer frames); Qwen3OmniMoeProcessor pads to the
+    # longest clip without truncation: any length encodes.
+    long_audio=True,
 )
