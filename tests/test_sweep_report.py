@@ -2,17 +2,19 @@
 (fast): one FINISHED run per arm and seed, the others listed apart; the arm table on the parent run as metrics;
 one line per arm with a band in the plots; the Optuna study's best so far; run names that tell the runs apart."""
 
+import json
 import math
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
-from scipy.stats import t
+from scipy.stats import t, ttest_ind
 
 from avrl import tracking
-from avrl.sweeps import report
+from avrl.sweeps import base_row, report
 from avrl.sweeps.parent_run import run_url, sweep_name
 from avrl.tracking import PARENT_RUN_FILE
 
@@ -236,3 +238,147 @@ def test_the_parent_is_named_by_its_preset_and_what_the_command_line_sweeps():
 def test_a_local_store_points_at_mlflow_ui_and_a_server_at_itself():
     assert run_url("http://host:5000/", "3", "abc") == "http://host:5000/#/experiments/3/runs/abc"
     assert run_url("sqlite:////tmp/m.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+
+
+# ------------------------------------------------------------------------------- the base row and what training costs
+@pytest.fixture
+def costs_sweep(tmp_path):
+    """Two arms of three seeds with the final evaluation's cost measures, validation histories of the target, the
+    KL and a retention benchmark, per-item files; the base row; a failed base attempt before it."""
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.create_experiment("avrl")
+    parent = client.create_run(experiment, run_name="sweep", tags={"sweep": "true"}).info.run_id
+    clock = iter(range(1_000_000, 2_000_000, 1000))
+    items = [f"i{k}" for k in range(8)]
+
+    def child(tags, name, status="FINISHED"):
+        tags = {"mlflow.parentRunId": parent, **tags}
+        return client.create_run(experiment, start_time=next(clock), tags=tags, run_name=name).info.run_id
+
+    failed = child({"arm": "base", "algorithm": "base", "prompt": "no_think"}, "base attempt")
+    client.set_terminated(failed, "FAILED")
+    base = child({"arm": "base", "algorithm": "base", "prompt": "no_think"}, "base model (not trained)")
+    for key, value in {"val/accuracy": 0.5, "eval/synthetic_prior/accuracy": 0.8, "final/pass_at_1": 0.5}.items():
+        client.log_metric(base, key, value, step=0)
+    client.set_terminated(base, "FINISHED")
+    arms = {  # arm: per seed: histories by step of the target, KL, prior accuracy; final KL, OOD, tokens, params share
+        "grpo · no_think": [
+            ({0: 0.5, 2: 0.9, 4: 1.0}, {2: 0.01, 4: 0.02}, {2: 0.8, 4: 0.78}, (0.02, 0.7, 5, 0.1)),
+            ({0: 0.5, 2: 0.7, 4: 0.95}, {2: 0.01, 4: 0.03}, {2: 0.79, 4: 0.75}, (0.03, 0.6, 6, 0.2)),
+            ({0: 0.5, 2: 0.6, 4: 0.8}, {2: 0.02, 4: 0.04}, {2: 0.8, 4: 0.8}, (0.04, 0.5, 5, 0.3)),
+        ],
+        "sft · no_think": [
+            ({0: 0.5, 2: 1.0, 4: 1.0}, {2: 0.2, 4: 0.3}, {2: 0.6, 4: 0.55}, (0.3, 0.5, 4, 0.9)),
+            ({0: 0.5, 2: 0.95, 4: 1.0}, {2: 0.25, 4: 0.35}, {2: 0.65, 4: 0.5}, (0.35, 0.4, 4, 0.95)),
+            ({0: 0.5, 2: 0.92, 4: 1.0}, {2: 0.2, 4: 0.4}, {2: 0.7, 4: 0.6}, (0.4, 0.45, 4, 0.9)),
+        ],
+    }  # fmt: skip
+    rng = np.random.default_rng(0)
+    for arm, seeds in arms.items():
+        method, prompt = arm.split(" · ")
+        for seed, (target, kl, prior, final) in enumerate(seeds):
+            out = tmp_path / f"{method}{seed}"
+            out.mkdir()
+            tags = {"arm": arm, "seed": str(seed), "algorithm": method, "prompt": prompt, "output_dir": str(out)}
+            run_id = child(tags, f"{arm} · seed {seed}")
+            for step, value in target.items():
+                client.log_metric(run_id, "val/accuracy", value, step=step)
+            for step, value in kl.items():
+                client.log_metric(run_id, "val/kl_k3", value, step=step)
+            for step, value in prior.items():
+                client.log_metric(run_id, "val_eval/synthetic_prior/accuracy", value, step=step)
+            last = max(target)
+            kl_end, ood, tokens, share = final
+            finals = {
+                "final/kl_k3": kl_end,
+                "final/kl_k3_se": 0.001,
+                "val_ood/accuracy": ood,
+                "final/completion_tokens": tokens,
+                "final/params_changed_share": share,
+                "final/update_norm": 10 * share,
+                "eval/synthetic_prior/accuracy": prior[last],
+                "final/pass_at_1": target[last],
+                "final/pass_at_4": min(1.0, target[last] + 0.05),
+            }
+            for key, value in finals.items():
+                client.log_metric(run_id, key, value, step=last)
+            per_item = {
+                "val": {i: float(rng.random() < target[last]) for i in items},
+                "eval/synthetic_prior": {i: float(rng.random() < prior[last]) for i in items},
+                "pass_at_4": {i: float(rng.random()) for i in items},
+            }
+            (out / "final_eval.json").write_text(json.dumps(per_item))
+            client.set_terminated(run_id, "FINISHED")
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / PARENT_RUN_FILE).write_text(parent)
+    return SimpleNamespace(
+        client=client, parent=parent, folder=folder, arms=arms, uri=f"sqlite:///{tmp_path}/mlruns.db"
+    )
+
+
+def test_the_report_has_the_base_row_retention_and_what_training_cost(costs_sweep):
+    written = report.write_report(costs_sweep.folder, costs_sweep.uri, matched=0.9)
+    text = (costs_sweep.folder / "report.md").read_text()
+    table = text.split("(%).", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    body = {
+        r[0]: dict(zip(header, r, strict=True))
+        for r in ([c.strip() for c in x.strip("|").split("|")] for x in lines[1:])
+    }
+    assert list(body) == ["base (not trained)", "grpo", "sft"]  # the base first, never one of an arm's seeds
+    assert body["grpo"]["seeds"] == "3" and body["base (not trained)"]["synthetic_prior"] == "80.00"
+    for column in ("KL(base‖tuned)/token (k3)", "pass@1", "pass@4", "completion tokens", "params changed (%)",
+                   "update norm", "retention synthetic_prior (Δ vs base)"):  # fmt: skip
+        assert column in header
+    for arm, key in (("grpo", "grpo · no_think"), ("sft", "sft · no_think")):
+        seeds = costs_sweep.arms[key]
+        change = [seed[2][max(seed[0])] - 0.8 for seed in seeds]  # the final prior accuracy minus the base's
+        mean, low, high = interval(change)
+        assert body[arm]["retention synthetic_prior (Δ vs base)"] == f"{100 * mean:.2f} ± {100 * (high - mean):.2f}"
+        mean, low, high = interval([seed[3][0] for seed in seeds])
+        assert body[arm]["KL(base‖tuned)/token (k3)"] == f"{mean:.4f} ± {high - mean:.4f}"
+    assert body["base (not trained)"]["retention synthetic_prior (Δ vs base)"] == ""
+
+    # Run-level measures: the Welch interval, against scipy's.
+    rows_ = {r[0]: r for r in rows(text, "## Run-level measures")}
+    kl_a = [s[3][0] for s in costs_sweep.arms["grpo · no_think"]]
+    kl_b = [s[3][0] for s in costs_sweep.arms["sft · no_think"]]
+    ci = ttest_ind(kl_b, kl_a, equal_var=False).confidence_interval(0.95)
+    assert rows_["KL(base‖tuned)/token (k3)"][4] == f"[{ci.low:+.4f}, {ci.high:+.4f}]"
+    paired = {r[0] for r in rows(text, "## Paired comparisons")}
+    assert paired == {"in-distribution", "retention synthetic_prior", "pass@4"}
+
+    # At matched accuracy (X = 0.9): grpo seeds 0 and 1 reach it at steps 2 and 4, seed 2 never (listed); the KL
+    # and retention are read at exactly those steps.
+    matched = rows(text, "## At matched accuracy")
+    by_arm = {r[0]: r for r in matched}
+    assert by_arm["grpo"][1] == "2 of 3" and by_arm["sft"][1] == "3 of 3"
+    mean, low, high = interval([0.01, 0.03])
+    assert by_arm["grpo"][4] == f"{mean:.4f} ± {high - mean:.4f}"
+    mean, low, high = interval([0.8 - 0.8, 0.75 - 0.8])
+    assert by_arm["grpo"][5] == f"{100 * mean:.2f} ± {100 * (high - mean):.2f}"
+    assert "Never reached X" in text and "grpo · no_think · seed 2 (grpo)" in text
+
+    assert {p.name for p in written} >= {"kl_vs_target.png", "retention_vs_target.png"}
+    for name in ("kl_vs_target.png", "retention_vs_target.png"):
+        with Image.open(costs_sweep.folder / name) as image:
+            image.verify()
+    parent = costs_sweep.client.get_run(costs_sweep.parent).data.metrics
+    assert parent["sweep/eval/synthetic_prior/accuracy/base"] == pytest.approx(0.8)
+    assert parent["sweep/final/kl_k3/grpo mean"] == pytest.approx(0.03)
+    left = {r[0]: r for r in rows(text, "## Runs left out")}
+    assert left["base attempt"][4] == "base row did not finish"
+
+
+def test_a_base_row_that_exists_is_not_evaluated_again(costs_sweep, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(base_row, "measure", fail)
+    found = base_row.evaluate_base(OmegaConf.create({}), costs_sweep.folder, costs_sweep.uri)
+    assert found == base_row.find(costs_sweep.client, costs_sweep.parent).info.run_id
+    runs = report.child_runs(costs_sweep.client, costs_sweep.parent)[1]
+    assert sum(r.data.tags.get("arm") == "base" for r in runs) == 2  # the failed attempt and the one FINISHED
