@@ -237,3 +237,48 @@ def test_a_training_run_logs_the_costs_at_its_last_step(cfg_factory):
     assert logged["final/params_changed_share"] == pytest.approx(share) and logged[
         "final/update_norm"
     ] == pytest.approx(norm, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_path):
+    """avrl/sweeps/base_row.py on the tiny base: val/accuracy equal to scoring the base model's greedy completions
+    here, the retention benchmark (synthetic_prior: loudness and count items only) and pass@k logged on a child run
+    tagged arm=base; a second call finds it and adds nothing."""
+    import json
+
+    import mlflow
+
+    from avrl.scoring import accuracy_metrics, score_batch
+    from avrl.sweeps import base_row
+    from avrl.tracking import PARENT_RUN_FILE
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = mlflow.tracking.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("avrl"), run_name="sweep").info.run_id
+    (tmp_path / PARENT_RUN_FILE).write_text(parent)
+    cfg = compose(["data.val_size=4", "data.ood_size=3", "final_eval.audio=[]",
+                   "final_eval.benchmarks=[synthetic_prior]", "+eval.data.synthetic_prior.test_size=6", "final_eval.pass_at_k.samples=2",
+                   "final_eval.pass_at_k.ks=[1,2]"])  # fmt: skip
+    run_id = base_row.evaluate_base(cfg, tmp_path, uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["arm"] == "base" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.status == "FINISHED"
+
+    processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
+    dm = AudioQADataModule(cfg.data, processor, prompt, splits=("val",))
+    dm.setup()
+    base = policy(load_model(cfg.model).eval(), processor, family=families.get(cfg.model.family))
+    settings = dict(max_new_tokens=cfg.algorithm.max_completion_length, temperature=1.0, top_p=1.0, top_k=0)
+    with torch.no_grad():
+        results = [r for batch in dm.val_dataloader() for r in score_batch(base, batch, prompt, settings)]
+    assert run.data.metrics["val/accuracy"] == pytest.approx(accuracy_metrics(results, "val")["val/accuracy"])
+    metrics = run.data.metrics
+    assert {"val_ood/accuracy", "eval/synthetic_prior/accuracy", "final/pass_at_1", "final/pass_at_2"} <= set(metrics)
+    per_item = json.loads((tmp_path / "base" / "final_eval.json").read_text())
+    assert len(per_item["eval/synthetic_prior"]) == 6 and len(per_item["val"]) == 4
+    assert {k.split("/")[-1] for k in metrics if k.startswith("eval/synthetic_prior/accuracy/")} <= {
+        "loudness",
+        "count",
+    }
+    assert base_row.evaluate_base(cfg, tmp_path, uri) == run_id
+    assert len(client.search_runs([run.info.experiment_id], "tags.arm = 'base'")) == 1
