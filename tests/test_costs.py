@@ -256,9 +256,13 @@ def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_
     client = mlflow.tracking.MlflowClient(uri)
     parent = client.create_run(client.create_experiment("avrl"), run_name="sweep").info.run_id
     (tmp_path / PARENT_RUN_FILE).write_text(parent)
-    cfg = compose(["data.val_size=4", "data.ood_size=3", "final_eval.audio=[]",
-                   "final_eval.benchmarks=[synthetic_prior]", "+eval.data.synthetic_prior.test_size=6", "final_eval.pass_at_k.samples=2",
-                   "final_eval.pass_at_k.ks=[1,2]"])  # fmt: skip
+    overrides = ["data.val_size=4", "data.ood_size=3", "final_eval.audio=[]", "final_eval.benchmarks=[synthetic_prior]"]
+    overrides += [
+        "+eval.data.synthetic_prior.test_size=6",
+        "final_eval.pass_at_k.samples=2",
+        "final_eval.pass_at_k.ks=[1,2]",
+    ]
+    cfg = compose(overrides)
     run_id = base_row.evaluate_base(cfg, tmp_path, uri)
     run = client.get_run(run_id)
     assert run.data.tags["arm"] == "base" and run.data.tags["mlflow.parentRunId"] == parent
