@@ -69,6 +69,16 @@ class KeepCheckpoints(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step
+        every_val = trainer.val_check_interval
+        if trainer.is_global_zero and isinstance(every_val, int) and self.every % every_val:
+            # Lightning counts val_check_interval in batches, avrl's steps in optimizer steps: with 1 update per
+            # batch (GRPO's num_iterations 1, SFT without accumulation) the two agree.
+            log.warning(
+                "keep_checkpoints_every_n_steps=%d is no multiple of trainer.val_check_interval=%d: checkpoints "
+                "kept between validations have no val/accuracy, and task=eval's best-on-validation choice ignores them",
+                self.every,
+                every_val,
+            )
         if trainer.is_global_zero and trainer.ckpt_path is None and self.index["kept"]:
             log.warning(
                 "%s already holds kept checkpoints (steps %s) and this run starts fresh: those steps are not "

@@ -45,9 +45,9 @@ class Checkpoint:
     same_as: str | None = None  # final: the kept folder of the same step, whose scores it shares
 
     def row(self) -> dict:
-        out = {k: v for k, v in vars(self).items() if v is not None or k in ("val_accuracy", "step")}
-        out["path"] = str(self.path)
-        return out
+        out = {"checkpoint": self.label, "step": self.step, "path": str(self.path), "val_accuracy": self.val_accuracy}
+        out.update(accuracy=self.accuracy, metrics=self.metrics)
+        return out | ({"same_as": self.same_as} if self.same_as else {})
 
 
 def run_checkpoints(run: Path) -> list[Checkpoint]:

@@ -2,6 +2,7 @@
 (avrl/checkpoint_sweep_eval.py)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from avrl.checkpoint_sweep_eval import TEST_SELECTION, evaluate_sweep, is_run_fo
 from avrl.evaluation import evaluate
 from avrl.models import load_model, load_processor
 from avrl.train import train
-from tests.support import assert_same_trained_weights, mlflow_runs
+from tests.support import ROOT, assert_same_trained_weights, mlflow_runs, run_cli
+from tests.support.helpers import EQUIVALENCE_RUN
 
 
 class CrashAfter(Callback):
@@ -43,7 +45,10 @@ COMMON = [
 
 
 def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_config(cfg_factory, tmp_path):
-    cfg = cfg_factory("model.dtype=bfloat16")
+    base_folder = shutil.copytree(ROOT / "avrl/assets/tiny_qwen2_audio", tmp_path / "base")
+    sampling = {"do_sample": True, "top_k": 20, "top_p": 0.5, "repetition_penalty": 1.1, "eos_token_id": 2}
+    (base_folder / "generation_config.json").write_text(json.dumps(sampling))  # as an Instruct checkpoint ships
+    cfg = cfg_factory("model.dtype=bfloat16", f"model.name_or_path={base_folder}")
     model = load_model(cfg_factory().model)  # float32, as the fp32 master weights of a bf16 run
     target = tmp_path / "steps/step-000007"
     write_folder(model, load_processor(cfg.model), target, torch.bfloat16, cfg.model)
@@ -54,8 +59,8 @@ def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_conf
     for name, value in want.items():
         assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], value.to(torch.bfloat16)), name
     # The base checkpoint's own generation config, not the special-tokens-only one avrl's loaded model holds.
-    base = GenerationConfig.from_pretrained(str(cfg.model.name_or_path)).to_diff_dict()
-    assert GenerationConfig.from_pretrained(str(target)).to_diff_dict() == base
+    kept = GenerationConfig.from_pretrained(str(target)).to_diff_dict()
+    assert {k: kept.get(k) for k in sampling} == sampling
     assert load_processor(cfg.model, path=str(target)) is not None
 
 
@@ -131,3 +136,30 @@ def test_kept_checkpoints_survive_a_resume_and_the_sweep_scores_each_as_a_plain_
     assert sweep["sweep/best_on_test/synthetic/accuracy"] == test_pick["accuracy"]["synthetic"]
     assert f"best on test: {TEST_SELECTION}" in printed
     assert "| final model |" in printed and "| best on validation (highest val/accuracy) |" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3"])
+def test_two_ranks_keep_the_gathered_weights_once(tmp_path, strategy):
+    """DDP and ZeRO-3 (its partitions gathered by every rank) on two CPU processes: rank 0 writes each kept folder,
+    whole, under the usual weight names; the one at the last step holds the final model's weights."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed here")
+    run_cli(
+        f"hydra.run.dir={tmp_path}/run",
+        *EQUIVALENCE_RUN,
+        f"trainer={strategy}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "data.batch_size=2",
+        "keep_checkpoints_every_n_steps=1",
+        pythonpath=ROOT / "tests/support/cpu_stubs" if strategy.startswith("deepspeed") else None,
+    )
+    assert (tmp_path / "run/train_ddp_process_1.log").exists()  # a second rank really ran
+    steps = tmp_path / "run/checkpoints/steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["index.json", "step-000001", "step-000002", "step-000003"]
+    final = load_file(tmp_path / "run/final_model/model.safetensors")
+    assert_same_trained_weights(load_file(steps / "step-000003/model.safetensors"), final)
+    first = load_file(steps / "step-000001/model.safetensors")
+    assert first.keys() == final.keys() and any(not torch.equal(first[k], final[k]) for k in final)
