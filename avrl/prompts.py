@@ -63,7 +63,7 @@ def render_question(spec: PromptSpec, item: QAItem, for_eval: bool = False) -> s
 
 
 def _options_abcd(spec: PromptSpec, item: QAItem) -> str:
-    """ "A. <choice_a>" .. "D. <choice_d>", an absent choice written None (mmsu_inference.py:37-41's f-string)."""
+    """The lines "A. <choice_a>" .. "D. <choice_d>", an absent choice written None (mmsu_inference.py:37-41)."""
     if len(item.choices) > 4:
         raise DataError(
             f"{item.source or item.id}: {len(item.choices)} choices, but prompt {spec.name!r} shows options A-D only"
