@@ -1,5 +1,8 @@
 """rollout=vllm without a GPU: the weight names vLLM loads, the importance-sampling correction, the config."""
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -7,7 +10,7 @@ from safetensors import safe_open
 from avrl.algorithms.grpo import grpo_loss
 from avrl.models import families, load_model
 from avrl.models.lora import apply_lora
-from avrl.vllm_rollout import checkpoint_name, importance_weights, weights_for_sync
+from avrl.vllm_rollout import VLLMRollout, checkpoint_name, importance_weights, weights_for_sync
 from tests.support import ROOT, compose
 
 
@@ -88,3 +91,33 @@ def test_vllm_rollout_config_composes_and_asks_for_a_gpu_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="rollout=vllm needs a CUDA GPU"):
             module.configure_model()
+
+
+def test_each_completion_is_sampled_with_the_algorithms_settings_and_its_own_key(monkeypatch):
+    """What VLLMRollout hands vLLM, with a stand-in `vllm` module (no GPU): one request per completion, its
+    SamplingParams carrying the algorithm's temperature, top-p, top-k, repetition penalty and min-p and the row's
+    keyed seed; the outputs come back right-padded with their log-probs."""
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=SimpleNamespace))
+    algo = compose(["algorithm.repetition_penalty=1.1", "algorithm.min_p=0.05", "algorithm.top_k=20"]).algorithm
+    seen = []
+
+    def generate(requests, params, use_tqdm):
+        seen.extend(zip(requests, params))
+        tokens = [[5, 6, 2], [7]]
+        return [
+            SimpleNamespace(
+                outputs=[SimpleNamespace(token_ids=t, logprobs=[{x: SimpleNamespace(logprob=-0.5)} for x in t])]
+            )
+            for t in tokens * (len(requests) // 2)
+        ]
+
+    rollout = VLLMRollout.__new__(VLLMRollout)  # the engine itself needs a GPU
+    rollout.algo, rollout.pad_token_id, rollout.stop_token_ids = algo, 0, [2]
+    rollout.llm = SimpleNamespace(generate=generate)
+    ids, mask, logps = rollout._sample(["p0"], [torch.zeros(4)], None, [101, 102], 2, 16000)
+    assert [p.seed for _, p in seen] == [101, 102]
+    for _, p in seen:
+        assert (p.temperature, p.top_p, p.top_k) == (algo.temperature, algo.top_p, 20)
+        assert (p.repetition_penalty, p.min_p) == (1.1, 0.05)
+        assert p.max_tokens == algo.max_completion_length and p.stop_token_ids == [2]
+    assert ids[0, :3].tolist() == [5, 6, 2] and mask.sum(1).tolist() == [3, 1] and logps[1, 0] == -0.5
