@@ -64,3 +64,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     keys = [row_key(0, 0, f"x{i}", 0) for i in range(2000)]
     assert set(draw(probs.log(), keys, top_p=0.75).tolist()) == {0, 1}
+
+
+def test_rollouts_take_the_algorithms_repetition_penalty_and_min_p():
+    from avrl.rollout import HFRollout, sampling_settings
+    from tests.support import compose
+
+    algo = compose(["algorithm.repetition_penalty=1.2", "algorithm.min_p=0.1", "algorithm.top_k=7"]).algorithm
+    settings = sampling_settings(algo)
+    assert {k: settings[k] for k in ("repetition_penalty", "min_p", "top_k")} == dict(
+        repetition_penalty=1.2, min_p=0.1, top_k=7
+    )
+    assert HFRollout(algo).settings == settings
+    defaults = sampling_settings(compose([]).algorithm)
+    assert (defaults["repetition_penalty"], defaults["min_p"]) == (1.0, 0.0)  # off
