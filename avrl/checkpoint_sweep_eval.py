@@ -87,6 +87,9 @@ def evaluate_sweep(cfg: DictConfig) -> dict[str, float]:
     spool.attach(logger, out, cfg.logger.tracking_uri or "")
     if logger is not None:
         logger.experiment.set_tag(logger.run_id, "checkpoint_sweep", str(run))
+        logger.experiment.set_tag(logger.run_id, "eval_audio", cfg.eval.audio)  # the tags of a plain task=eval
+        if names:
+            logger.experiment.set_tag(logger.run_id, "eval_benchmarks", ",".join(names))
     by_label = {}
     for ckpt in checkpoints:
         if ckpt.same_as:  # final_model holds the weights of the kept folder of its step: not scored twice

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from avrl.checkpoint_sweep import KeepCheckpoints, write_folder
-from avrl.checkpoint_sweep_eval import TEST_SELECTION, evaluate_sweep, is_run_folder
+from avrl.checkpoint_sweep_eval import TEST_SELECTION, Checkpoint, evaluate_sweep, is_run_folder, report, summarize
 from avrl.evaluation import evaluate
 from avrl.models import load_model, load_processor
 from avrl.train import train
@@ -163,3 +164,24 @@ def test_two_ranks_keep_the_gathered_weights_once(tmp_path, strategy):
     assert_same_trained_weights(load_file(steps / "step-000003/model.safetensors"), final)
     first = load_file(steps / "step-000001/model.safetensors")
     assert first.keys() == final.keys() and any(not torch.equal(first[k], final[k]) for k in final)
+
+
+def test_the_three_selections_over_two_benchmarks():
+    """Best on validation: one checkpoint for all benchmarks (its val/accuracy; ties to the earliest); best on
+    test: each benchmark's own highest; final: the final model's. The table has a column per benchmark."""
+    scores = {100: (0.5, 0.40, 0.70), 200: (0.7, 0.60, 0.20), 300: (0.7, 0.55, 0.30), 400: (0.6, 0.50, 0.65)}
+    rows = [Checkpoint(f"step-{s:06d}", s, Path("x"), v, {"mmau": a, "mmar": b}) for s, (v, a, b) in scores.items()]
+    rows.append(Checkpoint("final", 400, Path("y"), 0.6, dict(rows[-1].accuracy), same_as="step-000400"))
+    summary = summarize(rows, ["mmau", "mmar"])
+    assert {b: p["step"] for b, p in summary["best_on_validation"].items()} == {"mmau": 200, "mmar": 200}
+    assert summary["best_on_validation"]["mmar"]["accuracy"] == 0.20  # step 200's, not the best mmar score
+    assert {b: (p["step"], p["accuracy"]) for b, p in summary["best_on_test"].items()} == {
+        "mmau": (200, 0.60),
+        "mmar": (100, 0.70),
+    }
+    assert summary["final"]["mmau"]["checkpoint"] == "final" and summary["final"]["mmar"]["accuracy"] == 0.65
+    text = report(rows, summary, Path("run"))
+    assert "| checkpoint | step | val/accuracy | mmau | mmar |" in text
+    assert "| step-000300 | 300 | 70.00 | 55.00 | 30.00 |" in text
+    assert "| final (= step-000400) | 400 | 60.00 | 50.00 | 65.00 |" in text
+    assert f"| best on test: {TEST_SELECTION} | 60.00 (step 200) | 70.00 (step 100) |" in text
