@@ -1,5 +1,6 @@
 """benchmarks/eval_throughput.py's code path in a `--smoke` run (its timings mean nothing): every batch size
-evaluates every item once, and the file says it is a smoke run (docs/measurements.md refuses those)."""
+evaluates every item once, the memory row scores one item with a 3 s clip on the tiny Qwen2.5-Omni (whose encoder takes
+the whole clip), and the file says it is a smoke run (docs/measurements.md refuses those)."""
 
 import json
 
@@ -16,3 +17,7 @@ def test_the_eval_throughput_smoke_writes_its_figures(tmp_path):
     for row in report["rows"]:
         assert row["items"] == report["items"] == 4
         assert row["items_per_s"] == row["items"] / row["seconds"]
+    (memory,) = report["memory"]
+    assert report["memory_model"] == "tiny_qwen2_5_omni" and memory["clip_seconds"] == 3
+    assert memory["audio_tokens"] == 75  # 300 mel frames: (300 - 1) // 2 + 1 = 150, then (150 - 2) // 2 + 1
+    assert memory["peak_rss_mb"] >= memory["rss_after_load_mb"] > 0
