@@ -242,8 +242,8 @@ def test_a_training_run_logs_the_costs_at_its_last_step(cfg_factory):
 @pytest.mark.slow
 def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_path):
     """avrl/sweeps/base_row.py on the tiny base: val/accuracy equal to scoring the base model's greedy completions
-    here, the retention benchmark (synthetic_prior: loudness and count items only) and pass@k logged on a child run
-    tagged arm=base; a second call finds it and adds nothing."""
+    here, the retention benchmark (synthetic_prior: loudness and count items only) and pass@k logged on the sweep's
+    parent run as base/<metric>; a second call finds them and adds nothing; the sweep still has no child run."""
     import json
 
     import mlflow
@@ -263,10 +263,9 @@ def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_
         "final_eval.pass_at_k.ks=[1,2]",
     ]
     cfg = compose(overrides)
-    run_id = base_row.evaluate_base(cfg, tmp_path, uri)
-    run = client.get_run(run_id)
-    assert run.data.tags["arm"] == "base" and run.data.tags["mlflow.parentRunId"] == parent
-    assert run.info.status == "FINISHED"
+    assert base_row.evaluate_base(cfg, tmp_path, uri) is True
+    run = client.get_run(parent)
+    metrics = base_row.base_metrics(run)
 
     processor, prompt = load_processor(cfg.model), prompt_spec(cfg)
     dm = AudioQADataModule(cfg.data, processor, prompt, splits=("val",))
@@ -275,8 +274,7 @@ def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_
     settings = dict(max_new_tokens=cfg.algorithm.max_completion_length, temperature=1.0, top_p=1.0, top_k=0)
     with torch.no_grad():
         results = [r for batch in dm.val_dataloader() for r in score_batch(base, batch, prompt, settings)]
-    assert run.data.metrics["val/accuracy"] == pytest.approx(accuracy_metrics(results, "val")["val/accuracy"])
-    metrics = run.data.metrics
+    assert metrics["val/accuracy"] == pytest.approx(accuracy_metrics(results, "val")["val/accuracy"])
     assert {"val_ood/accuracy", "eval/synthetic_prior/accuracy", "final/pass_at_1", "final/pass_at_2"} <= set(metrics)
     per_item = json.loads((tmp_path / "base" / "final_eval.json").read_text())
     assert len(per_item["eval/synthetic_prior"]) == 6 and len(per_item["val"]) == 4
@@ -284,5 +282,6 @@ def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_
         "loudness",
         "count",
     }
-    assert base_row.evaluate_base(cfg, tmp_path, uri) == run_id
-    assert len(client.search_runs([run.info.experiment_id], "tags.arm = 'base'")) == 1
+    assert "base/final_eval.json" in {a.path for a in client.list_artifacts(parent, "base")}
+    assert base_row.evaluate_base(cfg, tmp_path, uri) is False
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the parent alone: the base row is no run

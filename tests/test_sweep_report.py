@@ -244,7 +244,7 @@ def test_a_local_store_points_at_mlflow_ui_and_a_server_at_itself():
 @pytest.fixture
 def costs_sweep(tmp_path):
     """Two arms of three seeds with the final evaluation's cost measures, validation histories of the target, the
-    KL and a retention benchmark, per-item files; the base row; a failed base attempt before it."""
+    KL and a retention benchmark, per-item files; the base row on the parent run (base/<metric>)."""
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     experiment = client.create_experiment("avrl")
@@ -256,12 +256,9 @@ def costs_sweep(tmp_path):
         tags = {"mlflow.parentRunId": parent, **tags}
         return client.create_run(experiment, start_time=next(clock), tags=tags, run_name=name).info.run_id
 
-    failed = child({"arm": "base", "algorithm": "base", "prompt": "no_think"}, "base attempt")
-    client.set_terminated(failed, "FAILED")
-    base = child({"arm": "base", "algorithm": "base", "prompt": "no_think"}, "base model (not trained)")
     for key, value in {"val/accuracy": 0.5, "eval/synthetic_prior/accuracy": 0.8, "final/pass_at_1": 0.5}.items():
-        client.log_metric(base, key, value, step=0)
-    client.set_terminated(base, "FINISHED")
+        client.log_metric(parent, f"base/{key}", value, step=0)
+    client.set_tag(parent, "base_prompt", "no_think")
     arms = {  # arm: per seed: histories by step of the target, KL, prior accuracy; final KL, OOD, tokens, params share
         "grpo · no_think": [
             ({0: 0.5, 2: 0.9, 4: 1.0}, {2: 0.01, 4: 0.02}, {2: 0.8, 4: 0.78}, (0.02, 0.7, 5, 0.1)),
@@ -369,8 +366,7 @@ def test_the_report_has_the_base_row_retention_and_what_training_cost(costs_swee
     parent = costs_sweep.client.get_run(costs_sweep.parent).data.metrics
     assert parent["sweep/eval/synthetic_prior/accuracy/base"] == pytest.approx(0.8)
     assert parent["sweep/final/kl_k3/grpo mean"] == pytest.approx(0.03)
-    left = {r[0]: r for r in rows(text, "## Runs left out")}
-    assert left["base attempt"][4] == "base row did not finish"
+    assert "## Runs left out" not in text
 
 
 def test_a_base_row_that_exists_is_not_evaluated_again(costs_sweep, monkeypatch):
@@ -378,7 +374,4 @@ def test_a_base_row_that_exists_is_not_evaluated_again(costs_sweep, monkeypatch)
         raise AssertionError("evaluated again")
 
     monkeypatch.setattr(base_row, "measure", fail)
-    found = base_row.evaluate_base(OmegaConf.create({}), costs_sweep.folder, costs_sweep.uri)
-    assert found == base_row.find(costs_sweep.client, costs_sweep.parent).info.run_id
-    runs = report.child_runs(costs_sweep.client, costs_sweep.parent)[1]
-    assert sum(r.data.tags.get("arm") == "base" for r in runs) == 2  # the failed attempt and the one FINISHED
+    assert base_row.evaluate_base(OmegaConf.create({}), costs_sweep.folder, costs_sweep.uri) is False

@@ -1,23 +1,26 @@
 """The sweep's base row: the base model (the sweep's `model`, untrained) evaluated once per sweep, as the final
 evaluation scores a trained model (greedy val, audio controls, OOD, `final_eval.benchmarks`, pass@k, completion
-length; avrl/final_eval.py `evaluate`), logged as a child of the sweep's parent run tagged `arm=base`. The report
-shows it as its own row and measures retention from it (the change of each benchmark's accuracy from the base's).
+length; avrl/final_eval.py `evaluate`), logged on the sweep's parent run: its metrics as `base/<metric>`, its
+per-item file as the artifact base/final_eval.json. The report shows it as its own row and measures retention
+from it (the change of each benchmark's accuracy from the base's).
+
+On the parent, not as a child run: it is no arm and no seed, so it can never be pooled as one, and the children
+stay the jobs the sweep ran.
 
 Once per sweep: at the end of a multirun (avrl/sweeps/parent_run.py, before the report) unless
 `final_eval.base_row=false`, or by hand, e.g. on a machine with an accelerator when the sweep ran on a cluster:
 
     python -m avrl.sweeps.base_row SWEEP_DIR
 
-A sweep whose parent already has a FINISHED base row is left as it is (a rerun does not duplicate it); a failed
-attempt is marked FAILED and the next call evaluates again. The base row is never one of an arm's seeds. It is
-evaluated with the sweep's own config (the command line's, not a job's): its prompt, data and algorithm settings.
+A parent that already holds the base row is left as it is (a rerun does not duplicate it); the metrics are
+logged in one batch after every measure was taken, so a failed attempt leaves none. It is evaluated with the
+sweep's own config (the command line's, not a job's): its prompt, data and algorithm settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,55 +39,34 @@ from avrl.scoring import accuracy_metrics
 from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE
 
 BASE_ARM = "base"
+PREFIX = "base/"  # the base row's metrics on the parent run: base/val/accuracy, base/eval/<benchmark>/accuracy, ...
+ARTIFACT = "base"  # base/final_eval.json among the parent's artifacts
 
 
-def find(client, parent_id: str):
-    """The parent's FINISHED base row (the newest), or None."""
-    parent = client.get_run(parent_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_id}' and tags.arm = '{BASE_ARM}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+def base_metrics(parent) -> dict[str, float]:
+    """The base row's metrics, under the names a trained run logs them (the prefix removed); {} without one."""
+    return {k.removeprefix(PREFIX): v for k, v in parent.data.metrics.items() if k.startswith(PREFIX)}
 
 
-def evaluate_base(config: DictConfig, sweep_dir: str | Path, tracking_uri: str) -> str:
-    """The base row of the sweep in `sweep_dir` (evaluated unless it exists): its run id."""
+def evaluate_base(config: DictConfig, sweep_dir: str | Path, tracking_uri: str) -> bool:
+    """The base row of the sweep in `sweep_dir` on its parent run, evaluated unless it is there already. Returns
+    whether it was evaluated now."""
     sweep_dir = Path(sweep_dir)
     parent_id = (sweep_dir / PARENT_RUN_FILE).read_text().strip()
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    found = find(client, parent_id)
-    if found is not None:
-        return found.info.run_id
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        "arm": BASE_ARM,
-        "algorithm": BASE_ARM,
-        "prompt": str(config.prompt.name),
-        "model": str(config.model.name),
-        "base_model": str(config.model.name_or_path),
-    }
-    experiment = client.get_run(parent_id).info.experiment_id
-    run_id = client.create_run(experiment, run_name="base model (not trained)", tags=tags).info.run_id
-    try:
-        out = sweep_dir / "base"
-        metrics, per_item = measure(config, out)
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
-            client.log_batch(run_id, metrics=items[start : start + 1000])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / final_eval.FILE
-            path.write_text(json.dumps(per_item))
-            client.log_artifact(run_id, str(path))
-        (out / final_eval.FILE).write_text(json.dumps(per_item))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    if base_metrics(client.get_run(parent_id)):
+        return False
+    out = sweep_dir / "base"
+    metrics, per_item = measure(config, out)
+    (out / final_eval.FILE).write_text(json.dumps(per_item))
+    client.log_artifact(parent_id, str(out / final_eval.FILE), ARTIFACT)
+    for key, value in {"base_model": config.model.name_or_path, "base_prompt": config.prompt.name}.items():
+        client.set_tag(parent_id, key, str(value))
+    now = int(time.time() * 1000)
+    items = [Metric(PREFIX + k, float(v), now, 0) for k, v in metrics.items()]
+    for start in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(parent_id, metrics=items[start : start + 1000])
+    return True
 
 
 def measure(config: DictConfig, out: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

@@ -123,7 +123,7 @@ def sweep_name(overrides: list[str]) -> str:
 
 
 def write_base_row(config: DictConfig) -> None:
-    """The sweep's base row (avrl/sweeps/base_row.py: the base model evaluated once, a child run tagged arm=base),
+    """The sweep's base row (avrl/sweeps/base_row.py: the base model evaluated once, its metrics on the parent run),
     before the report that measures retention from it; not for an Optuna study (no arms to compare), nor with
     final_eval.base_row=false. One that cannot be evaluated is a warning, not a failed sweep."""
     parent = parent_run_id(config.hydra.sweep.dir)

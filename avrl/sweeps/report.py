@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -44,7 +45,7 @@ from scipy.stats import t
 from avrl import measures
 from avrl.atomic import write_atomic  # noqa: E402
 from avrl.final_eval import FILE
-from avrl.sweeps.base_row import BASE_ARM
+from avrl.sweeps.base_row import BASE_ARM, base_metrics
 from avrl.tracking import PARENT_RUN_FILE, TRACKING_URI_FILE  # noqa: E402
 from avrl.versions import TAG_PREFIX  # noqa: E402
 
@@ -667,15 +668,14 @@ def study_direction(sweep_dir: Path) -> str:
     return str(OmegaConf.load(path).hydra.sweeper.get("direction", "maximize")) if path.exists() else "maximize"
 
 
-def split_base(every_run) -> tuple[object | None, list, list[tuple[object, str]]]:
-    """The sweep's base row (the newest FINISHED run tagged arm=base; avrl/sweeps/base_row.py), the other runs,
-    and the base rows left out (not finished, or older) with why."""
-    bases = [r for r in every_run if arm_of(r) == BASE_ARM]
-    finished = [r for r in bases if r.info.status == "FINISHED"]
-    base = max(finished, key=lambda r: r.info.start_time) if finished else None
-    left = [(r, "an older base row" if r.info.status == "FINISHED" else "base row did not finish")
-            for r in bases if r is not base]  # fmt: skip
-    return base, [r for r in every_run if arm_of(r) != BASE_ARM], left
+def base_row(parent):
+    """The sweep's base row (avrl/sweeps/base_row.py: the base model's metrics on the parent run, base/<metric>) as
+    a run-like record with the metrics under a trained run's names, or None when the sweep has none."""
+    metrics = base_metrics(parent)
+    if not metrics:
+        return None
+    tags = {"prompt": parent.data.tags.get("base_prompt", ""), "model": parent.data.tags.get("base_model", "")}
+    return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags=tags, params={}))
 
 
 def matched_x(sweep_dir: Path) -> float:
@@ -692,11 +692,10 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None, matched
         raise FileNotFoundError(f"{id_file} not found: is {sweep_dir} the folder of a multirun logged to MLflow?")
     client = mlflow.tracking.MlflowClient(tracking_uri or recorded_tracking_uri(sweep_dir))
     parent, every_run = child_runs(client, id_file.read_text().strip())
-    base, trained, base_left_out = split_base(every_run)
-    if not trained:
+    if not every_run:
         raise ValueError(f"the sweep's parent run {parent.info.run_id} has no child runs")
-    runs, left_out = one_run_per_cell(trained)
-    left_out += base_left_out
+    base = base_row(parent)
+    runs, left_out = one_run_per_cell(every_run)
     groups = arms(runs)
     paired, rows = comparisons(client, groups)
     run_level, welch_rows = run_level_comparisons(groups)
@@ -736,7 +735,7 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None, matched
     labels = arm_labels(groups)
     summary = {
         "arms": {labels[arm]: stats for arm, stats in arm_statistics(groups, base).items()},
-        "base": None if base is None else {"run_id": base.info.run_id, "metrics": dict(base.data.metrics)},
+        "base": None if base is None else dict(base.data.metrics),
         "comparisons": rows,
         "run_level_comparisons": welch_rows,
         "matched_accuracy": {
@@ -767,9 +766,8 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None, matched
         written.append(sweep_dir / "optuna_trials.png")
     log_parent_metrics(client, parent.info.run_id, parent_metrics(groups, base))
     # The MLflow UI's Group by pools every child of an arm; filtering on tags.in_report = "true" gives it the
-    # report's runs (and the base row).
-    used = [*runs, *([base] if base is not None else [])]
-    for run, flag in [*((r, "true") for r in used), *((r, "false") for r, _ in left_out)]:
+    # report's runs.
+    for run, flag in [*((r, "true") for r in runs), *((r, "false") for r, _ in left_out)]:
         if run.data.tags.get("in_report") != flag:
             client.set_tag(run.info.run_id, "in_report", flag)
     for path in written:
