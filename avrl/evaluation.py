@@ -255,8 +255,8 @@ class Decoding:
     def describe(self) -> str:
         v = self.values
         if not v["do_sample"]:
-            penalty = f", repetition penalty {v['repetition_penalty']:g}" if v["repetition_penalty"] != 1.0 else ""
-            return f"greedy{penalty} decoding ({self.source})"
+            penalty = f"repetition_penalty {v['repetition_penalty']:g}; " if v["repetition_penalty"] != 1.0 else ""
+            return f"greedy decoding ({penalty}{self.source})"
         shown = ", ".join(f"{k} {v[k]:g}" for k in SAMPLING_KEYS[1:])
         return f"sampled decoding ({shown}; {self.source})"
 
