@@ -161,4 +161,10 @@ def base_model(module, model_cfg: DictConfig):
     ref = getattr(module, "ref_model", None)
     if ref is not None:
         return ref, contextlib.nullcontext
-    return load_model(fp32_config(model_cfg)).eval().to(module.device), contextlib.nullcontext
+    # Loaded once per module (every validation measures against it): held in a list, so that it is no registered
+    # submodule and never enters a checkpoint.
+    cached = getattr(module, "_kl_base", None)
+    if cached is None:
+        cached = [load_model(fp32_config(model_cfg)).eval().requires_grad_(False)]
+        module._kl_base = cached
+    return cached[0].to(module.device), contextlib.nullcontext

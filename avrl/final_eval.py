@@ -141,7 +141,8 @@ def costs_to_base(cfg: DictConfig, trainer, module, datamodule) -> dict[str, flo
     settings, metrics = cfg.final_eval, {}
     samples = int(option(settings, "kl.samples", 0) or 0)
     if samples > 0:
-        metrics.update(kl_metrics(cfg, module, datamodule.val_dataloader(), samples))
+        length, temperature = option(settings, "kl.max_new_tokens"), option(settings, "kl.temperature", 1.0)
+        metrics.update(kl_metrics(module, datamodule.val_dataloader(), samples, length, temperature))
     if option(settings, "params.enabled", False):
         threshold = float(option(settings, "params.threshold", measures.DEFAULT_THRESHOLD))
         with strategies.full_weights(trainer.strategy, module.model):
@@ -151,18 +152,19 @@ def costs_to_base(cfg: DictConfig, trainer, module, datamodule) -> dict[str, flo
     return metrics
 
 
-def kl_metrics(cfg: DictConfig, module, loader, samples: int) -> dict[str, float]:
-    """KL(base || tuned) per token on `loader`'s prompts, `samples` base completions each (final_eval.kl)."""
-    settings = cfg.final_eval
-    length = option(settings, "kl.max_new_tokens") or module.algo.max_completion_length
-    sample = costs.full_distribution(length, option(settings, "kl.temperature", 1.0))
+def kl_metrics(
+    module, loader, samples: int, max_new_tokens: int | None = None, temperature: float = 1.0, prefix: str = PREFIX
+) -> dict[str, float]:
+    """KL(base || tuned) per token on `loader`'s prompts, `samples` base completions each (up to `max_new_tokens`,
+    default algorithm.max_completion_length): <prefix>/kl_k3, kl_k3_se, kl_k1, kl_k1_se, kl_sequences."""
+    sample = costs.full_distribution(max_new_tokens or module.algo.max_completion_length, temperature)
     model, context = costs.base_model(module, module.model_cfg)
     base = Policy(model, module.processor, module.family, shared_prefix=False)
     with costs.eval_mode(module.model, model):
         estimates = costs.kl_to_base(base, module.policy, loader, samples, sample, context)
-    out = {f"{PREFIX}/kl_sequences": float(estimates["k3"].n)}
+    out = {f"{prefix}/kl_sequences": float(estimates["k3"].n)}
     for name, estimate in estimates.items():
-        out[f"{PREFIX}/kl_{name}"], out[f"{PREFIX}/kl_{name}_se"] = estimate.mean, estimate.se
+        out[f"{prefix}/kl_{name}"], out[f"{prefix}/kl_{name}_se"] = estimate.mean, estimate.se
     return out
 
 

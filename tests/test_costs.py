@@ -285,3 +285,42 @@ def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_
     assert "base/final_eval.json" in {a.path for a in client.list_artifacts(parent, "base")}
     assert base_row.evaluate_base(cfg, tmp_path, uri) is False
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the parent alone: the base row is no run
+
+
+@pytest.mark.slow
+def test_the_validation_callback_logs_the_costs_at_each_validation(cfg_factory):
+    """SFT (no reference model: the base loaded from the model config) with avrl.cost_callback.CostsAtValidation:
+    at the step-2 validation, val/kl_k3 and val_eval/synthetic_prior/accuracy, the same model's as the final
+    evaluation's final/kl_k3 and eval/synthetic_prior/accuracy at that step (same samples, same items)."""
+    from avrl.train import train
+    from tests.support import mlflow_runs
+
+    cfg = cfg_factory(
+        "algorithm=sft",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.val_size=3",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        "final_eval.audio=[]",
+        "final_eval.ood=false",
+        "final_eval.kl.samples=2",
+        "final_eval.benchmarks=[synthetic_prior]",
+        "+eval.data.synthetic_prior.test_size=4",
+        "+callbacks.costs._target_=avrl.cost_callback.CostsAtValidation",
+        "+callbacks.costs.kl_samples=${final_eval.kl.samples}",
+        "+callbacks.costs.benchmarks=${final_eval.benchmarks}",
+        "+callbacks.costs.eval_data=${eval.data}",
+    )
+    train(cfg)
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
+
+    def logged(metric):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+
+    assert logged("val/kl_k3") == pytest.approx(logged("final/kl_k3")) and set(logged("val/kl_k3")) == {2}
+    assert logged("val/kl_k3")[2] > 0
+    prior = logged("val_eval/synthetic_prior/accuracy")
+    assert prior == pytest.approx(logged("eval/synthetic_prior/accuracy")) and set(prior) == {2}
