@@ -133,6 +133,8 @@ def evaluate_one(
     samples, protocol = int(cfg.eval.num_samples), cfg.eval.protocol
     decoding = decoding or eval_decoding(cfg)
     settings, do_sample = decoding.settings(cfg.eval.max_new_tokens), decoding.values["do_sample"]
+    if samples > 1 and not do_sample:
+        log.warning("eval.num_samples=%d with greedy decoding: %d identical completions per item", samples, samples)
     if logger is not None:  # tags (params are written once): a sweep over checkpoints calls this per checkpoint
         logger.experiment.set_tag(logger.run_id, "eval_decoding", decoding.source)
         for key, value in decoding.values.items():

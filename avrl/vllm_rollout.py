@@ -116,7 +116,7 @@ class VLLMRollout:
                         top_p=self.algo.top_p,
                         top_k=self.algo.top_k or -1,
                         repetition_penalty=self.algo.repetition_penalty,  # over prompt and output, as transformers
-                        min_p=self.algo.min_p,
+                        min_p=self.algo.min_p,  # vLLM applies it before top-k/top-p (transformers: after)
                         max_tokens=self.algo.max_completion_length,
                         seed=keys[i * G + g],
                         logprobs=0,
