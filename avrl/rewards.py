@@ -16,15 +16,16 @@ import torch
 from math_verify import parse, verify
 
 from avrl.data.items import QAItem
-from avrl.prompts import PromptSpec, extract_answer, parse_letter, target_answer
+from avrl.prompts import PromptSpec, final_answer, parse_letter, target_answer
 from avrl.rules.mmau import mmau_match
 
 RewardFn = Callable[[Sequence[str], Sequence[QAItem], PromptSpec], list[float]]
 
 
 def is_correct(completion: str, item: QAItem, prompt: PromptSpec) -> bool:
-    """Letter prompts: the named option is the gold one. Text prompts: MMAU's token rule against the choices."""
-    answer = extract_answer(completion)
+    """Letter prompts: the named option is the gold one. Text prompts: MMAU's token rule against the choices. The
+    answer is read as the prompt asks for it (an <answer> block, or a bare letter for prompt=mmsu)."""
+    answer = final_answer(prompt, completion)
     if answer is None:
         return False
     if prompt.answer_style == "letter":

@@ -93,7 +93,7 @@ def test_a_paper_presets_data_keys_meet_another_data_option():
     """experiments/r1_aqa.yaml trains on data=avqa and sets data.version for its evaluation with data=mmau."""
     cfg = compose(["experiment=r1_aqa", "task=eval", "data=mmau"])
     assert_typed(cfg)
-    assert cfg.data.version == "original" and cfg.data.test_path.endswith("mmau-test-mini-original.json")
+    assert cfg.data.version == "2025-01-28" and cfg.data.test_path.endswith("mmau-test-mini-2025-01-28.json")
 
 
 @pytest.mark.parametrize(
