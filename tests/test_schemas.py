@@ -239,7 +239,14 @@ def test_the_schemas_defaults_are_the_default_runs():
     assert AlgorithmConfig.shared_prefix is True and module.policy.shared_prefix is True
     items = [QAItem(id="a", question="q", choices=["x", "y"], answer_index=0)]
     assert module.rollout_keys(items, 4) == rollout_keys(42, 0, items, 4) != rollout_keys(0, 0, items, 4)
-    assert sampling_settings(module.algo) == {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert sampling_settings(module.algo) == {
+        "max_new_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "min_p": 0.0,
+    }
     assert len(build_split(cfg.data, "ood")[0]) == 96  # ood_size: ${.val_size}
 
 
