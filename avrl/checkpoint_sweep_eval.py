@@ -56,8 +56,8 @@ def run_checkpoints(run: Path) -> list[Checkpoint]:
     index = read_index(steps)
     val = {int(k): v for k, v in index.get("val_accuracy", {}).items()}
     found = []
-    for folder in sorted(p for p in steps.glob("step-*") if p.is_dir()):
-        step = int(folder.name.removeprefix("step-"))
+    folders = {int(p.name.removeprefix("step-")): p for p in steps.glob("step-*") if p.is_dir()}
+    for step, folder in sorted(folders.items()):  # by number: a step past 999999 has a longer name
         found.append(Checkpoint(folder.name, step, folder, val.get(step)))
     if not found:
         raise FileNotFoundError(f"{steps}: no kept checkpoint (step-*/) to evaluate")

@@ -185,3 +185,23 @@ def test_the_three_selections_over_two_benchmarks():
     assert "| step-000300 | 300 | 70.00 | 55.00 | 30.00 |" in text
     assert "| final (= step-000400) | 400 | 60.00 | 50.00 | 65.00 |" in text
     assert f"| best on test: {TEST_SELECTION} | 60.00 (step 200) | 70.00 (step 100) |" in text
+
+
+@pytest.mark.slow
+def test_a_lora_run_keeps_its_adapters_only(cfg_factory, tmp_path):
+    run = tmp_path / "run"
+    train(
+        cfg_factory(
+            *COMMON,
+            "algorithm=grpo_lora",
+            "algorithm.temperature=1.5",
+            "trainer.max_steps=2",
+            "keep_checkpoints_every_n_steps=2",
+            "logger=none",
+            f"output_dir={run}",
+        )
+    )
+    kept = run / "checkpoints/steps/step-000002"
+    assert (kept / "adapter_config.json").exists() and not (kept / "model.safetensors").exists()
+    got, want = load_file(kept / "adapter_model.safetensors"), load_file(run / "final_model/adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
