@@ -132,6 +132,16 @@ def write_folder(model, processor, target: Path, dtype: torch.dtype, model_cfg: 
     written beside it, each file flushed, then renamed (avrl/atomic.py's rule for files, applied to a folder)."""
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write(model, processor, partial, dtype, model_cfg)
+    except BaseException:  # a full disk, a kill signal: no half folder left taking the space (a 7B's is ~17 GB)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, target)
+    sync_folder(target.parent)
+
+
+def _write(model, processor, partial: Path, dtype: torch.dtype, model_cfg: DictConfig) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(partial)  # the adapters only: a few MB
     else:
@@ -145,8 +155,6 @@ def write_folder(model, processor, target: Path, dtype: torch.dtype, model_cfg: 
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    os.replace(partial, target)
-    sync_folder(target.parent)
 
 
 def base_generation_config(model_cfg: DictConfig, folder: Path) -> None:

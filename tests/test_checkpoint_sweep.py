@@ -65,6 +65,19 @@ def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_conf
     assert load_processor(cfg.model, path=str(target)) is not None
 
 
+def test_a_write_that_fails_leaves_no_folder(cfg_factory, tmp_path):
+    cfg = cfg_factory()
+    processor = load_processor(cfg.model)
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    processor.save_pretrained = full_disk  # after the weights were written
+    with pytest.raises(OSError, match="No space left"):
+        write_folder(load_model(cfg.model), processor, tmp_path / "step-000001", torch.float32, cfg.model)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("every", [0, -1, 1.5, "2"])
 def test_keep_every_n_steps_must_be_a_positive_integer(every, tmp_path):
     with pytest.raises(ValueError, match="keep_checkpoints_every_n_steps"):
