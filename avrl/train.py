@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from avrl import console, final_eval, preemption, resume, spool, strategies, tracking
-from avrl.checkpoint_sweep import KeepCheckpoints
+from avrl.checkpoint_sweep import KeepCheckpoints, base_generation_config
 from avrl.checkpoints import SafeCheckpointIO
 from avrl.datamodule import AudioQADataModule, SkippedItems
 from avrl.models import load_processor
@@ -228,8 +228,11 @@ def save_model(trainer: L.Trainer, module, processor, path: Path) -> None:
         module.model.save_pretrained(path)  # adapters only, for a LoRA model
         processor.save_pretrained(path)
         lora = module.algo.lora
+        if not lora:  # the base's sampling settings, as in the kept checkpoints (eval.decoding=checkpoint reads them)
+            base_generation_config(module.model_cfg, path)
         if lora and lora.merge_on_save:
             merged = path.with_name(path.name + "_merged")
             module.model.merge_and_unload().save_pretrained(merged)
             processor.save_pretrained(merged)
+            base_generation_config(module.model_cfg, merged)
     log.info("saved the trained model to %s", path)

@@ -45,11 +45,18 @@ COMMON = [
 ]
 
 
+SAMPLING = {"do_sample": True, "top_k": 20, "top_p": 0.5, "repetition_penalty": 1.1, "eos_token_id": 2}
+
+
+def sampling_base(tmp_path):
+    """The tiny model with sampling settings in its generation_config.json, as an Instruct checkpoint ships them."""
+    base = shutil.copytree(ROOT / "avrl/assets/tiny_qwen2_audio", tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps(SAMPLING))
+    return base
+
+
 def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_config(cfg_factory, tmp_path):
-    base_folder = shutil.copytree(ROOT / "avrl/assets/tiny_qwen2_audio", tmp_path / "base")
-    sampling = {"do_sample": True, "top_k": 20, "top_p": 0.5, "repetition_penalty": 1.1, "eos_token_id": 2}
-    (base_folder / "generation_config.json").write_text(json.dumps(sampling))  # as an Instruct checkpoint ships
-    cfg = cfg_factory("model.dtype=bfloat16", f"model.name_or_path={base_folder}")
+    cfg = cfg_factory("model.dtype=bfloat16", f"model.name_or_path={sampling_base(tmp_path)}")
     model = load_model(cfg_factory().model)  # float32, as the fp32 master weights of a bf16 run
     target = tmp_path / "steps/step-000007"
     write_folder(model, load_processor(cfg.model), target, torch.bfloat16, cfg.model)
@@ -61,7 +68,7 @@ def test_a_kept_folder_is_whole_in_the_model_dtype_with_the_base_generation_conf
         assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], value.to(torch.bfloat16)), name
     # The base checkpoint's own generation config, not the special-tokens-only one avrl's loaded model holds.
     kept = GenerationConfig.from_pretrained(str(target)).to_diff_dict()
-    assert {k: kept.get(k) for k in sampling} == sampling
+    assert {k: kept.get(k) for k in SAMPLING} == SAMPLING
     assert load_processor(cfg.model, path=str(target)) is not None
 
 
@@ -96,9 +103,10 @@ def test_kept_checkpoints_survive_a_resume_and_the_sweep_scores_each_as_a_plain_
     a separate 2-step run and is not rewritten by the resume, step 4's the final model's. task=eval on the run
     folder: one row per checkpoint, each scoring as `task=eval ckpt_path=<its folder>`, one MLflow run with the
     accuracy by step, the three selections, best-on-test labelled as chosen on the test set."""
-    train(cfg_factory(*COMMON, "trainer.max_steps=2", "logger=none", f"output_dir={tmp_path}/ref"))
+    common = [*COMMON, f"model.name_or_path={sampling_base(tmp_path)}"]
+    train(cfg_factory(*common, "trainer.max_steps=2", "logger=none", f"output_dir={tmp_path}/ref"))
     run = tmp_path / "run"
-    keep = [*COMMON, "trainer.max_steps=4", "keep_checkpoints_every_n_steps=2", "logger=none", f"output_dir={run}"]
+    keep = [*common, "trainer.max_steps=4", "keep_checkpoints_every_n_steps=2", "logger=none", f"output_dir={run}"]
     crash = ["+callbacks.crash._target_=tests.test_checkpoint_sweep.CrashAfter", "+callbacks.crash.step=3"]
     with pytest.raises(RuntimeError, match="crashed at step 3"):
         train(cfg_factory(*keep, *crash))
@@ -114,12 +122,15 @@ def test_kept_checkpoints_survive_a_resume_and_the_sweep_scores_each_as_a_plain_
     assert_same_trained_weights(
         load_file(steps / "step-000004/model.safetensors"), load_file(run / "final_model/model.safetensors")
     )
+    for folder in (steps / "step-000002", steps / "step-000004", run / "final_model"):  # the base's, as R1-AQA's
+        kept = GenerationConfig.from_pretrained(str(folder)).to_diff_dict()
+        assert {k: kept.get(k) for k in SAMPLING} == SAMPLING, folder
     index = json.loads((steps / "index.json").read_text())
     assert index["kept"] == {"2": "step-000002", "4": "step-000004"} and index["final_step"] == 4
     assert set(index["val_accuracy"]) == {"2", "4"}
 
     capsys.readouterr()
-    sweep = evaluate_sweep(cfg_factory(*COMMON, "task=eval", f"ckpt_path={run}", f"output_dir={tmp_path}/sweep"))
+    sweep = evaluate_sweep(cfg_factory(*common, "task=eval", f"ckpt_path={run}", f"output_dir={tmp_path}/sweep"))
     printed = capsys.readouterr().out
     rows = json.loads((tmp_path / "sweep/checkpoints.json").read_text())["checkpoints"]
     assert [(r["checkpoint"], r["step"]) for r in rows] == [("step-000002", 2), ("step-000004", 4), ("final", 4)]
@@ -127,7 +138,7 @@ def test_kept_checkpoints_survive_a_resume_and_the_sweep_scores_each_as_a_plain_
     folders = [steps / "step-000002", steps / "step-000004", run / "final_model"]
     for row, folder in zip(rows, folders):
         plain = evaluate(
-            cfg_factory(*COMMON, "task=eval", f"ckpt_path={folder}", f"output_dir={tmp_path}/plain", "logger=none")
+            cfg_factory(*common, "task=eval", f"ckpt_path={folder}", f"output_dir={tmp_path}/plain", "logger=none")
         )
         assert row["metrics"] == plain, row["checkpoint"]
         assert row["accuracy"] == {"synthetic": plain["eval/accuracy"]}
