@@ -230,16 +230,9 @@ def _cell(stat: dict | None, scale: float = 100, digits: int = 2) -> str:
 
 
 def arm_table(groups: dict[str, list], base=None) -> str:
-    """One row per arm (mean ± 95% t-interval over seeds); with a base row, the base model first (one greedy
-    evaluation: no interval; no cost against itself)."""
+    """One row per arm: mean ± 95% t-interval over seeds (with a base row, its retention columns too)."""
     columns = arm_columns([r for rs in groups.values() for r in rs], base)
-    header = ["arm", "method", "prompt", "seeds", *(c.header for c in columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    if base is not None:
-        cells = ["base (not trained)", "—", base.data.tags.get("prompt", ""), "—"]
-        cells += [_cell({"mean": v}, c.scale, c.digits) if (v := base.data.metrics.get(c.key)) is not None else ""
-                  for c in columns]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _header(columns)
     labels, stats = arm_labels(groups), arm_statistics(groups, base)
     for arm, rs in groups.items():
         tags = rs[0].data.tags
@@ -247,6 +240,20 @@ def arm_table(groups: dict[str, list], base=None) -> str:
         cells += [_cell(stats[arm].get(c.key), c.scale, c.digits) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def base_table(groups: dict[str, list], base) -> str:
+    """The base row under the arm table's columns: one greedy evaluation (no interval, no cost against itself)."""
+    columns = arm_columns([r for rs in groups.values() for r in rs], base)
+    cells = ["base (not trained)", "—", base.data.tags.get("prompt", ""), "—"]
+    cells += [_cell({"mean": v}, c.scale, c.digits) if (v := base.data.metrics.get(c.key)) is not None else ""
+              for c in columns]  # fmt: skip
+    return "\n".join([*_header(columns), "| " + " | ".join(cells) + " |"]) + "\n"
+
+
+def _header(columns: list[Column]) -> list[str]:
+    header = ["arm", "method", "prompt", "seeds", *(c.header for c in columns)]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
 
 def parent_metrics(groups: dict[str, list], base=None) -> dict[str, float]:
@@ -714,6 +721,12 @@ def write_report(sweep_dir: str | Path, tracking_uri: str | None = None, matched
         + ("" if base is not None else " (no base row in this sweep: no retention)")
         + ".\n",
     ]
+    if base is not None:
+        text += [
+            "\n## The base model (not trained): the base row\n",
+            "Evaluated once per sweep (greedy; avrl/sweeps/base_row.py); retention is measured from it.\n",
+            base_table(groups, base),
+        ]
     if left_out:
         text += [
             "\n## Runs left out (not FINISHED, or superseded by a newer run of the same arm and seed)\n",
