@@ -12,6 +12,11 @@ Into the sweep folder and onto the parent MLflow run (artifacts under report/):
 - val_accuracy.png: val/accuracy against step, one line per arm (the mean over seeds) in a band (the table's
   interval); accuracy_reward.png, format_reward.png, completion_length.png: the RL runs' training curves (EchoInk-R1's
   figure), drawn the same way; optuna_trials.png for an Optuna study: the objective by trial and the best so far.
+- what training cost (docs/sweeps.md): KL(base || tuned), pass@k, completion tokens, parameters changed and update
+  norm as columns; the sweep's base row (avrl/sweeps/base_row.py, on the parent run) as its own table and
+  retention (each benchmark's change from it); run-level measures compared by Welch t-intervals over seeds; the
+  table at matched accuracy (the first validation where each run reaches final_eval.matched_accuracy);
+  kl_vs_target.png and retention_vs_target.png;
 - on the parent run, the arm table as metrics, sweep/<metric>/<arm> mean, ... mean lower95, ... mean upper95 (the
   interval's bounds; fractions, as the runs log them): the MLflow UI charts the comparison on the collapsed sweep,
   a section per column of the table; on each child, tag in_report (true: one of the runs the statistics use).
