@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--clip-seconds", type=float, nargs="+", default=[30, 120, 600])
     parser.add_argument("--memory-model", default="tiny_qwen2_5_omni")
     parser.add_argument("--one-clip", type=float, help="(internal) one item's memory, printed as JSON")
+    parser.add_argument("--note", help="what else ran on the machine, written with the figures (e.g. its load)")
     parser.add_argument("--smoke", action="store_true", help="2 batch sizes, 4 items, 4 tokens: the code path only")
     parser.add_argument("--out", type=Path, default=HERE / "eval_throughput.json")
     args = parser.parse_args()
@@ -188,6 +189,7 @@ def main() -> None:
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
         },
+        "note": args.note,
         "commit": commit.strip(),
         "model": args.model,
         "items": args.items,
