@@ -19,11 +19,16 @@ What training cost (avrl/costs.py; each off by default, the toy-world sweeps tur
 - `final_eval.params.enabled=true`: `final/params_changed_share` (share of fp32 parameter elements with
   |trained - base| > `params.threshold`) and `final/update_norm`, overall and per top-level module (`/<module>`).
 
+`final_eval.ood_shifts=[band_outside,duration,noise,wording]` (synthetic data): each shift of the toy world
+(avrl/data/synthetic.py) as its own split, `val_ood_<shift>/accuracy` (and per category), per item in
+final_eval.json.
+
 `evaluate` is the part that needs no trained model (the sweep's base row runs it on the base: avrl/sweeps/base_row.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -31,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from avrl import costs, measures, strategies, tracking
 from avrl.atomic import write_atomic
+from avrl.data import synthetic
 from avrl.datamodule import AudioQADataModule
 from avrl.policy import Policy
 from avrl.rollout import sampling_settings
@@ -94,6 +100,10 @@ def evaluate(
         results = module.score_loader(datamodule.control_loader(split, audio))
         metrics.update(accuracy_metrics(results, name))
         per_item[name] = _by_id(results)
+    for shift in option(settings, "ood_shifts", []) or []:
+        results = module.score_loader(shift_loader(cfg, module, str(shift)))
+        metrics.update(accuracy_metrics(results, f"val_ood_{shift}"))
+        per_item[f"val_ood_{shift}"] = _by_id(results)
     names = list(option(settings, "benchmarks", []))
     configs = [(name, benchmark_config(cfg, name)) for name in names]  # every path resolved before the first
     scores = []
@@ -113,6 +123,22 @@ def evaluate(
         lengths = costs.greedy_lengths(module.policy, datamodule.val_dataloader(), sampling_settings(module.algo))
         metrics[f"{PREFIX}/completion_tokens"] = float(np.mean(lengths))
     return metrics, per_item
+
+
+def shift_loader(cfg: DictConfig, module, shift: str):
+    """The synthetic data's OOD shift `shift` (avrl/data/synthetic.py SHIFTS: split ood_<shift>, data.ood_size
+    items, gold labels, the run's tasks), loaded as the OOD split is. The data module sizes a synthetic split by
+    `data.<split>_size`: a copy of the data config gets that key here."""
+    if cfg.data.format != "synthetic" or shift not in synthetic.SHIFTS:
+        raise ValueError(
+            f"final_eval.ood_shifts: {shift!r} is no shift of the synthetic data (data.format={cfg.data.format}); "
+            f"the shifts: {list(synthetic.SHIFTS)}"
+        )
+    data = copy.deepcopy(cfg.data)
+    with open_dict(data):
+        data[f"ood_{shift}_size"] = data.ood_size or data.val_size
+    datamodule = AudioQADataModule(data, module.processor, module.prompt, splits=(), shuffle_seed=cfg.seed)
+    return datamodule.control_loader(f"ood_{shift}")
 
 
 def pass_at_k(settings: DictConfig, module, datamodule) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

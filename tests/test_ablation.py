@@ -223,3 +223,59 @@ def test_a_prompt_mix_shows_each_training_item_in_one_format_and_sft_follows_it(
         text = processor.tokenizer.decode(ids[row][mask[row].bool()][:-1])
         assert text == s.sft_target.format(answer=item.answer)
     assert "prompt_specs" not in next(iter(dm.val_dataloader()))  # validation keeps the run's prompt
+
+
+# ---------------------------------------------------------------------------------------------- the toy world's shifts
+def _tone_seconds(clip: np.ndarray, floor: float) -> float:
+    """How long the clip rises above its noise floor (10 ms windows whose RMS exceeds 10x the floor)."""
+    windows = clip[: len(clip) // 160 * 160].reshape(-1, 160)
+    return float((np.sqrt((windows.astype(np.float64) ** 2).mean(axis=1)) > 10 * floor).sum() * 0.01)
+
+
+def test_each_shift_changes_only_what_it_names():
+    from avrl.data.synthetic import PARAPHRASES, SHIFTS
+
+    assert SHIFTS == ("band_outside", "duration", "noise", "wording")
+    for i in range(20):
+        item = make_item(0, "ood_band_outside", i, tasks=("pitch",))
+        band = (80, 180) if item.answer == "low" else (3500, 6000)
+        assert band[0] - 5 <= _dominant_hz(item.waveform) <= band[1] + 5
+        assert item.question == QUESTIONS["pitch"][0]
+
+        short = make_item(0, "ood_duration", i, tasks=("pitch",))
+        assert 0.13 <= _tone_seconds(short.waveform, 0.003) <= 0.31
+        band = CONDITIONS["in"]["low"] if short.answer == "low" else CONDITIONS["in"]["high"]
+        assert band[0] - 10 <= _dominant_hz(short.waveform) <= band[1] + 10
+        trained = make_item(0, "val", i, tasks=("pitch",))
+        assert 0.85 <= _tone_seconds(trained.waveform, 0.003) <= 0.92  # 0.9 s in training
+
+        noisy = make_item(0, "ood_noise", i, tasks=("pitch",))
+        quiet = noisy.waveform[:800] if abs(noisy.waveform[:800].std() - 0.05) < 0.02 else noisy.waveform[-800:]
+        assert quiet.std() == pytest.approx(0.05, rel=0.2)
+
+        worded = make_item(0, "ood_wording", i, tasks=("pitch",))
+        assert worded.question in PARAPHRASES["pitch"] and sorted(worded.choices) == ["high", "low"]
+    assert len({make_item(0, "ood_wording", i, tasks=("pitch",)).question for i in range(30)}) == 3
+
+
+def test_the_shifts_leave_the_existing_splits_as_they_were():
+    """Every split that existed before the shifts: the same items as the module at the commit before them."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(["git", "show", "8b62fda:avrl/data/synthetic.py"], cwd=root, capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip("the commit before the shifts is not in this clone (a shallow one)")
+    old = shown.stdout
+    spec = importlib.util.spec_from_loader("synthetic_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["synthetic_before"] = module
+    exec(compile(old, "synthetic_before.py", "exec"), module.__dict__)
+    for split in ("train", "val", "test", "ood"):
+        for i in range(12):
+            a = make_item(0, split, i, tasks=("pitch", "loudness", "count", "order"))
+            b = module.make_item(0, split, i, tasks=("pitch", "loudness", "count", "order"))
+            assert (a.question, a.choices, a.answer_index) == (b.question, b.choices, b.answer_index)
+            assert np.array_equal(a.waveform, b.waveform)

@@ -324,3 +324,27 @@ def test_the_validation_callback_logs_the_costs_at_each_validation(cfg_factory):
     assert logged("val/kl_k3")[2] > 0
     prior = logged("val_eval/synthetic_prior/accuracy")
     assert prior == pytest.approx(logged("eval/synthetic_prior/accuracy")) and set(prior) == {2}
+
+
+def test_final_eval_scores_each_ood_shift_as_its_own_split(tiny, tmp_path):
+    cfg, processor, prompt, dm, base, tuned, family = tiny
+    from omegaconf import open_dict
+
+    from avrl.data.synthetic import make_item
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.final_eval.audio, cfg.final_eval.ood, cfg.final_eval.ood_shifts = [], False, ["noise", "wording"]
+        cfg.data.ood_size = 3
+    scorer = final_eval.ModelScorer(base, processor, family, prompt, cfg.algorithm)
+    metrics, per_item = final_eval.evaluate(cfg, scorer, dm, tmp_path, None, [], False)
+    for shift in ("noise", "wording"):
+        items = [make_item(0, f"ood_{shift}", i, tasks=tuple(cfg.data.tasks)) for i in range(3)]
+        assert set(per_item[f"val_ood_{shift}"]) == {it.id for it in items}
+        assert metrics[f"val_ood_{shift}/accuracy"] == pytest.approx(
+            np.mean(list(per_item[f"val_ood_{shift}"].values()))
+        )
+    with open_dict(cfg):
+        cfg.final_eval.ood_shifts = ["pink_noise"]
+    with pytest.raises(ValueError, match="no shift of the synthetic data"):
+        final_eval.evaluate(cfg, scorer, dm, tmp_path, None, [], False)

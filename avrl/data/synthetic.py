@@ -22,15 +22,36 @@ QUESTIONS = {
     "order": ("Which tone comes first in the audio?", ["the high tone", "the low tone"]),
 }
 TASKS = tuple(QUESTIONS)
-SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "ood": 3}
+# The out-of-distribution shifts of the toy world (docs/toy_world.md), each its own split "ood_<shift>": scored
+# after training with final_eval.ood_shifts=[...] as val_ood_<shift>/accuracy.
+SHIFTS = ("band_outside", "duration", "noise", "wording")
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "ood": 3, **{f"ood_{s}": 4 + i for i, s in enumerate(SHIFTS)}}
 # The out-of-distribution split ("ood", data.ood_size items): the same questions and answers about tones from
 # frequency bands no other split uses — an acoustic shift. The wording and the noise floor stay: on the tiny base
 # model a paraphrased question, or a noise floor only 2x louder, breaks the answer format before any training
 # (measured), so the split would measure format collapse, not what was learnt about pitch.
 # Per condition: noise floor; low and high tone bands (pitch, order); loudness tone band; beep band (count).
+# `tone` (seconds, a range): the pitch tone's length; absent, 0.6 x the clip's length (0.9 s).
+IN = dict(noise=0.003, low=(200, 400), high=(1500, 3000), loudness=(300, 2000), beep=(500, 1500))
 CONDITIONS = {
-    "in": dict(noise=0.003, low=(200, 400), high=(1500, 3000), loudness=(300, 2000), beep=(500, 1500)),
+    "in": IN,
     "ood": dict(noise=0.003, low=(450, 650), high=(1000, 1400), loudness=(2200, 3200), beep=(1600, 2400)),
+    # The shifts of docs/toy_world.md (the target, pitch, is what they are scored on; the other skills keep the
+    # training conditions but for the noise floor): tones outside the training range on both sides (below
+    # Nyquist, 8 kHz); a 0.15-0.3 s tone in the training bands; a noise floor 0.05 (training: 0.003, tone 0.5).
+    "ood_band_outside": {**IN, "low": (80, 180), "high": (3500, 6000)},
+    "ood_duration": {**IN, "tone": (0.15, 0.3)},
+    "ood_noise": {**IN, "noise": 0.05},
+    "ood_wording": IN,
+}
+# Split ood_wording: the pitch question in one of three paraphrases (drawn per item), the choices unchanged. The
+# other skills keep their one wording (docs/toy_world.md lists paraphrases of the pitch question only).
+PARAPHRASES = {
+    "pitch": (
+        "Does the audio contain a high or a low tone?",
+        "Is the pitch of this sound high or low?",
+        "Would you call this tone high-pitched or low-pitched?",
+    )
 }
 
 
@@ -46,7 +67,8 @@ def _clip(rng: np.random.Generator, task: str, answer: str, seconds: float, cond
     audio = rng.normal(0.0, c["noise"], n)  # a faint noise floor
     low, high = rng.uniform(*c["low"]), rng.uniform(*c["high"])
     if task == "pitch":
-        tone = _tone(rng, high if answer == "high" else low, seconds * 0.6, 0.5)
+        length = rng.uniform(*c["tone"]) if "tone" in c else seconds * 0.6
+        tone = _tone(rng, high if answer == "high" else low, length, 0.5)
         start = rng.integers(0, n - len(tone))
         audio[start : start + len(tone)] += tone
     elif task == "loudness":
@@ -82,13 +104,15 @@ def make_item(seed: int, split: str, index: int, tasks=TASKS, seconds: float = 1
     question, choices = QUESTIONS[task]
     answer = choices[rng.integers(len(choices))]
     shuffled = list(rng.permutation(choices))
-    audio = _clip(rng, task, answer, seconds, "ood" if split == "ood" else "in")
+    audio = _clip(rng, task, answer, seconds, split if split in CONDITIONS else "in")
     answer_index = shuffled.index(answer)
     mode = label_mode if isinstance(label_mode, str) else label_mode.get(task, "gold")
     if mode == "random":
         answer_index = int(rng.integers(len(shuffled)))
     elif mode != "gold":
         raise ValueError(f"label_mode must be 'gold' or 'random' (or a mapping task -> mode), got {mode!r}")
+    if split == "ood_wording" and task in PARAPHRASES:  # drawn last: every other draw as in the other splits
+        question = PARAPHRASES[task][int(rng.integers(len(PARAPHRASES[task])))]
     return QAItem(
         id=f"synthetic-{split}-{index}",
         question=question,

@@ -154,6 +154,7 @@ COST_COLUMNS = (
     Column("final/update_norm", "update norm", 1, 4),
 )
 PASS_AT_K = re.compile(r"^final/pass_at_(\d+)$")
+OOD_SHIFT = re.compile(r"^val_ood_([^/]+)/accuracy$")  # final_eval.ood_shifts: one OOD split per shift
 
 
 def run_values(run, base=None) -> dict[str, float]:
@@ -192,8 +193,11 @@ def arm_columns(runs, base=None) -> list[Column]:
         names = [BENCHMARK_COLUMN.match(k).group(1) for k in benchmarks if k in base.data.metrics]
         retained = [Column(f"retention/{n}", f"retention {n} (Δ vs base)") for n in names]
         retained += [Column("retention", "retention (mean Δ)")] if len(names) > 1 else []
+    shifts = sorted(m.group(1) for k in keys if (m := OOD_SHIFT.match(k)))
     return [
-        *(Column(key, label) for key, label in COLUMNS),
+        *(Column(key, label) for key, label in COLUMNS[:2]),
+        *(Column(f"val_ood_{s}/accuracy", f"OOD {s}") for s in shifts),
+        *(Column(key, label) for key, label in COLUMNS[2:]),
         *(Column(f"val/accuracy/{c}", c) for c in categories),
         *costs[:1],
         *passes,
@@ -398,10 +402,13 @@ WELCH_COLUMNS = (
 
 
 def paired_conditions(files: dict[str, list[dict]]) -> list[tuple[str, str]]:
-    """The per-item conditions of final_eval.json the report compares: val, OOD, muted audio, each benchmark (its
-    accuracy difference is the retention difference: both arms' changes are from the same base) and pass@k."""
+    """The per-item conditions of final_eval.json the report compares: val, OOD (and each OOD shift), muted audio,
+    each benchmark (its accuracy difference is the retention difference: both arms' changes are from the same
+    base) and pass@k."""
     keys = {k for runs in files.values() for f in runs for k in f}
-    found = [(c, label) for c, label in PAIRED_CONDITIONS if c in keys]
+    found = [(c, label) for c, label in PAIRED_CONDITIONS[:2] if c in keys]
+    found += [(k, f"OOD {k.removeprefix('val_ood_')}") for k in sorted(keys) if k.startswith("val_ood_")]
+    found += [(c, label) for c, label in PAIRED_CONDITIONS[2:] if c in keys]
     found += [(k, f"retention {k.removeprefix('eval/')}") for k in sorted(keys) if k.startswith("eval/")]
     ks = sorted(int(k.removeprefix("pass_at_")) for k in keys if re.fullmatch(r"pass_at_\d+", k))
     return found + [(f"pass_at_{k}", f"pass@{k}") for k in ks]
