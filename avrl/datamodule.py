@@ -124,7 +124,9 @@ class PromptCollator:
         images = [im for _, im in loaded]
         specs = [self.spec(it) for it in items]
         prompts = [  # one audio placeholder per clip, in order (MMAU-Pro's items may have several)
-            self.processor.render(render_question(spec, it, self.for_eval), len(it.waveforms), im is not None)
+            self.processor.render(
+                render_question(spec, it, self.for_eval), len(it.waveforms), im is not None, spec.system
+            )
             for spec, it, im in zip(specs, items, images)
         ]
         batch = self.processor(prompts, [it.waveforms for it in items], images if any(images) else None)

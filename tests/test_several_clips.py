@@ -2,6 +2,8 @@
 every family: one audio placeholder per clip, in order, each expanded to its clip's encoder outputs; the Omni
 families encode a clip past the feature extractor's window whole, Qwen2-Audio cuts it there."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,15 @@ def test_audio_controls_reach_every_clip(tmp_path):
     other = QAItem("y", "q", ["a", "b"], 0, audio="/y1.wav", more_audio=("/y2.wav",))
     shuffled = audio_controls.ShuffledAudio([QAItem("z", "q", ["a"], 0, audio="/z.wav"), other])
     assert shuffled[0].audio_paths == ["/y1.wav", "/y2.wav"] and shuffled[1].audio_paths == ["/z.wav"]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_qwen2_audio", "tiny_qwen2_5_omni"])
+def test_the_collator_renders_the_prompts_system_turn_before_the_clips(tmp_path, model_name):
+    """PromptSpec.system reaches the chat template (templates.chat_messages) as the conversation's first turn; the
+    user turn keeps its clips."""
+    cfg, processor, collate = setup(model_name)
+    collate.prompt = dataclasses.replace(collate.prompt, system="Be brief.")
+    clip = str(write_wav(tmp_path / "a.wav", seconds=0.5))
+    (prompt,) = collate([QAItem("1", "Is it high?", ["yes", "no"], 0, audio=clip, more_audio=(clip,))])["prompts"]
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert prompt.count(families.get(cfg.model.family).audio_token) == 2 and "You are a helpful" not in prompt

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, WhisperFeatureExtractor
 
 from avrl.models.families import Family
+from avrl.models.templates import chat_messages
 
 
 class AudioTextProcessor:
@@ -52,17 +53,15 @@ class AudioTextProcessor:
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
 
-    def render(self, text: str, audios: int = 1, has_image: bool = False) -> str:
+    def render(self, text: str, audios: int = 1, has_image: bool = False, system: str | None = None) -> str:
         """The chat prompt for one user turn, ending with the assistant header: the image (if any), then `audios`
-        audio placeholders (a bool counts as 0 or 1), then the text."""
-        content = []
-        if has_image:
-            content.append({"type": "image", "image": "<image>"})
-        content += [{"type": "audio", "audio_url": "<audio>"} for _ in range(int(audios))]
-        content.append({"type": "text", "text": text})
-        messages = [{"role": "user", "content": content}]
+        audio placeholders (a bool counts as 0 or 1), then the text; after a system turn when `system` is given
+        (PromptSpec.system; None: the chat template's default). The messages: templates.chat_messages."""
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.family.chat_template, tokenize=False, add_generation_prompt=True
+            chat_messages(text, audios, has_image, system),
+            chat_template=self.family.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     @property
