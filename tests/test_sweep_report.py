@@ -291,6 +291,8 @@ def costs_sweep(tmp_path):
                 "final/kl_k3": kl_end,
                 "final/kl_k3_se": 0.001,
                 "val_ood/accuracy": ood,
+                "val_ood_noise/accuracy": ood / 2,
+                "val_ood_noise/format": 0.5,
                 "final/completion_tokens": tokens,
                 "final/params_changed_share": share,
                 "final/update_norm": 10 * share,
@@ -332,6 +334,7 @@ def test_the_report_has_the_base_row_retention_and_what_training_cost(costs_swee
     for column in ("KL(base‖tuned)/token (k3)", "pass@1", "pass@4", "completion tokens", "params changed (%)",
                    "update norm", "retention synthetic_prior (Δ vs base)"):  # fmt: skip
         assert column in header
+    assert header[5:8] == ["out-of-distribution", "OOD noise", "OOD noise format"]  # the format rate beside it
     for arm, key in (("grpo", "grpo · no_think"), ("sft", "sft · no_think")):
         seeds = costs_sweep.arms[key]
         change = [seed[2][max(seed[0])] - 0.8 for seed in seeds]  # the final prior accuracy minus the base's

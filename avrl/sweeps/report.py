@@ -196,7 +196,7 @@ def arm_columns(runs, base=None) -> list[Column]:
     shifts = sorted(m.group(1) for k in keys if (m := OOD_SHIFT.match(k)))
     return [
         *(Column(key, label) for key, label in COLUMNS[:2]),
-        *(Column(f"val_ood_{s}/accuracy", f"OOD {s}") for s in shifts),
+        *(c for s in shifts for c in _shift_columns(s, keys)),
         *(Column(key, label) for key, label in COLUMNS[2:]),
         *(Column(f"val/accuracy/{c}", c) for c in categories),
         *costs[:1],
@@ -205,6 +205,15 @@ def arm_columns(runs, base=None) -> list[Column]:
         *(Column(k, benchmark_header(k)) for k in benchmarks),
         *retained,
     ]
+
+
+def _shift_columns(shift: str, keys: set[str]) -> list[Column]:
+    """An OOD shift's accuracy and, where scored, its format rate beside it (a shift that breaks the answer format
+    measures format collapse, not generalisation: docs/toy_world.md)."""
+    columns = [Column(f"val_ood_{shift}/accuracy", f"OOD {shift}")]
+    if f"val_ood_{shift}/format" in keys:
+        columns.append(Column(f"val_ood_{shift}/format", f"OOD {shift} format"))
+    return columns
 
 
 def benchmark_header(key: str) -> str:
