@@ -348,3 +348,32 @@ def test_final_eval_scores_each_ood_shift_as_its_own_split(tiny, tmp_path):
         cfg.final_eval.ood_shifts = ["pink_noise"]
     with pytest.raises(ValueError, match="no shift of the synthetic data"):
         final_eval.evaluate(cfg, scorer, dm, tmp_path, None, [], False)
+
+
+def test_a_lora_runs_kl_is_measured_against_its_adapters_switched_off(tiny):
+    """final_eval.kl_metrics on a LoRA model (the base: the same model with its adapters off) equals the KL between
+    the base loaded on its own and PEFT's merged model, on the same completions."""
+    from types import SimpleNamespace
+
+    cfg, processor, prompt, dm, base, tuned, family = tiny
+    lora_cfg = compose(["algorithm=lora"]).algorithm.lora
+    peft_model = apply_lora(copy.deepcopy(base), lora_cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    module = SimpleNamespace(
+        model=peft_model,
+        processor=processor,
+        family=family,
+        model_cfg=cfg.model,
+        device=torch.device("cpu"),
+        policy=policy(peft_model, processor, family),
+        algo=cfg.algorithm,
+    )
+    got = final_eval.kl_metrics(module, dm.val_dataloader(), 1, 8, 1.0)
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    want = costs.kl_to_base(policy(base, processor, family), policy(merged, processor, family), dm.val_dataloader(),
+                            1, costs.full_distribution(8, 1.0))  # fmt: skip
+    assert got["final/kl_k3"] == pytest.approx(want["k3"].mean, rel=1e-4) and got["final/kl_k3"] > 0
+    assert got["final/kl_k1"] == pytest.approx(want["k1"].mean, rel=1e-3, abs=1e-7)
