@@ -180,13 +180,19 @@ def evaluate_one(
     metrics = score.metrics
     if samples > 1 and score.answered:
         metrics.update(sample_metrics(results, protocol_prefix))
-    if cfg.data.format == mmau_pro.NAME:  # clips past the first and past max_audio_seconds: not heard, counted
-        coverage = audio_coverage(items, cfg.data.max_audio_seconds)
+    if cfg.data.format == mmau_pro.NAME:  # every clip is heard; a clip past what the family encodes is cut, counted
+        heard = processor.heard_seconds(cfg.data.max_audio_seconds)
+        coverage = audio_coverage(items, heard)
         metrics.update({f"eval/{name or mmau_pro.NAME}/audio/{k}": float(v) for k, v in coverage.items()})
         print(
-            f"audio not heard: {coverage['items_with_unheard_clips']} items with clips past the first (one clip per "
-            f"prompt for now), {coverage['truncated_items']} items cut at data.max_audio_seconds="
-            f"{cfg.data.max_audio_seconds:g}"
+            f"audio: {coverage['items_with_several_clips']} items with several clips (all heard, in order), "
+            f"{coverage['truncated_items']} items with a clip cut at {heard:g} s (data.max_audio_seconds="
+            f"{cfg.data.max_audio_seconds:g}; this model family hears "
+            + (
+                "whole clips up to it)"
+                if processor.family.long_audio
+                else f"at most its {processor.window_seconds:g} s window)"
+            )
             + (f", {coverage['unknown_length']} clips of unknown length" if coverage["unknown_length"] else "")
         )
     path, official = write_predictions(out, rule, rows)

@@ -146,6 +146,11 @@ class Policy:
 def prompt_slice(batch: dict, prompts: slice, with_media: bool = True) -> dict:
     """A batch restricted to some prompts; with `with_media` the media inputs too (one audio and at most one image
     per prompt), otherwise without them (their encoder outputs come from `Policy.slice_media`)."""
+    if "audio_clips" in batch:  # MMAU-Pro's items: the per-clip masks and features would need slicing by clip
+        raise NotImplementedError(
+            "training on items with several audio clips is not supported (the update's micro-batches assume one "
+            "clip per prompt); such data (data=mmau_pro) is for task=eval or final_eval.benchmarks"
+        )
     out = {}
     for key, value in batch.items():
         if key in MEDIA_KEYS and not with_media:

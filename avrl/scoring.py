@@ -266,20 +266,23 @@ def benchmark_table(scores: list[BenchmarkScore]) -> str:
     return "\n".join(lines)
 
 
-def audio_coverage(items, max_seconds: float) -> dict[str, float]:
-    """What the model did not hear of a benchmark with several or long clips (MMAU-Pro): `items_with_unheard_clips`
-    (items whose clips after the first were left out: one clip per prompt for now) and `truncated_items` (items
-    whose heard clip is longer than data.max_audio_seconds, cut there); `unknown_length` counts clips whose
-    header soundfile cannot read."""
-    unheard = truncated = unknown = 0
+def audio_coverage(items, heard_seconds: float) -> dict[str, float]:
+    """What the model did not hear of a benchmark with several or long clips (MMAU-Pro). Every clip of an item is
+    in its prompt (avrl/models/processing.py); `items_with_several_clips` counts the items with more than one,
+    `truncated_items` the items with a clip longer than `heard_seconds` (the processor's `heard_seconds`:
+    data.max_audio_seconds for a family whose encoder takes long audio, else at most its 30 s window), cut there;
+    `unknown_length` counts clips whose header soundfile cannot read."""
+    several = truncated = unknown = 0
     for item in items:
-        clips = item.meta.get("audio_path") if item.meta else None
-        unheard += isinstance(clips, list | tuple) and len(clips) > 1
-        try:
-            truncated += item.audio is not None and soundfile.info(item.audio).duration > max_seconds
-        except (RuntimeError, soundfile.LibsndfileError):
-            unknown += 1
-    return {"items_with_unheard_clips": unheard, "truncated_items": truncated, "unknown_length": unknown}
+        several += len(item.audio_paths) > 1
+        durations = []
+        for path in item.audio_paths:
+            try:
+                durations.append(soundfile.info(path).duration)
+            except (RuntimeError, soundfile.LibsndfileError):
+                unknown += 1
+        truncated += any(d > heard_seconds for d in durations)
+    return {"items_with_several_clips": several, "truncated_items": truncated, "unknown_length": unknown}
 
 
 # ------------------------------------------------------------------ MMAU-Pro's model-based scorers

@@ -233,6 +233,48 @@ def suite_under_load_rows(report: dict) -> list[Row]:
     ]
 
 
+def eval_throughput_rows(report: dict) -> list[Row]:
+    """benchmarks/eval_throughput.py: items/s by batch size, and one item's peak memory by clip length."""
+    note = "; ".join(x for x in (report.get("note"), f"commit {report['commit']}") if x)
+    machine = machine_text(report["machine"], note)
+    command = report["command"].strip()
+    sizes = " / ".join(str(r["batch_size"]) for r in report["rows"])
+    rows = [
+        Row(
+            report["date"][:10],
+            machine,
+            f"task=eval's throughput by batch size: {report['model']}, {report['items']} synthetic items, greedy, up "
+            f"to {report['max_new_tokens']} new tokens",
+            f"items/s at batch {sizes}: "
+            + " / ".join(f"{r['items_per_s']:.1f}" for r in report["rows"])
+            + "; generated tokens/s: "
+            + " / ".join(f"{r['tokens_per_s']:.0f}" for r in report["rows"]),
+            command,
+        )
+    ]
+    if report.get("memory"):
+
+        def one(r: dict) -> str:
+            cuda = f", CUDA max allocated {megabytes(r['cuda_max_allocated_mb'])}" if r["cuda_max_allocated_mb"] else ""
+            return (
+                f"{duration(r['clip_seconds'])}: {r['audio_tokens']:,} audio tokens, peak RSS "
+                f"{megabytes(r['peak_rss_mb'])}{cuda}"
+            )
+
+        loaded = megabytes(report["memory"][0]["rss_after_load_mb"])
+        rows.append(
+            Row(
+                report["date"][:10],
+                machine,
+                f"task=eval's peak memory on one item by clip length: {report['memory_model']}, the whole clip "
+                f"encoded, each length in a fresh process ({loaded} RSS after loading the model)",
+                "; ".join(one(r) for r in report["memory"]),
+                command,
+            )
+        )
+    return rows
+
+
 # (key, title, what it is, the result file and its rows; manual.json's rows name their section by its key)
 SECTIONS = (
     (
@@ -266,6 +308,13 @@ SECTIONS = (
         "([testing.md](testing.md)): no test's outcome depends on the machine's speed.",
         "suite_under_load.json",
         suite_under_load_rows,
+    ),
+    (
+        "eval",
+        "Evaluation",
+        "`python -m benchmarks.eval_throughput` ([benchmarks.md](benchmarks.md)): task=eval's scoring loop.",
+        "eval_throughput.json",
+        eval_throughput_rows,
     ),
     ("runs", "Runs", "`python run.py` and its presets, timed by hand.", None, None),
     ("sweeps", "Sweeps and searches", "On the embedded default ([sweeps.md](sweeps.md)).", None, None),

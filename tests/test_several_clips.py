@@ -13,7 +13,7 @@ from avrl.data.items import QAItem
 from avrl.datamodule import PromptCollator
 from avrl.models import families, load_model, load_processor
 from avrl.models import multimodal as mm
-from avrl.policy import Policy
+from avrl.policy import Policy, prompt_slice
 from avrl.prompts import prompt_spec
 from tests.support import compose, write_wav
 
@@ -147,3 +147,11 @@ def test_the_collator_renders_the_prompts_system_turn_before_the_clips(tmp_path,
     (prompt,) = collate([QAItem("1", "Is it high?", ["yes", "no"], 0, audio=clip, more_audio=(clip,))])["prompts"]
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     assert prompt.count(families.get(cfg.model.family).audio_token) == 2 and "You are a helpful" not in prompt
+
+
+def test_training_micro_batches_refuse_prompts_with_several_clips():
+    """GRPO's update slices a batch by prompt assuming one clip each: a batch with `audio_clips` is refused by name."""
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "audio_clips": torch.tensor([2, 1])}
+    with pytest.raises(NotImplementedError, match="several audio clips"):
+        prompt_slice(batch, slice(0, 1))
+    assert prompt_slice({"input_ids": batch["input_ids"]}, slice(0, 1))["input_ids"].shape == (1, 3)
