@@ -96,7 +96,7 @@ def build_trainer(cfg: DictConfig, logger, extra_callbacks=()) -> L.Trainer:
 
 def keep_checkpoints(cfg: DictConfig, out: Path) -> list[KeepCheckpoints]:
     """The weights every `keep_checkpoints_every_n_steps` steps, all kept (avrl/checkpoint_sweep.py); none if null."""
-    every = cfg.get("keep_checkpoints_every_n_steps")
+    every = cfg.keep_checkpoints_every_n_steps
     return [KeepCheckpoints(every, out, cfg.model)] if every is not None else []
 
 
