@@ -361,7 +361,7 @@ def test_a_lora_runs_kl_is_measured_against_its_adapters_switched_off(tiny):
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     module = SimpleNamespace(
         model=peft_model,
         processor=processor,
@@ -375,5 +375,5 @@ def test_a_lora_runs_kl_is_measured_against_its_adapters_switched_off(tiny):
     merged = copy.deepcopy(peft_model).merge_and_unload().eval()
     want = costs.kl_to_base(policy(base, processor, family), policy(merged, processor, family), dm.val_dataloader(),
                             1, costs.full_distribution(8, 1.0))  # fmt: skip
-    assert got["final/kl_k3"] == pytest.approx(want["k3"].mean, rel=1e-4) and got["final/kl_k3"] > 0
+    assert got["final/kl_k3"] == pytest.approx(want["k3"].mean, rel=1e-4) and got["final/kl_k3"] > 1e-4
     assert got["final/kl_k1"] == pytest.approx(want["k1"].mean, rel=1e-3, abs=1e-7)
