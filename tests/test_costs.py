@@ -240,7 +240,7 @@ def test_a_training_run_logs_the_costs_at_its_last_step(cfg_factory):
 
 
 @pytest.mark.slow
-def test_the_base_row_is_the_base_model_scored_once_as_a_child_of_the_sweep(tmp_path):
+def test_the_base_row_is_the_base_model_scored_once_on_the_sweeps_parent(tmp_path):
     """avrl/sweeps/base_row.py on the tiny base: val/accuracy equal to scoring the base model's greedy completions
     here, the retention benchmark (synthetic_prior: loudness and count items only) and pass@k logged on the sweep's
     parent run as base/<metric>; a second call finds them and adds nothing; the sweep still has no child run."""
