@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.stats import t, ttest_ind
 
 from avrl import tracking
-from avrl.sweeps import base_row, report
+from avrl.sweeps import base_row, parent_run, report
 from avrl.sweeps.parent_run import run_url, sweep_name
 from avrl.tracking import PARENT_RUN_FILE
 
@@ -380,3 +380,25 @@ def test_a_base_row_that_exists_is_not_evaluated_again(costs_sweep, monkeypatch)
 
     monkeypatch.setattr(base_row, "measure", fail)
     assert base_row.evaluate_base(OmegaConf.create({}), costs_sweep.folder, costs_sweep.uri) is False
+
+
+def test_a_cluster_sweep_leaves_the_base_row_to_a_machine_with_an_accelerator(tmp_path, monkeypatch, caplog):
+    """With the SLURM launcher the multirun ends on the submitting node: no model is loaded there, the warning
+    names the command to run elsewhere; with the basic launcher the base row is evaluated."""
+    evaluated = []
+    monkeypatch.setattr(parent_run, "evaluate_base", lambda config, folder, uri: evaluated.append(folder))
+    (tmp_path / PARENT_RUN_FILE).write_text("0123")
+
+    def config(launcher: str):
+        return OmegaConf.create(
+            {
+                "hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {}, "launcher": {"_target_": launcher}},
+                "logger": {"enabled": True, "tracking_uri": "sqlite:///unused.db"},
+                "final_eval": {"base_row": True},
+            }
+        )
+
+    parent_run.write_base_row(config("hydra_plugins.avrl_launchers.slurm_launcher.AvrlSlurmLauncher"))
+    assert evaluated == [] and f"python -m avrl.sweeps.base_row {tmp_path}" in caplog.text
+    parent_run.write_base_row(config("hydra._internal.core_plugins.basic_launcher.BasicLauncher"))
+    assert evaluated == [str(tmp_path)]

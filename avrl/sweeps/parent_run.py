@@ -130,6 +130,14 @@ def write_base_row(config: DictConfig) -> None:
     wanted = OmegaConf.select(config, "final_eval.base_row", default=False)
     if not config.logger.enabled or not parent or not wanted or study_tags(config):
         return
+    if on_cluster(config):  # the submitting node (a login node) is no place to load the base model
+        logging.getLogger(__name__).warning(
+            "the base row is not evaluated on the node that submitted the jobs; on a machine with an accelerator: "
+            "python -m avrl.sweeps.base_row %s (then python -m avrl.sweeps.report %s)",
+            config.hydra.sweep.dir,
+            config.hydra.sweep.dir,
+        )
+        return
     try:
         evaluate_base(config, config.hydra.sweep.dir, config.logger.tracking_uri)
     except Exception as error:  # noqa: BLE001 - the sweep's jobs are done; say why and go on
@@ -139,6 +147,11 @@ def write_base_row(config: DictConfig) -> None:
             redact(str(error)),
             config.hydra.sweep.dir,
         )
+
+
+def on_cluster(config: DictConfig) -> bool:
+    """Whether the sweep's jobs ran elsewhere than this process's machine (the SLURM launcher)."""
+    return "slurm" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")).lower()
 
 
 def write_sweep_report(config: DictConfig) -> None:
