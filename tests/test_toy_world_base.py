@@ -2,8 +2,10 @@
 (docs/toy_world.md, "Acceptance criteria of the base"), checked by greedy evaluation of the asset itself:
 
 - format rate >= 0.95 in every prompt format (no_think, think, echoink);
-- loudness and count above chance by at least 3 binomial standard errors of chance on their items;
-- pitch within 3 standard errors of 0.5, with real and with muted audio.
+- loudness and count above chance by at least 3 binomial standard errors of chance on their items, in the formats
+  the toy-world sweeps train and score in (no_think, think: the criteria's scope since 2026-12-06, docs/toy_world.md
+  "Changes"); in echoink the base writes the format but does not hear them (stated there, not checked);
+- pitch within 3 standard errors of 0.5 in every format, with real and with muted audio.
 
 The thresholds come from the criteria's formula (chance +- 3 sqrt(p (1 - p) / n)) at the number of items each skill
 has here, and each skill's accuracy is counted from the written predictions (prediction == gold answer), so the
@@ -23,10 +25,10 @@ ASSET = ASSETS / "tiny_qwen2_audio_prior"
 FORMATS = ["no_think", "think", "echoink"]
 ITEMS = 192  # test items over the three skills, ~64 per skill: the criteria's sample size
 CHANCE = {"pitch": 1 / 2, "loudness": 1 / 2, "count": 1 / 3}
-# The known gap of the shipped base (recipe v5, docs/toy_world.md "Building the base"): in echoink's format, whose
-# answer is the option's letter, it writes the format but does not hear loudness or count. The toy-world sweeps use
-# no_think and think. Format and pitch are still checked in echoink; a base that also passes there passes the test.
-PRIOR_SKILLS_NOT_HEARD = {"echoink": "recipe v5 does not teach the prior skills with letter answers (known gap)"}
+# The formats the prior skills are required in: the toy-world sweeps' (rl_vs_sft, think_ablation). In echoink's
+# format, whose answer is the option's letter, the shipped base (recipe v5) writes the format but does not hear
+# loudness or count (docs/toy_world.md, "Building the base"); its format and pitch are checked there all the same.
+PRIOR_SKILL_FORMATS = ("no_think", "think")
 
 pytestmark = pytest.mark.slow  # four greedy evaluations of 192 items: 1-4 min on 2 shared CPU cores
 
@@ -68,15 +70,12 @@ def test_prior_base_writes_every_format_hears_the_prior_skills_and_not_pitch(cfg
     assert formatted >= 0.95, f"{prompt}: format rate {formatted:.3f}"
     n, accuracy = len(correct["pitch"]), sum(correct["pitch"]) / len(correct["pitch"])
     assert abs(accuracy - 0.5) <= three_standard_errors("pitch", n), f"{prompt}: pitch {accuracy:.3f} ({n} items)"
-    below = []
+    if prompt not in PRIOR_SKILL_FORMATS:
+        return
     for skill in ("loudness", "count"):
         n, accuracy = len(correct[skill]), sum(correct[skill]) / len(correct[skill])
         floor = CHANCE[skill] + three_standard_errors(skill, n)
-        if accuracy < floor:
-            below.append(f"{skill} {accuracy:.3f} < {floor:.3f} ({n} items)")
-    if below and prompt in PRIOR_SKILLS_NOT_HEARD:
-        pytest.xfail(f"{prompt}: {'; '.join(below)}: {PRIOR_SKILLS_NOT_HEARD[prompt]}")
-    assert not below, f"{prompt}: {'; '.join(below)}"
+        assert accuracy >= floor, f"{prompt}: {skill} {accuracy:.3f} < {floor:.3f} ({n} items)"
 
 
 def test_prior_base_pitch_is_at_chance_with_muted_audio(cfg_factory, tmp_path):
