@@ -56,6 +56,7 @@ def reference_logps(model, batch, ids: torch.Tensor) -> np.ndarray:
     return logps.gather(-1, ids[:, None]).squeeze(-1).numpy()
 
 
+@pytest.mark.slow  # 12-30 s on 2 cores: the full suite runs it
 def test_kl_to_base_equals_a_float64_loop_over_both_models_logits(tiny):
     cfg, processor, prompt, dm, base, tuned, family = tiny
     settings = costs.full_distribution(8, 1.0)
@@ -117,6 +118,7 @@ def test_greedy_lengths_count_transformers_generate_tokens_up_to_the_stop(tiny):
     assert got == want
 
 
+@pytest.mark.slow  # 12-30 s on 2 cores: the full suite runs it
 def test_pass_at_k_of_the_final_evaluation_enumerates_each_items_samples(tiny):
     cfg, processor, prompt, dm, base, tuned, family = tiny
     scorer = final_eval.ModelScorer(tuned, processor, family, prompt, cfg.algorithm)

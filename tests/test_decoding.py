@@ -124,6 +124,7 @@ def generate_reference(policy: Policy, batch, media, G: int, settings: dict, sam
     return out[:, rep["input_ids"].shape[1] :]
 
 
+@pytest.mark.slow  # 12-30 s on 2 cores: the full suite runs it
 def test_generate_with_a_repetition_penalty_matches_transformers_on_the_tiny_model(tmp_path):
     model, processor, family, batch = tiny("tiny_qwen2_audio", tmp_path)
     model.eval()
