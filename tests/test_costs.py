@@ -166,14 +166,20 @@ def test_parameters_changed_against_a_direct_comparison_of_two_state_dicts(tiny)
     assert share * sum(v.numel() for v in before.values() if v.is_floating_point()) == pytest.approx(10)
 
 
-def test_lora_weights_are_the_merged_adapters_against_the_base(tiny):
-    cfg, processor, prompt, dm, base, tuned, family = tiny
-    lora_cfg = compose(["algorithm=lora"]).algorithm.lora
+def trained_lora(base, lora_cfg, std: float, seed: int):
+    """LoRA adapters on a copy of `base` with B drawn from N(0, std) (fresh adapters have B = 0: no change)."""
     peft_model = apply_lora(copy.deepcopy(base), lora_cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+                p.normal_(0, std, generator=torch.Generator().manual_seed(seed))
+    return peft_model
+
+
+def test_lora_weights_are_the_merged_adapters_against_the_base(tiny):
+    cfg, processor, prompt, dm, base, tuned, family = tiny
+    lora_cfg = compose(["algorithm=lora"]).algorithm.lora
+    peft_model = trained_lora(base, lora_cfg, std=0.01, seed=1)
     got = costs.trained_weights(peft_model, cfg.model, lora_cfg)
     want = copy.deepcopy(peft_model).merge_and_unload().state_dict()  # PEFT's own merge
     assert set(got) == set(want)
@@ -359,11 +365,7 @@ def test_a_lora_runs_kl_is_measured_against_its_adapters_switched_off(tiny):
 
     cfg, processor, prompt, dm, base, tuned, family = tiny
     lora_cfg = compose(["algorithm=lora"]).algorithm.lora
-    peft_model = apply_lora(copy.deepcopy(base), lora_cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    peft_model = trained_lora(base, lora_cfg, std=0.5, seed=2)
     module = SimpleNamespace(
         model=peft_model,
         processor=processor,

@@ -140,7 +140,9 @@ MULTIPLE_CHOICE = (
 )
 
 
-def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_path):
+def avqa_r1_record(folder, file_name: str):
+    """A real AVQA-R1-6K multiple-choice record (its options as the file writes them, "B.  Violin" included) in
+    `folder`/`file_name` with stand-in media, and the item avrl reads from it."""
     record = {
         "problem_id": 3,
         "problem": "What is the source of the sound?",
@@ -152,9 +154,14 @@ def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_pat
         "data_source": "AVQA",
     }
     for name in ("i.jpg", "a.wav"):
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "omni_rl_format_train.json").write_text(json.dumps([record]))
-    (item,), _ = read_avqa_r1(tmp_path / "omni_rl_format_train.json", check_audio=False)  # stand-in media
+        (folder / name).write_bytes(b"x")
+    (folder / file_name).write_text(json.dumps([record]))
+    (item,), _ = read_avqa_r1(folder / file_name, check_audio=False)  # stand-in media
+    return record, item
+
+
+def test_echoink_prompts_are_the_released_text_for_a_real_avqa_r1_record(tmp_path):
+    record, item = avqa_r1_record(tmp_path, "omni_rl_format_train.json")
     from avrl.prompts import render_question
 
     train = QUESTION_TEMPLATE.format(Question=record["problem"] + " Options:\n" + "\n".join(record["options"]))
@@ -175,19 +182,7 @@ def test_echoink_base_prompt_is_the_eval_scripts_text_and_conversation(tmp_path)
     from avrl.models import load_processor, templates
     from avrl.prompts import render_question
 
-    record = {
-        "problem_id": 3,
-        "problem": "What is the source of the sound?",
-        "data_type": "image_audio",
-        "problem_type": "multiple choice",
-        "options": ["A. Piano", "B.  Violin", "C. Drum", "D. Flute"],
-        "solution": "<answer>B</answer>",
-        "path": {"image": "i.jpg", "audio": "a.wav"},
-    }
-    for name in ("i.jpg", "a.wav"):
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "omni_rl_format_valid.json").write_text(json.dumps([record]))
-    (item,), _ = read_avqa_r1(tmp_path / "omni_rl_format_valid.json", check_audio=False)
+    record, item = avqa_r1_record(tmp_path, "omni_rl_format_valid.json")
     question_text = record["problem"] + "\n" + "\n".join(record["options"])
     upstream = BASE_QUESTION_TEMPLATE.format(Question=question_text) + MULTIPLE_CHOICE
     base = spec("echoink_base")
