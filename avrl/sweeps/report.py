@@ -499,6 +499,13 @@ def run_level_comparisons(groups: dict[str, list]) -> tuple[str, list[dict]]:
     return "\n".join(head + lines) + "\n", rows
 
 
+def save_figure(fig, ax, path: Path) -> None:
+    """Every report plot's ending: the legend, a tight layout, the PNG at 100 dpi (the caller closes the figure)."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot(client, groups: dict[str, list], metric: str, ylabel: str, scale: float, path: Path) -> list[str]:
     """One line per arm: the mean over its seeds at each step, in a band of the 95% t-interval (the arm table's).
     The legend's labels; none (and no file) when no run logged `metric`."""
@@ -528,9 +535,7 @@ def plot(client, groups: dict[str, list], metric: str, ylabel: str, scale: float
         ax.set(xlabel=STEP_AXIS, ylabel=ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title("mean over seeds; band: 95% t-interval over seeds", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, ax, path)
     plt.close(fig)
     return drawn
 
@@ -604,9 +609,7 @@ def plot_versus(groups: dict[str, list], per_run: dict, measure: str, ylabel: st
     if drawn:
         ax.set(xlabel="target: val/accuracy (%)", ylabel=ylabel)
         ax.set_title("mean over seeds at each validation step (line in step order)", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, ax, path)
     plt.close(fig)
     return drawn
 
@@ -683,9 +686,7 @@ def plot_study(runs, direction: str, path: Path) -> list[tuple[int, float]]:
     ax.set(xlabel="trial number", ylabel=f"{objective} ({unit})")
     ax.set_title("Optuna study: the objective of each trial's final model", fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, ax, path)
     plt.close(fig)
     return list(zip(done[0], best.tolist(), strict=True))
 
