@@ -23,7 +23,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from avrl import measures
 from avrl.models import load_model
 from avrl.models.lora import apply_lora
-from avrl.policy import Policy
+from avrl.policy import Policy, to_device
 from avrl.sampling import row_key
 from avrl.scoring import score_batch
 
@@ -42,10 +42,6 @@ def full_distribution(max_new_tokens: int, temperature: float) -> dict:
     """Sampling settings with nothing cut off (no top-p, no top-k): the KL and pass@k need the model's own
     distribution at `temperature`."""
     return {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": 1.0, "top_k": 0}
-
-
-def _on(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 @contextlib.contextmanager
@@ -74,7 +70,7 @@ def kl_to_base(
     for raw in loader:
         if not raw["items"]:
             continue
-        batch = _on(raw, device)
+        batch = to_device(raw, device)
         keys = stream_keys(KL_STREAM, batch["items"], samples)
         with base_context():
             media = base.encode(batch)
@@ -103,7 +99,7 @@ def sampled_results(policy: Policy, loader, prompt, samples: int, settings: dict
     results = []
     for raw in loader:
         if raw["items"]:
-            batch = _on(raw, device)
+            batch = to_device(raw, device)
             keys = lambda k, items=batch["items"]: stream_keys(PASS_AT_K_STREAM, items, 1, draw=k)  # noqa: E731
             results += score_batch(policy, batch, prompt, settings, samples=samples, keys=keys)
     return results
@@ -117,7 +113,7 @@ def greedy_lengths(policy: Policy, loader, settings: dict) -> list[int]:
     lengths = []
     for raw in loader:
         if raw["items"]:
-            batch = _on(raw, device)
+            batch = to_device(raw, device)
             ids, mask = policy.generate(batch, policy.encode(batch), 1, settings)
             lengths += mask.sum(dim=1).tolist()
     return lengths

@@ -42,7 +42,7 @@ from avrl import costs, measures, strategies, tracking
 from avrl.atomic import write_atomic
 from avrl.data import synthetic
 from avrl.datamodule import AudioQADataModule
-from avrl.policy import Policy
+from avrl.policy import Policy, to_device
 from avrl.rollout import sampling_settings
 from avrl.rules import BENCHMARKS
 from avrl.scoring import (
@@ -219,7 +219,7 @@ class ModelScorer:
         return next(self.model.parameters()).device
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx=0):
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return to_device(batch, device)
 
     @torch.no_grad()
     def score_greedy(self, batch: dict) -> list[dict]:

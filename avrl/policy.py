@@ -143,6 +143,11 @@ class Policy:
         return encoder is not None and any(p.requires_grad for p in encoder.parameters())
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (items and other values as they are)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def prompt_slice(batch: dict, prompts: slice, with_media: bool = True) -> dict:
     """A batch restricted to some prompts; with `with_media` the media inputs too (one audio and at most one image
     per prompt), otherwise without them (their encoder outputs come from `Policy.slice_media`)."""

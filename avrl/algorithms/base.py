@@ -18,7 +18,7 @@ from avrl import strategies
 from avrl.models import families, load_model
 from avrl.models.lora import apply_lora
 from avrl.models.processing import AudioTextProcessor
-from avrl.policy import Policy
+from avrl.policy import Policy, to_device
 from avrl.prompts import PromptSpec
 from avrl.rewards import RewardFn
 from avrl.rollout import sampling_settings
@@ -134,7 +134,7 @@ class AudioLMModule(L.LightningModule):
         return results
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return to_device(batch, device)
 
     # ------------------------------------------------------------------------------------------ the update
     def gradients_are_finite(self, loss: torch.Tensor | None = None) -> bool:
