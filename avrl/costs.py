@@ -126,9 +126,12 @@ def fp32_config(model_cfg: DictConfig) -> DictConfig:
     return out
 
 
-def base_weights(model_cfg: DictConfig) -> dict[str, torch.Tensor]:
-    """The base model's weights as the model config names them, loaded in fp32 on the CPU."""
-    return {k: v.detach() for k, v in load_model(fp32_config(model_cfg)).state_dict().items()}
+def base_weights(model_cfg: DictConfig, module=None) -> dict[str, torch.Tensor]:
+    """The base model's weights as the model config names them, in fp32 on the CPU: the copy `base_model` already
+    loaded for the KL when `module` holds one (the same config's weights in fp32), else loaded here."""
+    cached = getattr(module, "_kl_base", None)
+    model = cached[0] if cached else load_model(fp32_config(model_cfg))
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
 
 def is_peft(model) -> bool:

@@ -178,7 +178,7 @@ def costs_to_base(cfg: DictConfig, trainer, module, datamodule) -> dict[str, flo
         threshold = float(option(settings, "params.threshold", measures.DEFAULT_THRESHOLD))
         with strategies.full_weights(trainer.strategy, module.model):
             after = costs.trained_weights(module.model, module.model_cfg, module.algo.lora)
-        change = measures.parameter_change(costs.base_weights(module.model_cfg), after, threshold)
+        change = measures.parameter_change(costs.base_weights(module.model_cfg, module), after, threshold)
         metrics.update({f"{PREFIX}/{_share(k)}": v for k, v in change.items()})
     return metrics
 
