@@ -100,11 +100,17 @@ def wait_for_file(path: Path, process) -> None:
 
 def start_once_requeued(env, job_id: str, sweep) -> None:
     """Once the job is back in the queue, PENDING for the BeginTime SLURM gives a requeued job (two minutes), let
-    it start now: what the test checks is the resume, not SLURM's delay."""
+    it start at the next second: what the test checks is the resume, not SLURM's delay.
+
+    Not `StartTime=now`: the requeue revoked the first run's job credential on the node at second T (before the
+    job showed PENDING), and slurmd refuses every credential of that job created at or before T (whole seconds),
+    so a start within the same second fails "Killing non-startable batch JobId=N: Job credential revoked" and the
+    job ends FAILED. SLURM's two-minute BeginTime exists to keep clear of it; on a busy machine the test's
+    requeue-to-start took under a second and hit it."""
     while squeue(env).get(job_id) != "PENDING":
         assert sweep.poll() is None, finish(sweep, check=False)[-4000:]
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+1"], env=env, check=True)
 
 
 def points(client, run_id) -> dict[str, dict[int, int]]:

@@ -252,6 +252,8 @@ def slurm(accounting: bool = False):
             _cancel_all(env)
         for pid_file in daemons:  # the controller after its nodes, the database after slurmdbd
             _stop(folder / pid_file)
+        if keep := os.environ.get("AVRL_KEEP_SLURM_LOGS"):  # a folder: the cluster's logs and state, kept there
+            shutil.copytree(folder, Path(keep) / folder.name, ignore=shutil.ignore_patterns("mariadb*", "spool"))
         shutil.rmtree(folder, ignore_errors=True)
 
 
