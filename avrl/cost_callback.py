@@ -12,7 +12,9 @@ After each validation inside training (not the one before the first step, whose 
 model's, which avrl/final_eval.py measures) it logs, at the validated step: `val/kl_k3`, `val/kl_k3_se`,
 `val/kl_k1`, `val/kl_k1_se`, `val/kl_sequences` (KL(base || tuned) on the val prompts, as final_eval.kl) and, per
 benchmark, `val_eval/<benchmark>/accuracy` (and per category): the benchmark scored greedily as the final
-evaluation scores it.
+evaluation scores it. With `ood=true` also the data's OOD split (`val_ood/accuracy`) and each of `ood_shifts`
+(`val_ood_<shift>/accuracy`, synthetic data), as the final evaluation scores them: the matched-accuracy table then
+reads OOD accuracy at the step where a run first reaches X, not only at its last step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from avrl import final_eval
-from avrl.scoring import benchmark_config
+from avrl.scoring import accuracy_metrics, benchmark_config
 
 
 class CostsAtValidation(Callback):
@@ -35,6 +37,8 @@ class CostsAtValidation(Callback):
         kl_temperature: float = 1.0,
         benchmarks=(),
         eval_data=None,
+        ood: bool = False,
+        ood_shifts=(),
     ):
         self.kl_samples, self.kl_max_new_tokens, self.kl_temperature = (
             int(kl_samples),
@@ -46,6 +50,8 @@ class CostsAtValidation(Callback):
         overrides = OmegaConf.to_container(OmegaConf.create(eval_data or {}))
         holder = OmegaConf.create({"seed": 0, "eval": {"data": overrides}})  # seed: the shuffled control's only
         self.benchmarks = [(str(name), benchmark_config(holder, str(name))) for name in benchmarks]
+        self.ood, self.ood_shifts = bool(ood), [str(shift) for shift in ood_shifts or []]
+        self._shift_loaders: dict[str, object] = {}  # built once: the same items at every validation
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.sanity_checking:
@@ -69,8 +75,25 @@ def measure(callback: CostsAtValidation, module, datamodule) -> dict[str, float]
                 prefix="val",
             )
         )
+    if callback.ood and module.global_step < module.trainer.max_steps:  # the last: final_eval logs the same names
+        metrics.update(ood_metrics(callback, module, datamodule))
     with tempfile.TemporaryDirectory() as tmp:  # nothing written (write=False): the path is never used
         for name, cfg in callback.benchmarks:
             score, _ = final_eval.score_benchmark(cfg, name, module, Path(tmp) / name, write=False)
             metrics.update({f"val_{k}": v for k, v in score.metrics.items()})  # eval/<b>/... -> val_eval/<b>/...
+    return metrics
+
+
+def ood_metrics(callback: CostsAtValidation, module, datamodule) -> dict[str, float]:
+    """The OOD split and each OOD shift (synthetic data only; none under a real data option), greedy."""
+    metrics: dict[str, float] = {}
+    if datamodule.has_split("ood"):
+        metrics.update(accuracy_metrics(module.score_loader(datamodule.control_loader("ood")), "val_ood"))
+    if datamodule.cfg.format != "synthetic":
+        return metrics
+    for shift in callback.ood_shifts:
+        if shift not in callback._shift_loaders:
+            loader = final_eval.shift_loader(datamodule.cfg, datamodule.shuffle_seed, module, shift)
+            callback._shift_loaders[shift] = loader
+        metrics.update(accuracy_metrics(module.score_loader(callback._shift_loaders[shift]), f"val_ood_{shift}"))
     return metrics

@@ -107,7 +107,7 @@ def evaluate(
         )
         shifts = []
     for shift in shifts:
-        results = module.score_loader(shift_loader(cfg, module, shift))
+        results = module.score_loader(shift_loader(cfg.data, cfg.seed, module, shift))
         metrics.update(accuracy_metrics(results, f"val_ood_{shift}"))
         per_item[f"val_ood_{shift}"] = _by_id(results)
     names = list(option(settings, "benchmarks", []))
@@ -131,18 +131,19 @@ def evaluate(
     return metrics, per_item
 
 
-def shift_loader(cfg: DictConfig, module, shift: str):
+def shift_loader(data: DictConfig, seed: int, module, shift: str):
     """The synthetic data's OOD shift `shift` (avrl/data/synthetic.py SHIFTS: split ood_<shift>, data.ood_size
-    items, gold labels, the run's tasks), loaded as the OOD split is. The data module sizes a synthetic split by
-    `data.<split>_size`: a copy of the data config gets that key here."""
+    items, gold labels, the run's tasks), loaded as the OOD split is (`data`: the run's data config, `seed` its
+    seed). The data module sizes a synthetic split by `data.<split>_size`: a copy of the data config gets that key
+    here."""
     if shift not in synthetic.SHIFTS:
         raise ValueError(
             f"final_eval.ood_shifts: {shift!r} is no shift of the synthetic data: {list(synthetic.SHIFTS)}"
         )
-    data = copy.deepcopy(cfg.data)
+    data = copy.deepcopy(data)
     with open_dict(data):
         data[f"ood_{shift}_size"] = data.ood_size or data.val_size
-    datamodule = AudioQADataModule(data, module.processor, module.prompt, splits=(), shuffle_seed=cfg.seed)
+    datamodule = AudioQADataModule(data, module.processor, module.prompt, splits=(), shuffle_seed=seed)
     return datamodule.control_loader(f"ood_{shift}")
 
 

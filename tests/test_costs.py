@@ -381,3 +381,36 @@ def test_a_lora_runs_kl_is_measured_against_its_adapters_switched_off(tiny):
                             1, costs.full_distribution(8, 1.0))  # fmt: skip
     assert got["final/kl_k3"] == pytest.approx(want["k3"].mean, rel=1e-4) and got["final/kl_k3"] > 1e-4
     assert got["final/kl_k1"] == pytest.approx(want["k1"].mean, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_the_validation_callback_scores_ood_and_its_shifts_before_the_last_step(cfg_factory):
+    """`ood=true`: at the step-2 validation the callback logs val_ood/accuracy and val_ood_noise/accuracy; at the
+    last step (4) the final evaluation does, the callback not again. With lr 0 the model at step 2 is the final
+    one, so the two measurements must agree item for item (same splits, same greedy scoring)."""
+    from avrl.train import train
+    from tests.support import mlflow_runs
+
+    cfg = cfg_factory(
+        "algorithm=sft",
+        "optim.lr=0.0",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "data.val_size=3",
+        "data.ood_size=5",
+        "data.batch_size=2",
+        "algorithm.max_completion_length=8",
+        "trainer.enable_progress_bar=false",
+        "save_final_model=false",
+        "final_eval.audio=[]",
+        "final_eval.ood_shifts=[noise]",
+        "+callbacks.costs._target_=avrl.cost_callback.CostsAtValidation",
+        "+callbacks.costs.ood=${final_eval.ood}",
+        "+callbacks.costs.ood_shifts=${final_eval.ood_shifts}",
+    )
+    train(cfg)
+    client, (run,) = mlflow_runs(cfg.logger.tracking_uri)
+    for metric in ("val_ood/accuracy", "val_ood_noise/accuracy", "val_ood_noise/format"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == [2, 4], metric  # once each: the last one is final_eval's
+        assert history[0].value == pytest.approx(history[1].value), metric
