@@ -79,6 +79,8 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
         "sweep=rl_vs_sft",
         "algorithm=grpo,sft",
         "seeds=2",
+        "data.ood_size=4",  # the toy world's 384-item splits, cut for a test
+        "+eval.data.synthetic_prior.test_size=4",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "data.val_size=4",
@@ -109,7 +111,7 @@ def test_two_arm_sweep_with_two_seeds_is_one_parent_and_writes_its_report(tmp_pa
     for c in children:  # what the UI's Group by offers
         tags = c.data.tags
         assert tags["seed"] == c.data.params["seed"] and tags["method"] == tags["algorithm"]
-        assert tags["prompt"] == "no_think" and tags["model"] == "tiny_qwen2_audio"
+        assert tags["prompt"] == "no_think" and tags["model"] == "tiny_qwen2_audio_prior"  # the toy world's base
     parent = parents[0]
     assert parent.info.run_name == "sweep rl_vs_sft · algorithm=grpo,sft · seeds=2"
     assert (

@@ -135,6 +135,8 @@ def test_a_researcher_compares_a_two_seed_sweep_in_the_mlflow_ui(tmp_path):
             "sweep=rl_vs_sft",
             "algorithm=grpo,sft",
             "seeds=2",
+            "data.ood_size=4",  # the toy world's 384-item splits, cut for a test
+            "+eval.data.synthetic_prior.test_size=4",
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "data.val_size=4",

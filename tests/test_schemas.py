@@ -89,6 +89,23 @@ def test_the_rl_vs_sft_sweep_composes_sft_with_a_paper_presets_grpo_keys(experim
     assert cfg.algorithm.shared_prefix is (algorithm == "grpo")  # sft.yaml (and lora, extending it) sets false
 
 
+@pytest.mark.parametrize("sweep", ["rl_vs_sft", "think_ablation"])
+def test_the_embedded_sweeps_run_in_the_toy_world_unless_an_experiment_is_named(sweep):
+    """docs/toy_world.md: alone, each embedded sweep composes experiments/toy_world.yaml (the prior-skill base, pitch
+    only, retention on the prior skills, its seeds and steps); with `experiment=r1_aqa` the paper's world replaces
+    it whole, none of the toy world's keys left behind."""
+    toy = yaml.safe_load((ROOT / "experiments" / "toy_world.yaml").read_text())
+    alone = compose([f"sweep={sweep}"])
+    assert alone.model.name_or_path.endswith("tiny_qwen2_audio_prior")
+    assert list(alone.data.tasks) == toy["data"]["tasks"] == ["pitch"]
+    assert list(alone.final_eval.benchmarks) == ["synthetic_prior"]
+    assert alone.seeds == toy["seeds"] and alone.trainer.max_steps == toy["trainer"]["max_steps"]
+    paper = compose([f"sweep={sweep}", "experiment=r1_aqa"])
+    assert paper.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct" and paper.data.name == "avqa"
+    assert paper.seeds == 1 and list(paper.final_eval.benchmarks) == [] and paper.trainer.max_steps != 165
+    assert list(paper.final_eval.ood_shifts)  # the sweep's own measures stay (a real data option scores none)
+
+
 def test_a_paper_presets_data_keys_meet_another_data_option():
     """experiments/r1_aqa.yaml trains on data=avqa and sets data.version for its evaluation with data=mmau."""
     cfg = compose(["experiment=r1_aqa", "task=eval", "data=mmau"])
