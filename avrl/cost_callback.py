@@ -75,7 +75,8 @@ def measure(callback: CostsAtValidation, module, datamodule) -> dict[str, float]
                 prefix="val",
             )
         )
-    if callback.ood and module.global_step < module.trainer.max_steps:  # the last: final_eval logs the same names
+    last = 0 < module.trainer.max_steps <= module.global_step  # final_eval scores the last model, same names
+    if callback.ood and not last:
         metrics.update(ood_metrics(callback, module, datamodule))
     with tempfile.TemporaryDirectory() as tmp:  # nothing written (write=False): the path is never used
         for name, cfg in callback.benchmarks:
