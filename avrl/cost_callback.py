@@ -92,9 +92,9 @@ def ood_metrics(callback: CostsAtValidation, module, datamodule) -> dict[str, fl
         metrics.update(accuracy_metrics(module.score_loader(datamodule.control_loader("ood")), "val_ood"))
     if datamodule.cfg.format != "synthetic":
         return metrics
-    for shift in callback.ood_shifts:
-        if shift not in callback._shift_loaders:
-            loader = final_eval.shift_loader(datamodule.cfg, datamodule.shuffle_seed, module, shift)
-            callback._shift_loaders[shift] = loader
-        metrics.update(accuracy_metrics(module.score_loader(callback._shift_loaders[shift]), f"val_ood_{shift}"))
+    shifts = final_eval.shift_results(
+        datamodule.cfg, datamodule.shuffle_seed, module, callback.ood_shifts, callback._shift_loaders
+    )
+    for name, results in shifts.items():
+        metrics.update(accuracy_metrics(results, name))
     return metrics

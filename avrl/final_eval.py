@@ -106,10 +106,9 @@ def evaluate(
             "final_eval.ood_shifts=%s: data.format=%s has no such shifts (synthetic only)", shifts, cfg.data.format
         )
         shifts = []
-    for shift in shifts:
-        results = module.score_loader(shift_loader(cfg.data, cfg.seed, module, shift))
-        metrics.update(accuracy_metrics(results, f"val_ood_{shift}"))
-        per_item[f"val_ood_{shift}"] = _by_id(results)
+    for name, results in shift_results(cfg.data, cfg.seed, module, shifts).items():
+        metrics.update(accuracy_metrics(results, name))
+        per_item[name] = _by_id(results)
     names = list(option(settings, "benchmarks", []))
     configs = [(name, benchmark_config(cfg, name)) for name in names]  # every path resolved before the first
     scores = []
@@ -129,6 +128,18 @@ def evaluate(
         lengths = costs.greedy_lengths(module.policy, datamodule.val_dataloader(), sampling_settings(module.algo))
         metrics[f"{PREFIX}/completion_tokens"] = float(np.mean(lengths))
     return metrics, per_item
+
+
+def shift_results(data: DictConfig, seed: int, module, shifts, loaders: dict | None = None) -> dict[str, list[dict]]:
+    """val_ood_<shift> -> the module's greedy results on each OOD shift of the synthetic data. `loaders` (shift ->
+    loader), when given, keeps the loaders between calls (the validation callback scores the same items each time)."""
+    loaders = {} if loaders is None else loaders
+    out = {}
+    for shift in shifts:
+        if shift not in loaders:
+            loaders[shift] = shift_loader(data, seed, module, shift)
+        out[f"val_ood_{shift}"] = module.score_loader(loaders[shift])
+    return out
 
 
 def shift_loader(data: DictConfig, seed: int, module, shift: str):
